@@ -1,0 +1,5 @@
+"""Attention: pure ops, kernel backends and the one :class:`DiTAttention` module."""
+
+from .backends import BACKENDS, AttentionBackend, get_backend, resolve_backend
+from .module import DiTAttention
+from .ops import keep_mask_to_bias, math_attention, sdpa_attention, trim_padded_keys

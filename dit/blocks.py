@@ -1,0 +1,105 @@
+"""Transformer blocks built from the shared attention module and adaLN-single modulation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import DiTAttention
+from .normalization import modulate
+
+ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}
+
+
+class GELUProjection(nn.Module):
+    """``gelu(proj(x))`` (key ``proj``), as diffusers' ``GELU`` activation module."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "tanh", bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """``net.0.proj`` -> GELU -> dropout -> ``net.2``: diffusers' FeedForward keys at ``mult`` x width."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation_fn: str = "gelu-approximate"):
+        super().__init__()
+        if activation_fn not in ACTIVATIONS:
+            raise ValueError(f"Unsupported activation_fn {activation_fn!r}; choose one of {sorted(ACTIVATIONS)}.")
+        inner = dim * mult
+        self.net = nn.ModuleList(
+            [GELUProjection(dim, inner, ACTIVATIONS[activation_fn]), nn.Dropout(dropout), nn.Linear(inner, dim)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class PixArtBlock(nn.Module):
+    """PixArt block: gated self-attention, un-gated cross-attention to text, gated MLP.
+
+    Keys match diffusers' ``BasicTransformerBlock(norm_type="ada_norm_single")``: ``norm1``, ``attn1``,
+    ``norm2``, ``attn2``, ``ff``, ``scale_shift_table`` (6, D).
+
+    Args:
+        dim: token width.
+        num_attention_heads: heads.
+        attention_head_dim: width of one head.
+        cross_attention_dim: width of the text tokens; None for a block without cross-attention.
+        dropout: dropout in attention outputs and the MLP.
+        activation_fn: ``gelu-approximate`` (PixArt) or ``gelu``.
+        attention_bias: bias on q/k/v projections.
+        norm_elementwise_affine: affine LayerNorms (PixArt: False).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        cross_attention_dim: int | None = None,
+        dropout: float = 0.0,
+        activation_fn: str = "gelu-approximate",
+        attention_bias: bool = True,
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        heads, head_dim = num_attention_heads, attention_head_dim
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
+        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
+        self.attn2 = None
+        if cross_attention_dim is not None:
+            self.attn2 = DiTAttention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        timestep: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` (B, N, D); ``timestep`` the shared modulation (B, 6D); masks in kernel format."""
+        batch = hidden_states.shape[0]
+        modulation = self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
+
+        attn_in = modulate(self.norm1(hidden_states), shift_msa, scale_msa)  # (B, N, D)
+        hidden_states = hidden_states + gate_msa * self.attn1(attn_in, mask=attention_mask)
+
+        if self.attn2 is not None:
+            hidden_states = hidden_states + self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)
+
+        mlp_in = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)  # (B, N, D)
+        return hidden_states + gate_mlp * self.ff(mlp_in)

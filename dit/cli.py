@@ -1,0 +1,63 @@
+"""The ``dit`` command: ``dit generate "PROMPT" --model PATH -o out.png``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dit.pipelines import TextToImagePipeline
+
+    if args.model is None:
+        print("error: --model PATH is required (a diffusers-format pipeline folder).", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    pipe = TextToImagePipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    image = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    ).images[0]
+    image.save(args.output)
+    print(f"saved {args.output} ({image.width}x{image.height})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit", description="Diffusion-transformer toolkit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate an image from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="diffusers-format pipeline folder")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=4.5)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,3 @@
+"""Checkpoint converters from original repositories to the toolkit's (diffusers') keys."""
+
+from .pixart_original import convert_pixart_original_state_dict, infer_pixart_config, load_original_pixart

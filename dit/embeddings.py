@@ -1,0 +1,163 @@
+"""Embeddings: patches with a cached 2D sin-cos position table, timesteps, micro-conditions and captions.
+
+Parameter names follow diffusers (``pos_embed.proj``, ``timestep_embedder.linear_1``, ``caption_projection``),
+so state dicts move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``positions`` (M,) -> ``[sin, cos]`` embedding (M, embed_dim), frequencies computed in float64."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64, device=positions.device)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000**omega  # (D/2,)
+    angles = torch.outer(positions.reshape(-1), omega)  # (M, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)  # (M, D)
+
+
+def sincos_2d(embed_dim: int, height: int, width: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+    """PixArt's 2D sin-cos table for an ``height x width`` patch grid -> (height*width, embed_dim), float32.
+
+    Coordinates are normalised by the grid (``arange(n) / (n / base_size) / interpolation_scale``), so any
+    grid, square or not, is an interpolation of the training grid. The first half of the channels encodes
+    the column, the second half the row, as in PixArt and diffusers.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"The position embedding width must be divisible by 4, got {embed_dim}.")
+    rows = torch.arange(height, dtype=torch.float32) / (height / base_size) / interpolation_scale  # (h,)
+    cols = torch.arange(width, dtype=torch.float32) / (width / base_size) / interpolation_scale  # (w,)
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
+    table = torch.cat([sincos_1d(embed_dim // 2, grid_cols), sincos_1d(embed_dim // 2, grid_rows)], dim=1)
+    return table.float()  # (h*w, D)
+
+
+class PatchEmbed(nn.Module):
+    """``p x p`` convolution to tokens plus the 2D sin-cos position table of the actual grid.
+
+    The table is computed once per (height, width, device) and cached; it is not part of the state dict.
+
+    Args:
+        patch_size: side of a patch in latent pixels.
+        in_channels: latent channels.
+        embed_dim: token width.
+        base_size: the training grid side (``sample_size // patch_size``).
+        interpolation_scale: PixArt's position scale (``lewei_scale``).
+        cache_size: how many grids to keep.
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_channels: int,
+        embed_dim: int,
+        base_size: int,
+        interpolation_scale: float,
+        cache_size: int = 16,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.base_size = base_size
+        self.interpolation_scale = interpolation_scale
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def position_table(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The (1, h*w, D) float32 table of an ``height x width`` patch grid, from the cache when possible."""
+        key = (height, width, device)
+        table = self._cache.get(key)
+        if table is None:
+            embed_dim = self.proj.out_channels
+            table = sincos_2d(embed_dim, height, width, self.base_size, self.interpolation_scale)
+            table = table.to(device)[None]  # (1, h*w, D)
+            self._cache[key] = table
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return table
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """``latent`` (B, C, H, W) -> tokens (B, H/p * W/p, D) in row-major patch order."""
+        height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+        tokens = self.proj(latent).flatten(2).transpose(1, 2)  # (B, N, D)
+        return (tokens + self.position_table(height, width, latent.device)).to(latent.dtype)
+
+
+def timestep_sinusoid(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos, sin]`` embedding of (possibly fractional) timesteps (N,) -> (N, dim) float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    angles = timesteps[:, None].float() * torch.exp(exponent)[None, :]  # (N, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (N, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer SiLU MLP over a sinusoidal embedding (keys ``linear_1``, ``linear_2``)."""
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(sample)))
+
+
+class CombinedTimestepSizeEmbeddings(nn.Module):
+    """Timestep embedding plus PixArt-α's optional resolution and aspect-ratio micro-conditions.
+
+    Args:
+        embedding_dim: output width D (divisible by 3 with micro-conditions).
+        use_additional_conditions: embed ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1) too.
+    """
+
+    def __init__(self, embedding_dim: int, use_additional_conditions: bool = False):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(256, embedding_dim)
+        self.use_additional_conditions = use_additional_conditions
+        if use_additional_conditions:
+            if embedding_dim % 3:
+                raise ValueError(f"Micro-conditions need a width divisible by 3, got {embedding_dim}.")
+            self.resolution_embedder = TimestepEmbedding(256, embedding_dim // 3)
+            self.aspect_ratio_embedder = TimestepEmbedding(256, embedding_dim // 3)
+
+    def forward(
+        self,
+        timestep: torch.Tensor,
+        resolution: torch.Tensor | None,
+        aspect_ratio: torch.Tensor | None,
+        batch_size: int,
+        hidden_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(hidden_dtype))  # (B, D)
+        if not self.use_additional_conditions:
+            return emb
+        if resolution is None or aspect_ratio is None:
+            raise ValueError(
+                "This model uses micro-conditions: pass added_cond_kwargs with resolution and aspect_ratio."
+            )
+        res = self.resolution_embedder(timestep_sinusoid(resolution.flatten()).to(hidden_dtype))  # (2B, D/3)
+        ar = self.aspect_ratio_embedder(timestep_sinusoid(aspect_ratio.flatten()).to(hidden_dtype))  # (B, D/3)
+        return emb + torch.cat([res.reshape(batch_size, -1), ar.reshape(batch_size, -1)], dim=1)  # (B, D)
+
+
+class CaptionProjection(nn.Module):
+    """Caption features -> token width: ``linear_1``, GELU(tanh), ``linear_2``."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.act_1 = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(caption)))

@@ -1,0 +1,84 @@
+"""What every backbone of the toolkit shares: attention backend choice and strict, safetensors-only I/O."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..attention import DiTAttention, resolve_backend
+from ..attention.backends import AttentionBackend, get_backend
+from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+
+# diffusers' backend names, accepted as aliases so `set_attention_backend("native")` works as there.
+BACKEND_ALIASES = {"native": "sdpa", "_native_math": "math", "torch": "sdpa"}
+
+
+class BackboneMixin:
+    """Mixed into every ``ModelMixin`` backbone of the toolkit (before ``ModelMixin`` in the bases)."""
+
+    _attention_backend_name: str = "sdpa"
+    _resolved_backend: tuple[str, torch.device] | None = None
+
+    # ----- attention backend -------------------------------------------------------------------------
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference) or ``xformers`` (CUDA)."""
+        name = BACKEND_ALIASES.get(backend, backend)
+        get_backend(name)  # unknown names fail here, with the list of known ones
+        self._attention_backend_name = name
+        self._resolved_backend = None
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """Called by diffusers' ``enable_xformers_memory_efficient_attention()``."""
+        self.set_attention_backend("xformers" if valid else "sdpa")
+
+    def _attention_backend(self, device: torch.device) -> AttentionBackend:
+        """The backend for this forward, pushed to every attention module when it changes."""
+        key = (self._attention_backend_name, device)
+        backend = resolve_backend(self._attention_backend_name, device)
+        if self._resolved_backend != key:
+            for module in self.modules():
+                if isinstance(module, DiTAttention):
+                    module.backend = backend
+            self._resolved_backend = key
+        return backend
+
+    # ----- strict, safe I/O --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, strict: bool = True, allow_pickle: bool = False, **kwargs
+    ):
+        """diffusers' ``from_pretrained``, strict by default: a missing or unexpected key is an error that lists them.
+
+        Only safetensors weights are read unless ``allow_pickle=True``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if not allow_pickle:
+            _refuse_pickle_only_folder(path, kwargs.get("subfolder"))
+            kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        if strict and (info["missing_keys"] or info["unexpected_keys"]):
+            raise CheckpointKeyError(info["missing_keys"], info["unexpected_keys"], where=f"checkpoint at {path!r}")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """diffusers' ``save_pretrained``; safetensors is the only format written."""
+        if not safe_serialization:
+            raise ValueError("This toolkit writes safetensors only; safe_serialization=False is not supported.")
+        super().save_pretrained(save_directory, *args, safe_serialization=True, **kwargs)
+
+
+def _refuse_pickle_only_folder(path: str, subfolder: str | None) -> None:
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(folder):
+        return  # a hub id: diffusers resolves it, and use_safetensors=True refuses pickle there
+    files = os.listdir(folder)
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"{folder!r} holds only pickle weights ({', '.join(sorted(pickles))}), which can execute code when "
+            "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust their source."
+        )

@@ -1,0 +1,267 @@
+"""PixArt-α / PixArt-Σ backbone, a drop-in for diffusers' ``PixArtTransformer2DModel``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+# diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records for
+# a component (this one), so it must stay importable from here.
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..attention.ops import keep_mask_to_bias, trim_padded_keys
+from ..blocks import PixArtBlock
+from ..embeddings import CaptionProjection, PatchEmbed
+from ..normalization import AdaLayerNormSingle, modulate
+from .base import BackboneMixin
+
+__all__ = ["ModelMixin", "PixArtTransformer"]
+
+
+class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """PixArt-α / PixArt-Σ diffusion transformer.
+
+    Config fields, forward signature and state-dict keys are those of diffusers' ``PixArtTransformer2DModel``,
+    so diffusers-format folders (also with ``_class_name`` ``Transformer2DModel``) load strictly, and the model
+    drops into ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``. Beyond diffusers: LoRA through
+    ``PeftAdapterMixin``, any latent H×W with a cached position table, text padding trimmed from cross-attention,
+    masks converted once per forward, and PixArt's learned null caption (``y_embedding``) kept when the config
+    sets ``null_caption_length``.
+
+    Args:
+        num_attention_heads: heads per attention layer.
+        attention_head_dim: width of one head; the token width is ``heads * head_dim``.
+        in_channels: latent channels.
+        out_channels: output channels (``2 * in_channels`` with learned sigma); None means ``in_channels``.
+        num_layers: number of transformer blocks.
+        dropout: dropout in attention and MLP.
+        norm_num_groups: unused (kept for config compatibility).
+        cross_attention_dim: width of the text tokens entering cross-attention.
+        attention_bias: bias on q/k/v projections.
+        sample_size: training latent side; sets the position-table base grid and the default image size.
+        patch_size: patch side in latent pixels.
+        activation_fn: MLP activation, ``gelu-approximate`` for PixArt.
+        num_embeds_ada_norm: must be set (kept for config compatibility).
+        upcast_attention: unused (attention logits are accumulated in fp32 by the kernels).
+        norm_type: must be ``ada_norm_single``.
+        norm_elementwise_affine: affine LayerNorms in the blocks.
+        norm_eps: LayerNorm epsilon in the blocks.
+        interpolation_scale: position scale; None means ``max(sample_size // 64, 1)``.
+        use_additional_conditions: resolution / aspect-ratio micro-conditions; None means ``sample_size == 128``.
+        caption_channels: width of the text-encoder features (None: no caption projection).
+        attention_type: must be ``default``.
+        null_caption_length: tokens of the learned null caption ``y_embedding`` (None: none kept).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["PixArtBlock", "PatchEmbed"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = 8,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        cross_attention_dim: int | None = 1152,
+        attention_bias: bool = True,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: int | None = 1000,
+        upcast_attention: bool = False,
+        norm_type: str = "ada_norm_single",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+        interpolation_scale: float | None = None,
+        use_additional_conditions: bool | None = None,
+        caption_channels: int | None = None,
+        attention_type: str | None = "default",
+        null_caption_length: int | None = None,
+    ):
+        super().__init__()
+        _validate_config(norm_type, num_embeds_ada_norm, attention_type, null_caption_length, caption_channels)
+        inner_dim = num_attention_heads * attention_head_dim
+        self.inner_dim = inner_dim
+        self.out_channels = in_channels if out_channels is None else out_channels
+        if use_additional_conditions is None:
+            use_additional_conditions = sample_size == 128
+        self.use_additional_conditions = use_additional_conditions
+        if interpolation_scale is None:
+            interpolation_scale = max(sample_size // 64, 1)
+        self.gradient_checkpointing = False
+
+        self.pos_embed = PatchEmbed(patch_size, in_channels, inner_dim, sample_size // patch_size, interpolation_scale)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                PixArtBlock(
+                    inner_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    cross_attention_dim=cross_attention_dim,
+                    dropout=dropout,
+                    activation_fn=activation_fn,
+                    attention_bias=attention_bias,
+                    norm_elementwise_affine=norm_elementwise_affine,
+                    norm_eps=norm_eps,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
+        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * self.out_channels)
+        self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions=use_additional_conditions)
+        self.caption_projection = None
+        if caption_channels is not None:
+            self.caption_projection = CaptionProjection(caption_channels, inner_dim)
+        if null_caption_length is not None:
+            self.y_embedding = nn.Parameter(torch.randn(null_caption_length, caption_channels) / caption_channels**0.5)
+
+    @property
+    def text_embed_dim(self) -> int | None:
+        """Width the ``encoder_hidden_states`` must have."""
+        return self.config.caption_channels or self.config.cross_attention_dim
+
+    def null_caption(self, batch_size: int, length: int) -> torch.Tensor:
+        """The learned null caption, ``(batch_size, length, caption_channels)``, for the unconditional CFG branch."""
+        if not hasattr(self, "y_embedding"):
+            raise ValueError("This model has no learned null caption (config.null_caption_length is None).")
+        if length > self.y_embedding.shape[0]:
+            raise ValueError(f"The null caption has {self.y_embedding.shape[0]} tokens; {length} were asked for.")
+        return self.y_embedding[:length][None].expand(batch_size, -1, -1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict noise (and variance channels) for latents.
+
+        Args:
+            hidden_states: latents (B, in_channels, H, W), H and W divisible by ``patch_size``.
+            encoder_hidden_states: text features (B, L, caption_channels).
+            timestep: (B,) or a scalar, integer or fractional.
+            added_cond_kwargs: ``{"resolution": (B, 2), "aspect_ratio": (B, 1)}`` with micro-conditions.
+            cross_attention_kwargs: accepted for diffusers compatibility; no option is read from it.
+            attention_mask: image-token keep-mask (B, N) (1 = keep), or an additive bias (B, 1, N).
+            encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
+            return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
+        """
+        self._check_inputs(hidden_states, encoder_hidden_states, timestep)
+        batch, _, height, width = hidden_states.shape
+        p = self.config.patch_size
+        backend = self._attention_backend(hidden_states.device)
+
+        # 1. Input
+        x = self.pos_embed(hidden_states)  # (B, N, D)
+        n_tokens, dtype = x.shape[1], x.dtype
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)  # (B,)
+        t6, emb = self.adaln_single(
+            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype
+        )  # (B, 6D), (B, D)
+        context, cross_bias = _text_tokens(encoder_hidden_states, encoder_attention_mask, dtype)  # (B, L', C)
+        if self.caption_projection is not None:
+            context = self.caption_projection(context)  # (B, L', D)
+        heads = self.config.num_attention_heads
+        cross_mask = None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens)
+        self_bias = _as_bias(attention_mask, dtype)
+        self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, n_tokens)
+
+        # 2. Blocks
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask)
+            else:
+                x = block(x, context, t6, self_mask, cross_mask)
+
+        # 3. Output head and unpatchify
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
+        h, w, c = height // p, width // p, self.out_channels
+        x = x.reshape(batch, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        output = x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep) -> None:
+        cfg = self.config
+        if hidden_states.ndim != 4:
+            raise ValueError(
+                f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
+            )
+        if hidden_states.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"hidden_states has {hidden_states.shape[1]} channels; this model takes {cfg.in_channels}."
+            )
+        height, width = hidden_states.shape[-2:]
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ValueError(f"Latent size {height}x{width} is not divisible by the patch size {cfg.patch_size}.")
+        if timestep is None:
+            raise ValueError("timestep is required.")
+        if encoder_hidden_states is None:
+            if self.transformer_blocks and self.transformer_blocks[0].attn2 is not None:
+                raise ValueError("encoder_hidden_states is required: this model has cross-attention to text.")
+            return
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must be (batch={hidden_states.shape[0]}, tokens, width), "
+                f"got shape {tuple(encoder_hidden_states.shape)}."
+            )
+        if encoder_hidden_states.shape[-1] != self.text_embed_dim:
+            raise ValueError(
+                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}; this model's text embedding "
+                f"width (caption_channels / cross_attention_dim) is {self.text_embed_dim}."
+            )
+
+
+def _validate_config(norm_type, num_embeds_ada_norm, attention_type, null_caption_length, caption_channels) -> None:
+    if norm_type != "ada_norm_single":
+        raise NotImplementedError(f"PixArtTransformer implements norm_type='ada_norm_single' only, got {norm_type!r}.")
+    if num_embeds_ada_norm is None:
+        raise ValueError("num_embeds_ada_norm cannot be None with norm_type='ada_norm_single'.")
+    if attention_type not in (None, "default"):
+        raise NotImplementedError(f"attention_type={attention_type!r} is not supported; use 'default'.")
+    if null_caption_length is not None and caption_channels is None:
+        raise ValueError("null_caption_length needs caption_channels (the null caption lives in caption space).")
+
+
+def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep-mask (B, L) or additive bias (B, 1, L) -> additive bias (B, 1, 1, L), or None if nothing is masked."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        keep = mask.bool()
+        return None if bool(keep.all()) else keep_mask_to_bias(keep, dtype)
+    if mask.ndim == 3:
+        return mask.to(dtype)[:, None]  # (B, 1, 1, L)
+    raise ValueError(f"A mask must be (batch, tokens) or a bias (batch, 1, tokens), got shape {tuple(mask.shape)}.")
+
+
+def _text_tokens(
+    encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Drop trailing text padding (exact: padded keys get zero weight) and build the remaining bias once."""
+    if encoder_hidden_states is None or mask is None or mask.ndim != 2:
+        return encoder_hidden_states, _as_bias(mask, dtype)
+    if mask.shape != encoder_hidden_states.shape[:2]:
+        raise ValueError(
+            f"encoder_attention_mask has shape {tuple(mask.shape)}; expected {tuple(encoder_hidden_states.shape[:2])}."
+        )
+    length, keep = trim_padded_keys(mask.bool())
+    context = encoder_hidden_states[:, :length]  # (B, L', C)
+    return context, (None if keep is None else keep_mask_to_bias(keep, dtype))

@@ -1,0 +1,268 @@
+"""Text-to-image sampling with any backbone of the toolkit, a T5 text encoder and a diffusers VAE."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.image_processor import PixArtImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from .resolution import sampling_size
+
+PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    """Text-to-image pipeline for the toolkit's diffusion transformers.
+
+    Takes the arguments of diffusers' ``PixArtSigmaPipeline`` plus ``callback_on_step_end``. Beyond it: any
+    backbone of the toolkit, the learned null caption of original PixArt checkpoints as the unconditional
+    branch (as PixArt's own inference does), and the nearest valid size for any ``sample_size`` instead of an
+    "Invalid sample size" error.
+
+    Args:
+        tokenizer: tokenizer of the text encoder.
+        text_encoder: a transformers ``T5EncoderModel`` (or any encoder returning hidden states first).
+        vae: a diffusers ``AutoencoderKL``.
+        transformer: a backbone of this toolkit (or diffusers' ``PixArtTransformer2DModel``).
+        scheduler: any diffusers scheduler; pass None for ``DPMSolverMultistepScheduler()`` (PixArt's default).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
+        super().__init__()
+        scheduler = scheduler if scheduler is not None else DPMSolverMultistepScheduler()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = PixArtImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ----- text ---------------------------------------------------------------------------------------
+    def _encode_text(
+        self, texts: list[str], max_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("This pipeline has no tokenizer/text encoder: pass prompt_embeds and their masks.")
+        texts = [t.lower().strip() for t in texts]
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        mask = tokens.attention_mask.to(device)  # (B, L)
+        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]  # (B, L, C)
+        return embeds.to(self.text_encoder.dtype), mask
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = "",
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        max_sequence_length: int = 300,
+        use_null_caption: bool | None = None,
+    ) -> PromptEmbeds:
+        """Text features and masks for the conditional and (with CFG) unconditional branch.
+
+        The unconditional branch is, in order: ``negative_prompt_embeds``; the transformer's learned null
+        caption when ``use_null_caption`` (default: when the model has one and no negative prompt is given),
+        with the prompt's mask as in PixArt's inference; else the encoded ``negative_prompt``.
+        """
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompts, max_sequence_length, device)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, prompt_attention_mask, None, None
+
+        if negative_prompt_embeds is None:
+            has_null = hasattr(self.transformer, "null_caption") and hasattr(self.transformer, "y_embedding")
+            if use_null_caption is None:
+                use_null_caption = has_null and not negative_prompt
+            if use_null_caption:
+                length = prompt_embeds.shape[1]
+                negative_prompt_embeds = self.transformer.null_caption(batch, length).to(device, prompt_embeds.dtype)
+                negative_prompt_attention_mask = prompt_attention_mask[::num_images_per_prompt]
+            else:
+                negatives = (
+                    [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+                )
+                if len(negatives) != batch:
+                    raise ValueError(f"{len(negatives)} negative prompts were given for {batch} prompts.")
+                negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
+                    negatives, prompt_embeds.shape[1], device
+                )
+        elif negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        negative_prompt_attention_mask = negative_prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    # ----- sampling -----------------------------------------------------------------------------------
+    def prepare_latents(
+        self, batch: int, height: int, width: int, dtype, device, generator, latents=None
+    ) -> torch.Tensor:
+        """Initial noise (B, C, H/f, W/f) scaled by the scheduler's ``init_noise_sigma``."""
+        shape = (
+            batch,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators were given for a batch of {batch} images.")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _added_cond_kwargs(self, height: int, width: int, batch: int, dtype, device) -> dict[str, torch.Tensor | None]:
+        if not getattr(self.transformer, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 2)
+        aspect_ratio = torch.tensor([[height / width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 1)
+        return {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {"eta": eta} if "eta" in params else {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float) -> torch.Tensor:
+        """One transformer call (a CFG batch when guided), reduced to the latent channels."""
+        guided = guidance_scale > 1.0
+        model_in = torch.cat([latents] * 2) if guided else latents
+        model_in = self.scheduler.scale_model_input(model_in, t)
+        timestep = torch.as_tensor(t, device=latents.device).reshape(-1).expand(model_in.shape[0])
+        pred = self.transformer(
+            model_in,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=timestep,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        if guided:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + guidance_scale * (cond - uncond)
+        if pred.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the mean prediction
+            pred = pred[:, : latents.shape[1]]
+        return pred
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Latents -> images in ``output_type`` (``pil``, ``np``, ``pt`` or ``latent``)."""
+        if output_type == "latent":
+            return latents
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype) / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents + config.shift_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return image
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = "",
+        num_inference_steps: int = 20,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 4.5,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        use_resolution_binning: bool = True,
+        max_sequence_length: int = 300,
+        use_null_caption: bool | None = None,
+        callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt`` (see diffusers' ``PixArtSigmaPipeline.__call__`` for shared arguments).
+
+        ``use_null_caption`` chooses the learned null caption as the unconditional branch (default: when the
+        transformer has one and no negative prompt is given). ``callback_on_step_end(pipe, i, t, tensors)`` gets
+        the tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
+        """
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass either prompt or prompt_embeds.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"Unknown output_type {output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in {self._callback_tensor_inputs}."
+            )
+        config = self.transformer.config
+        multiple = self.vae_scale_factor * config.patch_size
+        height = height or config.sample_size * self.vae_scale_factor
+        width = width or config.sample_size * self.vae_scale_factor
+        sample_h, sample_w = sampling_size(height, width, config.sample_size, multiple, use_resolution_binning)
+        device = self._execution_device
+
+        guided = guidance_scale > 1.0
+        embeds, mask, neg_embeds, neg_mask = self.encode_prompt(
+            prompt, guided, negative_prompt, num_images_per_prompt, device, prompt_embeds, negative_prompt_embeds,
+            prompt_attention_mask, negative_prompt_attention_mask, max_sequence_length, use_null_caption,
+        )  # fmt: skip
+        if guided:
+            embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
+        batch = neg_embeds.shape[0] if guided else embeds.shape[0]
+
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        latents = self.prepare_latents(batch, sample_h, sample_w, embeds.dtype, device, generator, latents)
+        added = self._added_cond_kwargs(sample_h, sample_w, embeds.shape[0], embeds.dtype, device)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for i, t in enumerate(timesteps):
+                pred = self._predict(latents, t, embeds, mask, added, guidance_scale)
+                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds}
+                    returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+                    latents = returned.get("latents", latents)
+                progress.update()
+
+        image = self.decode(latents, output_type)
+        if output_type != "latent":
+            if (sample_h, sample_w) != (height, width):
+                image = self.image_processor.resize_and_crop_tensor(image, width, height)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)

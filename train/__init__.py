@@ -1,0 +1,1 @@
+"""Training with accelerate (issue: trainer)."""
