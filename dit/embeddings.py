@@ -12,6 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .linear import Linear
+
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     """``positions`` (M,) -> ``[sin, cos]`` embedding (M, embed_dim), frequencies computed in float64."""
@@ -87,8 +89,9 @@ class PatchEmbed(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """``latent`` (B, C, H, W) -> tokens (B, H/p * W/p, D) in row-major patch order."""
         height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
-        tokens = self.proj(latent).flatten(2).transpose(1, 2)  # (B, N, D)
-        return (tokens + self.position_table(height, width, latent.device)).to(latent.dtype)
+        tokens = self.proj(latent).flatten(2).transpose(1, 2)  # (B, N, D), a transposed view
+        # table first: the sum comes out contiguous, so no later op pays for the transposed layout
+        return (self.position_table(height, width, latent.device) + tokens).to(latent.dtype)
 
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -104,9 +107,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, embed_dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, embed_dim)
+        self.linear_1 = Linear(in_channels, embed_dim)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.linear_2 = Linear(embed_dim, embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(sample)))
@@ -155,9 +158,9 @@ class CaptionProjection(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_1 = Linear(in_features, hidden_size)
         self.act_1 = nn.GELU(approximate="tanh")
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.linear_2 = Linear(hidden_size, hidden_size)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act_1(self.linear_1(caption)))

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from .embeddings import CombinedTimestepSizeEmbeddings
+from .linear import Linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with (B, 1, D) modulation over (B, N, D) tokens."""
-    return x * (1 + scale) + shift
+    """``x * (1 + scale) + shift`` with (B, 1, D) modulation over (B, N, D) tokens, in one pass."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class AdaLayerNormSingle(nn.Module):
@@ -24,7 +25,7 @@ class AdaLayerNormSingle(nn.Module):
         super().__init__()
         self.emb = CombinedTimestepSizeEmbeddings(embedding_dim, use_additional_conditions)
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(embedding_dim, 6 * embedding_dim)
+        self.linear = Linear(embedding_dim, 6 * embedding_dim)
 
     def forward(
         self,

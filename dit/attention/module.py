@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..linear import Linear
 from .backends import AttentionBackend, get_backend
 from .ops import merge_heads, split_heads
 
@@ -41,10 +42,10 @@ class DiTAttention(nn.Module):
         inner_dim = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner_dim, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_q = Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = Linear(kv_dim, inner_dim, bias=bias)
+        self.to_v = Linear(kv_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
         self.backend: AttentionBackend = get_backend("sdpa")
 
     def forward(

@@ -17,6 +17,7 @@ from torch import nn
 from ..attention.ops import keep_mask_to_bias, trim_padded_keys
 from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
+from ..linear import Linear
 from ..normalization import AdaLayerNormSingle, modulate
 from .base import BackboneMixin
 
@@ -89,8 +90,16 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         null_caption_length: int | None = None,
     ):
         super().__init__()
-        _validate_config(norm_type, num_embeds_ada_norm, attention_type, null_caption_length, caption_channels)
         inner_dim = num_attention_heads * attention_head_dim
+        _validate_config(
+            norm_type,
+            num_embeds_ada_norm,
+            attention_type,
+            null_caption_length,
+            caption_channels,
+            cross_attention_dim,
+            inner_dim,
+        )
         self.inner_dim = inner_dim
         self.out_channels = in_channels if out_channels is None else out_channels
         if use_additional_conditions is None:
@@ -119,7 +128,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         )
         self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
-        self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * self.out_channels)
+        self.proj_out = Linear(inner_dim, patch_size * patch_size * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions=use_additional_conditions)
         self.caption_projection = None
         if caption_channels is not None:
@@ -229,13 +238,26 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             )
 
 
-def _validate_config(norm_type, num_embeds_ada_norm, attention_type, null_caption_length, caption_channels) -> None:
+def _validate_config(
+    norm_type,
+    num_embeds_ada_norm,
+    attention_type,
+    null_caption_length,
+    caption_channels,
+    cross_attention_dim,
+    inner_dim,
+) -> None:
     if norm_type != "ada_norm_single":
         raise NotImplementedError(f"PixArtTransformer implements norm_type='ada_norm_single' only, got {norm_type!r}.")
     if num_embeds_ada_norm is None:
         raise ValueError("num_embeds_ada_norm cannot be None with norm_type='ada_norm_single'.")
     if attention_type not in (None, "default"):
         raise NotImplementedError(f"attention_type={attention_type!r} is not supported; use 'default'.")
+    if caption_channels is not None and cross_attention_dim not in (None, inner_dim):
+        raise ValueError(
+            f"cross_attention_dim={cross_attention_dim} must equal num_attention_heads * attention_head_dim = "
+            f"{inner_dim}: the caption projection maps text to the token width."
+        )
     if null_caption_length is not None and caption_channels is None:
         raise ValueError("null_caption_length needs caption_channels (the null caption lives in caption space).")
 

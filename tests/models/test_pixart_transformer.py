@@ -95,6 +95,11 @@ def test_unsupported_config_is_named(bad):
         PixArtTransformer(**{**SIGMA, **bad})
 
 
+def test_cross_attention_width_must_match_projection():
+    with pytest.raises(ValueError, match="cross_attention_dim=40 must equal .* 24"):
+        PixArtTransformer(**{**SIGMA, "cross_attention_dim": 40})
+
+
 # ----- position embedding ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid", [(4, 4), (3, 7), (9, 2)])
 def test_position_table_cached_per_grid(grid):
