@@ -99,11 +99,13 @@ class PixArtBlock(nn.Module):
         modulation = self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
-        attn_in = modulate(self.norm1(hidden_states), shift_msa, scale_msa)  # (B, N, D)
-        hidden_states = torch.addcmul(hidden_states, gate_msa, self.attn1(attn_in, mask=attention_mask))
+        # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
+        attn_out = self.attn1(modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask)
+        hidden_states = torch.addcmul(hidden_states, gate_msa, attn_out)  # (B, N, D)
+        del attn_out
 
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)
 
-        mlp_in = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)  # (B, N, D)
-        return torch.addcmul(hidden_states, gate_mlp, self.ff(mlp_in))
+        ff_out = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
+        return torch.addcmul(hidden_states, gate_mlp, ff_out)

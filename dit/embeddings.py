@@ -43,7 +43,7 @@ def sincos_2d(embed_dim: int, height: int, width: int, base_size: int, interpola
 class PatchEmbed(nn.Module):
     """``p x p`` convolution to tokens plus the 2D sin-cos position table of the actual grid.
 
-    The table is computed once per (height, width, device) and cached; it is not part of the state dict.
+    The table is computed once per (height, width, device, dtype) and cached; it is not part of the state dict.
 
     Args:
         patch_size: side of a patch in latent pixels.
@@ -71,14 +71,20 @@ class PatchEmbed(nn.Module):
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
 
-    def position_table(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """The (1, h*w, D) float32 table of an ``height x width`` patch grid, from the cache when possible."""
-        key = (height, width, device)
+    def position_table(
+        self, height: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The (1, h*w, D) table of an ``height x width`` patch grid in ``dtype``, from the cache when possible.
+
+        Computed in float64/float32 as PixArt does, then stored in ``dtype``: fp32 inputs get diffusers' exact
+        sums, half-precision inputs skip an fp32 intermediate as large as the tokens.
+        """
+        key = (height, width, device, dtype)
         table = self._cache.get(key)
         if table is None:
             embed_dim = self.proj.out_channels
             table = sincos_2d(embed_dim, height, width, self.base_size, self.interpolation_scale)
-            table = table.to(device)[None]  # (1, h*w, D)
+            table = table.to(device, dtype)[None]  # (1, h*w, D)
             self._cache[key] = table
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -91,7 +97,7 @@ class PatchEmbed(nn.Module):
         height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
         tokens = self.proj(latent).flatten(2).transpose(1, 2)  # (B, N, D), a transposed view
         # table first: the sum comes out contiguous, so no later op pays for the transposed layout
-        return (self.position_table(height, width, latent.device) + tokens).to(latent.dtype)
+        return self.position_table(height, width, latent.device, tokens.dtype) + tokens
 
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:

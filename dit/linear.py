@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHUNK_ROWS = 2048
+# fp32 temporaries stay a few MB: ROW_CHUNK input rows and at most PIECE_ELEMENTS weight elements at a time
+ROW_CHUNK, PIECE_ELEMENTS = 256, 1 << 20
 
 
 @functools.cache
@@ -29,15 +30,22 @@ def cpu_half_is_emulated(dtype: torch.dtype) -> bool:
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` computed in fp32 and returned in ``x.dtype``; chunked over rows when no gradient is needed."""
-    w32, b32 = weight.float(), (None if bias is None else bias.float())
+    """``F.linear`` computed in fp32 and returned in ``x.dtype``.
+
+    Without gradients the product is tiled (rows x output features), so the fp32 copies of input and weight stay
+    a few MB instead of doubling the layer's memory; with gradients it is one fp32 product.
+    """
     if torch.is_grad_enabled():
-        return F.linear(x.float(), w32, b32).to(x.dtype)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (R, C_in)
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)  # (R, C_out)
-    for start in range(0, rows.shape[0], CHUNK_ROWS):
-        chunk = slice(start, start + CHUNK_ROWS)
-        out[chunk] = F.linear(rows[chunk].float(), w32, b32)
+    piece = max(64, PIECE_ELEMENTS // weight.shape[1])
+    for r in range(0, rows.shape[0], ROW_CHUNK):
+        rows32 = rows[r : r + ROW_CHUNK].float()  # (ROW_CHUNK, C_in)
+        for o in range(0, weight.shape[0], piece):
+            w32 = weight[o : o + piece].float()  # (piece, C_in)
+            b32 = None if bias is None else bias[o : o + piece].float()
+            out[r : r + ROW_CHUNK, o : o + piece] = F.linear(rows32, w32, b32)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
