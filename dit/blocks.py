@@ -12,6 +12,13 @@ from .normalization import modulate
 ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}
 
 
+def residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + gate * update`` (or ``x + update``); without autograd ``x``, the running hidden state, is updated in place."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, update, gate)):
+        return x + update if gate is None else torch.addcmul(x, gate, update)
+    return x.add_(update) if gate is None else x.addcmul_(gate, update)
+
+
 class GELUProjection(nn.Module):
     """``gelu(proj(x))`` (key ``proj``), as diffusers' ``GELU`` activation module."""
 
@@ -100,12 +107,15 @@ class PixArtBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
         # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
+        # Without autograd the residual stream is updated in place (see residual()).
         attn_out = self.attn1(modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask)
-        hidden_states = torch.addcmul(hidden_states, gate_msa, attn_out)  # (B, N, D)
+        hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
         del attn_out
 
         if self.attn2 is not None:
-            hidden_states = hidden_states + self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)
+            cross_out = self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
+            hidden_states = residual(hidden_states, cross_out)
+            del cross_out
 
         ff_out = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
-        return torch.addcmul(hidden_states, gate_mlp, ff_out)
+        return residual(hidden_states, ff_out, gate_mlp)

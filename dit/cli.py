@@ -1,4 +1,4 @@
-"""The ``dit`` command: ``dit generate "PROMPT" --model PATH -o out.png``."""
+"""The ``dit`` command: ``dit generate "PROMPT" --model PATH -o out.png``, ``dit train --config ...``."""
 
 from __future__ import annotations
 
@@ -51,10 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.set_defaults(func=_generate)
+    commands.add_parser("train", help="train with accelerate: dit train --config configs/NAME.yaml [key=value ...]")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer parses its own arguments (config path plus key=value overrides)
+        from dit.train.__main__ import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -10,8 +10,13 @@ from .linear import Linear
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with (B, 1, D) modulation over (B, N, D) tokens, in one pass."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """``x * (1 + scale) + shift`` with (B, 1, D) modulation over (B, N, D) tokens, in one pass.
+
+    ``x`` must be a temporary (a norm's output): without autograd it is overwritten instead of allocating.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad):
+        return torch.addcmul(shift, x, 1 + scale)
+    return torch.addcmul(shift, x, 1 + scale, out=x)
 
 
 class AdaLayerNormSingle(nn.Module):

@@ -1,0 +1,171 @@
+"""Training step of our loop on our PixArt backbone against a plain step over diffusers' PixArtTransformer2DModel.
+
+Same config (PixArt-XL-shaped blocks, fewer layers), same batch (Σ-style 300-token text with 20-60 real tokens),
+same precision, AdamW and gradient clipping in both; EMA off in both. Ours is ``Trainer._optimizer_step`` (data
+plan, per-sample draws, DDPM ε loss with the learned-sigma term); the reference is the minimal diffusers step
+(forward, ε MSE on the first channels, backward, clip, AdamW). Runs alternate; medians compared. Peak memory is
+one step's peak resident memory above its start, after a warm-up step, in a fresh process.
+
+    python bench/train_step.py [--device cuda --dtype bf16 --size 512 --layers 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, machine, reset_peak_rss, rss_bytes, write_json  # noqa: E402
+
+XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
+          sample_size=64, patch_size=2, caption_channels=4096, interpolation_scale=1, use_additional_conditions=False)  # fmt: skip
+TEXT_TOKENS = 300
+
+
+def write_features(folder: Path, batch: int, latent: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = batch * 4
+    mask = torch.zeros(n, TEXT_TOKENS, dtype=torch.long)
+    for i in range(n):
+        mask[i, : 20 + (i * 13) % 41] = 1
+    save_file({"latent_mean": torch.randn(n, 4, latent, latent, generator=gen),
+               "text_embeds": torch.randn(n, TEXT_TOKENS, 4096, generator=gen), "text_mask": mask},
+              folder / "shard-000.safetensors")  # fmt: skip
+
+
+def build(args, folder: Path):
+    """Our trainer and a diffusers model + optimizer with the same initial weights."""
+    from diffusers import PixArtTransformer2DModel
+
+    from dit.train import Trainer, load_config
+
+    overrides = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0", "ema_decay=null",
+                 "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
+                 f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}"]  # fmt: skip
+    config = load_config(None, overrides)
+    config.model.kwargs = {**XL, "num_layers": args.layers, "sample_size": args.size // 8}
+    trainer = Trainer(config)
+    torch.manual_seed(0)
+    reference = PixArtTransformer2DModel(**config.model.kwargs).to(trainer.accelerator.device).train()
+    reference.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=config.optim.lr, weight_decay=0.0)
+    return trainer, reference, optimizer
+
+
+def reference_step(reference, optimizer, batch: dict, device: str, dtype: str) -> None:
+    latents = batch["latent_mean"].to(device)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (latents.shape[0],), device=device)
+    abar = torch.linspace(1e-4, 0.02, 1000, device=device).neg().add(1).cumprod(0)[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        pred = reference(
+            noisy, batch["text_embeds"].to(device), t, encoder_attention_mask=batch["text_mask"].to(device)
+        ).sample
+    loss = ((pred[:, :4].float() - noise) ** 2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_functions(trainer, reference, optimizer, args):
+    batches = trainer._batches(0, 10_000)
+    batch = next(trainer._batches(0, 1))
+    device = str(trainer.accelerator.device.type)
+    return {
+        "diffusers": lambda: reference_step(reference, optimizer, batch, device, args.dtype),
+        "ours": lambda: trainer._optimizer_step(batches, 1),
+    }
+
+
+def memory_probe(which: str, args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_features(Path(tmp), args.batch, args.size // 8)
+        trainer, reference, optimizer = build(args, Path(tmp))
+        step = step_functions(trainer, reference, optimizer, args)[which]
+        (reference if which == "ours" else trainer.model).to("meta")  # drop the other model's weights
+        step()  # warm-up: optimizer state allocated
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - start
+        reset_peak_rss()
+        start = rss_bytes("VmRSS")
+        step()
+        return rss_bytes("VmHWM") - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--memory-probe", choices=["ours", "diffusers"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps({"peak_bytes": memory_probe(args.memory_probe, args)}))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_features(Path(tmp), args.batch, args.size // 8)
+        trainer, reference, optimizer = build(args, Path(tmp))
+        timing = alternate(step_functions(trainer, reference, optimizer, args), args.device, args.runs)
+    memory = {}
+    for which in ("diffusers", "ours"):
+        cmd = [sys.executable, __file__, "--memory-probe", which] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k in ("device", "dtype", "size", "layers", "batch")
+        ]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        memory[which] = int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+    for which in ("diffusers", "ours"):
+        timing[which]["steps_per_s"] = round(1 / timing[which]["median_s"], 4)
+        timing[which]["peak_memory_bytes"] = memory[which]
+    speedup = timing["diffusers"]["median_s"] / timing["ours"]["median_s"]
+    memory_ratio = memory["ours"] / memory["diffusers"]
+    target = 1.0 if args.device == "cpu" else 1.2
+    payload = {
+        "benchmark": "train_step",
+        "device": args.device,
+        "machine": machine(args.device),
+        "config": {
+            **XL,
+            "num_layers": args.layers,
+            "image_size": args.size,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "text_tokens": TEXT_TOKENS,
+            "real_text_tokens": "20-60",
+            "runs": args.runs,
+        },  # fmt: skip
+        "diffusers": timing["diffusers"],
+        "ours": timing["ours"],
+        "throughput_ratio": round(speedup, 3),
+        "memory_ratio": round(memory_ratio, 3),
+        "target": f"throughput >= {target}x diffusers' plain step, peak memory <= diffusers'",
+        "met": speedup >= target and memory_ratio <= 1.0,
+    }
+    path = write_json(args.out or f"train_step_{args.device}.json", payload)
+    print(f"diffusers {timing['diffusers']['median_s']:.3f}s/step, ours {timing['ours']['median_s']:.3f}s/step "
+          f"(x{speedup:.3f} throughput), memory x{memory_ratio:.3f}; wrote {path}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

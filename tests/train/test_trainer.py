@@ -1,0 +1,163 @@
+"""Reliability of the training loop: exact resume, atomic checkpoints, NaN stop, two processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dit import PixArtTransformer
+from dit.train import Trainer, TrainingDiverged, load_config
+from dit.train.checkpointing import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def make_features(folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: int = 6, width: int = 32) -> Path:
+    """Random feature shards, one per latent size, plus the empty caption's features."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(123)
+    for i, (h, w) in enumerate(sizes):
+        mask = torch.zeros(n, text_len, dtype=torch.long)
+        for j in range(n):
+            mask[j, : 1 + j % text_len] = 1
+        save_file(
+            {
+                "latent_mean": torch.randn(n, 4, h, w, generator=gen),
+                "latent_std": torch.rand(n, 4, h, w, generator=gen) * 0.1,
+                "text_embeds": torch.randn(n, text_len, width, generator=gen),
+                "text_mask": mask,
+            },
+            folder / f"shard-{i:03d}.safetensors",
+        )
+    empty = torch.zeros(text_len, dtype=torch.long)
+    empty[0] = 1
+    save_file(
+        {"text_embeds": torch.randn(text_len, width, generator=gen), "text_mask": empty},
+        folder / "null_caption.safetensors",
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    return make_features(tmp_path_factory.mktemp("features"))
+
+
+def _config(features: Path, out: Path, *overrides: str):
+    return load_config(TINY, [f"data.path={features}", f"output_dir={out}", *overrides])
+
+
+def test_config_errors_name_the_key():
+    from dit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.optim: unknown key\(s\) learning_rate"):
+        load_config(TINY, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"config.max_steps: expected int, got 'many'"):
+        load_config(TINY, ["max_steps=many"])
+    assert load_config(TINY, ["optim.lr=3e-4"]).optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("objective", ["ddpm_eps", "v", "flow"])
+def test_exact_resume(features, tmp_path, objective):
+    """Steps k+1..2k after resuming from step k equal the uninterrupted run's, data order included."""
+    full = Trainer(_config(features, tmp_path / "full", f"objective.name={objective}")).train()
+    assert len(full) == 6
+    first = Trainer(_config(features, tmp_path / "split", f"objective.name={objective}", "max_steps=3")).train()
+    assert first == full[:3]
+    resumed = Trainer(_config(features, tmp_path / "split", f"objective.name={objective}", "resume=latest")).train()
+    assert resumed == full[3:]
+    ema_full = PixArtTransformer.from_pretrained(tmp_path / "full/checkpoints/checkpoint-6/model_ema")
+    ema_split = PixArtTransformer.from_pretrained(tmp_path / "split/checkpoints/checkpoint-6/model_ema")
+    for (name, a), b in zip(ema_full.state_dict().items(), ema_split.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_layout_and_limit(features, tmp_path):
+    Trainer(_config(features, tmp_path, "max_steps=9", "checkpoints_total_limit=2")).train()
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["checkpoint-6", "checkpoint-9"]
+    latest = tmp_path / "checkpoints" / "checkpoint-9"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "checkpoint-9"
+    assert {"state", "model", "model_ema", "config.yaml", "trainer_state.json"} <= {p.name for p in latest.iterdir()}
+    assert load_config(latest / "config.yaml").max_steps == 9
+    assert (
+        not list((latest / "model").glob("*.bin"))
+        and (latest / "model_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    )
+
+
+def test_interrupted_save_leaves_previous_checkpoint(features, tmp_path, monkeypatch):
+    trainer = Trainer(_config(features, tmp_path))
+    original = PixArtTransformer.save_pretrained
+    calls = {"n": 0}
+
+    def dying_save(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # model and EMA of checkpoint 3, then the model of checkpoint 6: killed mid-save
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PixArtTransformer, "save_pretrained", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(PixArtTransformer, "save_pretrained", original)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "checkpoint-3"
+    assert (tmp_path / "checkpoints" / "checkpoint-6.tmp").exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    PixArtTransformer.from_pretrained(tmp_path / "checkpoints" / "checkpoint-3" / "model")
+    resumed = Trainer(_config(features, tmp_path, "resume=latest"))
+    assert len(resumed.train()) == 3 and resumed.step == 6
+
+
+def test_nan_loss_stops_with_checkpoint_intact(features, tmp_path, monkeypatch):
+    trainer = Trainer(_config(features, tmp_path))
+    original = Trainer._loss
+
+    def poisoned(self, batch, micro_step):
+        loss, per_sample = original(self, batch, micro_step)
+        if micro_step >= 4:
+            return loss * float("nan"), per_sample * float("nan")
+        return loss, per_sample
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="Loss is nan at step 5"):
+        trainer.train()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "checkpoint-3"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+def test_caption_dropout_needs_a_null_caption(tmp_path):
+    folder = make_features(tmp_path / "f")
+    (folder / "null_caption.safetensors").unlink()
+    from dit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="null_caption.safetensors"):
+        Trainer(_config(folder, tmp_path / "run"))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(features, tmp_path):
+    """Two CPU processes over gloo (accelerate launch; its `--cpu` launcher needs MPI for several processes, so the
+    torch.distributed launcher is used with accelerate's CPU mode): same global batch, same losses."""
+    overrides = [f"data.path={features}", "max_steps=4", "checkpoint_every=100"]
+    Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "dit.train", "--config", str(TINY),
+           *overrides, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,171 @@
+"""Training configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides, validated on parse."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: a toolkit class built from ``kwargs``, or a diffusers-format folder to start from."""
+
+    cls: str = "PixArtTransformer"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. ``features``: safetensors shards written by ``dit extract`` (or tests)."""
+
+    source: str = "features"
+    path: str = ""
+    batch_size: int = 8
+    num_workers: int = 0
+    caption_dropout: float = 0.1
+    max_broken_fraction: float = 0.5
+
+
+@dataclass
+class ObjectiveConfig:
+    """The loss. ``ddpm_eps`` (with PixArt's learned-sigma VLB term when the model outputs it), ``v``, ``flow``."""
+
+    name: str = "ddpm_eps"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    min_snr_gamma: float | None = None
+    vlb_weight: float = 1.0
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.03
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    use_8bit_adam: bool = False
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.yaml`` beside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float | None = 0.9999
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None
+    log_every: int = 10
+    compile: bool = False
+
+
+class ConfigError(ValueError):
+    """A configuration key that does not exist or a value of the wrong type; the message names it."""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a type annotation (and turn YAML lists into tuples), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not of type {annotation}.")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(fields))}.")
+    values = {}
+    for name, value in data.items():
+        hint, key = hints[name], f"{where}.{name}"
+        values[name] = from_dict(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+    return cls(**values)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"Override {override!r} must look like key=value (e.g. optim.lr=1e-4).")
+    key, raw = override.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {override!r}: {part!r} is not a section.")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`."""
+    data = yaml.safe_load(Path(path).read_text()) if path is not None else {}
+    data = data or {}
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(TrainConfig, data)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    data = dataclasses.asdict(config)
+    data = {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v)) for k, v in data.items()}
+    return yaml.safe_dump(data, sort_keys=False)

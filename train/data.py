@@ -1,0 +1,137 @@
+"""Training data: pre-extracted feature shards, and a batch plan that is a pure function of (seed, step).
+
+A shard is a safetensors file with ``latent_mean`` (N, C, h, w), optional ``latent_std`` (N, C, h, w),
+``text_embeds`` (N, L, C_text) and ``text_mask`` (N, L): the layout PixArt trains from (VAE mean/std re-sampled
+every time, T5 features with their masks). Each shard holds one latent size, so a batch holds one bucket.
+
+The plan fixes, for every global step, which samples each process reads: on resume the run continues with
+exactly the batches it would have seen, and a run on P processes reads the same global batches as one process.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
+NULL_CAPTION_FILE = "null_caption.safetensors"  # the empty caption's features, beside the shards
+
+
+class FeatureDataset(Dataset):
+    """Samples from a folder of feature shards (``*.safetensors``), loaded lazily shard by shard."""
+
+    def __init__(self, path: str | Path):
+        self.files = sorted(p for p in Path(path).glob("*.safetensors") if p.name != NULL_CAPTION_FILE)
+        if not self.files:
+            raise FileNotFoundError(f"No feature shards (*.safetensors) in {path!r}; run `dit extract` first.")
+        self.lengths, self.sizes = [], []
+        for file in self.files:
+            with safe_open(file, framework="pt") as f:
+                missing = [k for k in REQUIRED_KEYS if k not in f.keys()]
+                if missing:
+                    raise KeyError(f"Feature shard {file} lacks {', '.join(missing)}.")
+                shape = f.get_slice("latent_mean").get_shape()
+            self.lengths.append(shape[0])
+            self.sizes.append(tuple(shape[1:]))
+        self.offsets = [0]
+        for n in self.lengths:
+            self.offsets.append(self.offsets[-1] + n)
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def buckets(self) -> list[list[int]]:
+        """Sample indices grouped by latent size (one list per distinct size)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            groups.setdefault(size, []).extend(range(self.offsets[i], self.offsets[i + 1]))
+        return list(groups.values())
+
+    def _shard(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._cache:
+            with safe_open(self.files[index], framework="pt") as f:
+                self._cache[index] = {k: f.get_tensor(k) for k in f.keys()}
+        return self._cache[index]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        tensors, row = self._shard(shard), index - self.offsets[shard]
+        sample = {k: tensors[k][row] for k in REQUIRED_KEYS}
+        sample["latent_std"] = tensors["latent_std"][row] if "latent_std" in tensors else None
+        sample["index"] = index
+        return sample
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in REQUIRED_KEYS}
+    stds = [s["latent_std"] for s in samples]
+    batch["latent_std"] = None if any(s is None for s in stds) else torch.stack(stds)
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    return batch
+
+
+class BatchPlan:
+    """Global batches per epoch: each bucket shuffled with ``(seed, epoch)``, cut into full batches, batches shuffled.
+
+    Args:
+        buckets: sample indices grouped so that a batch never mixes groups.
+        global_batch: samples per optimizer micro-step summed over processes.
+        seed: run seed.
+    """
+
+    def __init__(self, buckets: list[list[int]], global_batch: int, seed: int):
+        self.buckets, self.global_batch, self.seed = buckets, global_batch, seed
+        self.batches_per_epoch = sum(len(b) // global_batch for b in buckets)
+        if self.batches_per_epoch == 0:
+            sizes = [len(b) for b in buckets]
+            raise ValueError(f"No bucket holds a full global batch of {global_batch} (bucket sizes {sizes}).")
+        self._epoch, self._batches = None, None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for bucket in self.buckets:
+                order = [bucket[i] for i in torch.randperm(len(bucket), generator=gen).tolist()]
+                batches += [
+                    order[i : i + self.global_batch]
+                    for i in range(0, len(order) - self.global_batch + 1, self.global_batch)
+                ]
+            self._batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            self._epoch = epoch
+        return self._batches
+
+    def global_batch_at(self, micro_step: int) -> list[int]:
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[position]
+
+    def local_batches(self, start: int, rank: int, world: int) -> Iterator[list[int]]:
+        """This process's share of every micro-step's global batch, from micro-step ``start`` on, forever."""
+        if self.global_batch % world:
+            raise ValueError(f"The global batch {self.global_batch} does not split over {world} processes.")
+        share = self.global_batch // world
+        step = start
+        while True:
+            yield self.global_batch_at(step)[rank * share : (rank + 1) * share]
+            step += 1
+
+
+class PlannedBatches(torch.utils.data.Sampler):
+    """A batch sampler over :meth:`BatchPlan.local_batches` (so a DataLoader can prefetch with workers)."""
+
+    def __init__(self, plan: BatchPlan, start: int, rank: int, world: int, count: int):
+        self.plan, self.start, self.rank, self.world, self.count = plan, start, rank, world, count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.plan.local_batches(self.start, self.rank, self.world)
+        for _ in range(self.count):
+            yield next(batches)
+
+    def __len__(self) -> int:
+        return self.count

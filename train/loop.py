@@ -1,0 +1,251 @@
+"""The one training loop: accelerate, pluggable objectives, EMA, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import checkpointing
+from .config import ConfigError, TrainConfig, to_yaml
+from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
+from .ema import EMA
+from .objectives import build_objective
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last finished checkpoint is left as it was."""
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """The backbone named by ``model.cls`` (a class of :mod:`dit`), from ``model.pretrained`` or ``model.kwargs``."""
+    import dit
+
+    cls = getattr(dit, config.model.cls, None)
+    if cls is None or not isinstance(cls, type):
+        raise ConfigError(f"model.cls: {config.model.cls!r} is not a backbone class of dit.")
+    model = cls.from_pretrained(config.model.pretrained) if config.model.pretrained else cls(**config.model.kwargs)
+    if config.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train()
+
+
+def sample_draws(seed: int, micro_step: int, positions: list[int], latent_shape, device) -> dict[str, torch.Tensor]:
+    """Per-sample randomness from a generator keyed by (seed, micro-step, position in the global batch).
+
+    Independent of the process count and of where a run was resumed, which makes both exact.
+    """
+    noise, eps, uniform, coin = [], [], [], []
+    for position in positions:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 65_537 + position)
+        noise.append(torch.randn(latent_shape, generator=gen))
+        eps.append(torch.randn(latent_shape, generator=gen))
+        uniform.append(torch.rand((), generator=gen))
+        coin.append(torch.rand((), generator=gen))
+    stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
+    return {"noise": stack(noise), "eps": stack(eps), "uniform": stack(uniform), "coin": stack(coin)}
+
+
+class Trainer:
+    """Trains a backbone from a :class:`TrainConfig`; ``train()`` returns the logged loss of every step."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.root = Path(config.output_dir)
+        # cpu=True without CUDA: several processes (torchrun or `accelerate launch --multi_gpu`) then run
+        # accelerate's MULTI_CPU mode over gloo; accelerate's own `--cpu` launcher starts one process unless MPI.
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            project_config=ProjectConfiguration(project_dir=str(self.root)),
+        )
+        set_seed(config.seed)  # the initial weights; every later draw comes from sample_draws
+        self.model = build_model(config)
+        self.objective = build_objective(config.objective)
+        self.dataset = FeatureDataset(config.data.path)
+        world = self.accelerator.num_processes
+        self.plan = BatchPlan(self.dataset.buckets(), config.data.batch_size * world, config.seed)
+        self.null_caption = self._null_caption()
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.step = 0
+
+    # ----- setup --------------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.use_8bit_adam:
+            if not torch.cuda.is_available():
+                raise ConfigError("optim.use_8bit_adam needs a CUDA GPU (bitsandbytes); set it to false on CPU.")
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    def _lr_lambda(self, step: int) -> float:
+        cfg = self.config.optim
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.schedule == "constant":
+            return warm
+        if cfg.schedule == "cosine":
+            progress = min(1.0, step / max(1, self.config.max_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+        raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}; use 'constant' or 'cosine'.")
+
+    def _null_caption(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The caption that dropout substitutes: the model's learned null caption, else the extracted empty one."""
+        if self.config.data.caption_dropout <= 0:
+            return None
+        length = self.dataset[0]["text_embeds"].shape[0]
+        if hasattr(self.model, "y_embedding"):
+            return self.model.null_caption(1, length)[0].detach(), None
+        path = Path(self.config.data.path) / NULL_CAPTION_FILE
+        if not path.is_file():
+            raise ConfigError(
+                f"data.caption_dropout > 0 needs the empty caption's features ({path}, written by `dit extract`) "
+                "or a model with a learned null caption."
+            )
+        tensors = load_file(path)
+        return tensors["text_embeds"][:length], tensors["text_mask"][:length]
+
+    # ----- one step -----------------------------------------------------------------------------------------
+    def _batches(self, start_micro: int, count: int):
+        sampler = PlannedBatches(
+            self.plan, start_micro, self.accelerator.process_index, self.accelerator.num_processes, count
+        )
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.data.num_workers
+            )
+        )
+
+    def _loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        share = self.config.data.batch_size
+        first = self.accelerator.process_index * share
+        latents = batch["latent_mean"].to(device)
+        draws = sample_draws(
+            self.config.seed, micro_step, list(range(first, first + share)), latents.shape[1:], device
+        )
+        if batch["latent_std"] is not None:
+            latents = latents + batch["latent_std"].to(device) * draws["eps"]
+        text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
+        if self.null_caption is not None:
+            drop = draws["coin"] < self.config.data.caption_dropout  # (B,)
+            null_text, null_mask = self.null_caption
+            text = torch.where(drop[:, None, None], null_text.to(device, text.dtype), text)
+            if null_mask is not None:
+                mask = torch.where(drop[:, None], null_mask.to(device, mask.dtype), mask)
+        added = _micro_conditions(self.accelerator.unwrap_model(self.model), latents)
+
+        def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model(noisy, text, t, added_cond_kwargs=added, encoder_attention_mask=mask).sample
+
+        per_sample, _ = self.objective.loss(model_fn, latents, draws["noise"], draws["uniform"])
+        return per_sample.mean(), per_sample.detach()
+
+    def _optimizer_step(self, batches, accumulate: int) -> tuple[float, float | None]:
+        losses = []
+        for j in range(accumulate):
+            micro = self.step * accumulate + j
+            sync = j == accumulate - 1
+            context = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
+            with context, self.accelerator.autocast():
+                loss, per_sample = self._loss(next(batches), micro)
+                self.accelerator.backward(loss / accumulate)
+            losses.append(self.accelerator.gather(per_sample).float().mean())
+        grad_norm = None
+        if self.config.optim.grad_clip is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack(losses).mean()), grad_norm
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """``save_state`` plus diffusers folders of the model and its EMA, written atomically."""
+        acc = self.accelerator
+        tmp = checkpointing.temporary_path(self.root, self.step, clear=acc.is_main_process)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        final = None
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            model.save_pretrained(tmp / "model")
+            if self.ema is not None:
+                with self.ema.swapped_in(model):
+                    model.save_pretrained(tmp / "model_ema")
+            (tmp / "config.yaml").write_text(to_yaml(self.config))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            final = checkpointing.publish(self.root, tmp, self.step, self.config.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return final or checkpointing.checkpoint_dir(self.root) / f"checkpoint-{self.step}"
+
+    def resume(self, resume: str) -> None:
+        path = checkpointing.resolve(resume, self.root)
+        self.accelerator.load_state(str(path / "state"))
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+
+    # ----- the loop -----------------------------------------------------------------------------------------
+    def train(self) -> list[float]:
+        cfg, acc = self.config, self.accelerator
+        if cfg.resume:
+            self.resume(cfg.resume)
+        accumulate = cfg.gradient_accumulation_steps
+        remaining = cfg.max_steps - self.step
+        batches = self._batches(self.step * accumulate, remaining * accumulate)
+        history: list[float] = []
+        if acc.is_main_process:
+            checkpointing.checkpoint_dir(self.root).mkdir(parents=True, exist_ok=True)
+        log = (self.root / "metrics.jsonl").open("a") if acc.is_main_process else None
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+        started = time.perf_counter()
+        while self.step < cfg.max_steps:
+            loss, grad_norm = self._optimizer_step(batches, accumulate)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"Loss is {loss} at step {self.step + 1}; stopping. The last finished checkpoint in "
+                    f"{checkpointing.checkpoint_dir(self.root)} is intact (resume=latest)."
+                )
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.model))
+            history.append(loss)
+            rate = (len(history)) / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+            progress.update()
+            if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "steps_per_s": rate}  # fmt: skip
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        if log is not None:
+            log.close()
+        return history
+
+
+def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """PixArt-α micro-conditions from the latent size (image pixels = latent x 8)."""
+    if not getattr(model, "use_additional_conditions", False):
+        return {"resolution": None, "aspect_ratio": None}
+    batch, height, width = latents.shape[0], latents.shape[-2] * 8, latents.shape[-1] * 8
+    resolution = torch.tensor([[height, width]], dtype=latents.dtype, device=latents.device).repeat(batch, 1)
+    aspect = torch.tensor([[height / width]], dtype=latents.dtype, device=latents.device).repeat(batch, 1)
+    return {"resolution": resolution, "aspect_ratio": aspect}

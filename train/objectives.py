@@ -1,0 +1,180 @@
+"""Training objectives: small classes that turn (clean latents, noise, a uniform draw per sample) into a loss.
+
+The loop owns all randomness (per-sample generators), so an objective is a pure function of its inputs: the
+same sample gets the same noise and timestep whichever process or batch position it lands in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .config import ConfigError, ObjectiveConfig
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) -> prediction
+
+
+def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch: (B, ...) -> (B,)."""
+    return x.flatten(1).mean(dim=1)
+
+
+class Objective:
+    """Base class. ``loss`` returns per-sample losses (B,) and a dict of extra per-sample terms to log."""
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+
+    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(
+        self, model_fn: ModelFn, latents: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class _Discrete(Objective):
+    """DDPM forward process with PixArt's linear betas over ``num_train_timesteps`` steps."""
+
+    def __init__(self, config: ObjectiveConfig):
+        super().__init__(config)
+        betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+
+    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
+        return (uniform * self.config.num_train_timesteps).long().clamp_(max=self.config.num_train_timesteps - 1)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod.to(like.device)[t]  # (B,)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return abar.sqrt().to(like.dtype).view(shape), (1 - abar).sqrt().to(like.dtype).view(shape)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return (abar / (1 - abar)).float()
+
+    def _min_snr_weight(self, t: torch.Tensor, v_prediction: bool) -> torch.Tensor | None:
+        gamma = self.config.min_snr_gamma
+        if gamma is None:
+            return None
+        snr = self.snr(t)
+        return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
+
+
+class DDPMEpsilon(_Discrete):
+    """ε-prediction MSE; when the model also outputs variance channels, PixArt's learned-sigma VLB term."""
+
+    def loss(self, model_fn, latents, noise, uniform):
+        t = self.timesteps(uniform)
+        a, s = self._coefficients(t, latents)
+        noisy = a * latents + s * noise
+        pred = model_fn(noisy, t)
+        channels = latents.shape[1]
+        eps = pred[:, :channels]
+        mse = mean_per_sample((eps.float() - noise.float()) ** 2)
+        weight = self._min_snr_weight(t, v_prediction=False)
+        loss = mse if weight is None else mse * weight
+        extra = {"mse": mse}
+        if pred.shape[1] == 2 * channels:
+            vlb = self._vlb(latents, noisy, t, eps.detach(), pred[:, channels:])
+            loss = loss + self.config.vlb_weight * vlb
+            extra["vlb"] = vlb
+        return loss, extra
+
+    def _posterior(self, t: torch.Tensor, like: torch.Tensor):
+        """Coefficients of q(x_{t-1} | x_t, x_0): mean = c0 * x0 + ct * xt, clipped log-variance."""
+        abar = self.alphas_cumprod.to(like.device)
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        betas = self.betas.to(like.device)
+        variance = betas * (1 - abar_prev) / (1 - abar)
+        log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))
+        c0 = betas * abar_prev.sqrt() / (1 - abar)
+        ct = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return [v[t].float().view(shape) for v in (c0, ct, log_variance, torch.log(betas))]
+
+    def _vlb(self, x0, xt, t, eps, var_channels) -> torch.Tensor:
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension; the decoder NLL at t = 0 (IDDPM)."""
+        c0, ct, true_log_var, max_log = self._posterior(t, x0)
+        abar = self.alphas_cumprod.to(x0.device)[t].float().view(c0.shape)
+        x0, xt, eps = x0.float(), xt.float(), eps.float()
+        true_mean = c0 * x0 + ct * xt
+        pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+        model_mean = c0 * pred_x0 + ct * xt
+        frac = (var_channels.float() + 1) / 2
+        model_log_var = frac * max_log + (1 - frac) * true_log_var
+        kl = 0.5 * (
+            -1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
+            + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
+        )  # fmt: skip
+        kl = mean_per_sample(kl) / math.log(2.0)
+        nll = -mean_per_sample(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(
+            2.0
+        )
+        return torch.where(t == 0, nll, kl)
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
+    """Log-likelihood of x in [-1, 1] under a Gaussian discretised to 8-bit bins (IDDPM's decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+class VPrediction(_Discrete):
+    """v-prediction: target ``sqrt(abar) * noise - sqrt(1 - abar) * x0``."""
+
+    def loss(self, model_fn, latents, noise, uniform):
+        t = self.timesteps(uniform)
+        a, s = self._coefficients(t, latents)
+        pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
+        target = a * noise - s * latents
+        mse = mean_per_sample((pred.float() - target.float()) ** 2)
+        weight = self._min_snr_weight(t, v_prediction=True)
+        return (mse if weight is None else mse * weight), {"mse": mse}
+
+
+class RectifiedFlow(Objective):
+    """Rectified flow (SD3 / FiTv2): ``x_t = (1 - t) x0 + t noise``, velocity target ``noise - x0``.
+
+    ``t`` is logit-normal: ``sigmoid(mean + std * z)`` with ``z`` the normal quantile of the uniform draw. The
+    model sees ``t * num_train_timesteps``, as diffusers' ``FlowMatchEulerDiscreteScheduler`` feeds it.
+    """
+
+    def __init__(self, config: ObjectiveConfig):
+        super().__init__(config)
+        if config.min_snr_gamma is not None:
+            raise ConfigError("objective.min_snr_gamma is not defined for rectified flow; leave it null.")
+
+    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
+        z = torch.special.ndtri(uniform.double().clamp(1e-6, 1 - 1e-6))
+        return torch.sigmoid(self.config.logit_normal_mean + self.config.logit_normal_std * z).float()
+
+    def loss(self, model_fn, latents, noise, uniform):
+        t = self.timesteps(uniform).to(latents.device)
+        tt = t.to(latents.dtype).view((-1,) + (1,) * (latents.ndim - 1))
+        pred = model_fn((1 - tt) * latents + tt * noise, t * self.config.num_train_timesteps)
+        mse = mean_per_sample((pred[:, : latents.shape[1]].float() - (noise - latents).float()) ** 2)
+        return mse, {"mse": mse}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEpsilon, "v": VPrediction, "flow": RectifiedFlow}
+
+
+def build_objective(config: ObjectiveConfig) -> Objective:
+    if config.name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: unknown objective {config.name!r}; choose one of {sorted(OBJECTIVES)}.")
+    return OBJECTIVES[config.name](config)
