@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.set_defaults(func=_generate)
     commands.add_parser("train", help="train with accelerate: dit train --config configs/NAME.yaml [key=value ...]")
+    commands.add_parser(
+        "extract", help="pre-extract T5 features and VAE latents: dit extract DATA --pipeline P --out D"
+    )
     return parser
 
 
@@ -61,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dit.train.__main__ import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["extract"]:
+        from dit.train.extract import main as extract_main
+
+        return extract_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -61,6 +61,21 @@ class OptimConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Sample ``prompts`` every ``every`` steps with a fixed seed (0 turns it off), with the tokenizer, text
+    encoder and VAE of the pipeline folder ``pipeline``; PNG grids go to ``output_dir/validation``."""
+
+    prompts: list[str] = field(default_factory=list)
+    every: int = 0
+    pipeline: str | None = None
+    steps: int = 20
+    guidance_scale: float = 4.5
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.yaml`` beside every checkpoint."""
 
@@ -68,6 +83,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 1000
@@ -78,6 +94,7 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
     log_every: int = 10
+    report_to: str = "tensorboard"
     compile: bool = False
 
 
@@ -107,6 +124,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}.")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")

@@ -19,6 +19,7 @@ from .config import ConfigError, TrainConfig, to_yaml
 from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
 from .ema import EMA
 from .objectives import build_objective
+from .validation import Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,10 +66,15 @@ class Trainer:
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
-            project_config=ProjectConfiguration(project_dir=str(self.root)),
+            log_with=_tracker(config.report_to),
+            project_config=ProjectConfiguration(project_dir=str(self.root), logging_dir=str(self.root / "logs")),
         )
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers("dit")
         set_seed(config.seed)  # the initial weights; every later draw comes from sample_draws
         self.model = build_model(config)
+        if config.compile:
+            self.model.compile()  # in place: parameter names (EMA, checkpoints) stay as they are
         self.objective = build_objective(config.objective)
         self.dataset = FeatureDataset(config.data.path)
         world = self.accelerator.num_processes
@@ -81,6 +87,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.scheduler)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
+        self.validator = Validator(config.validation, self.root) if config.validation.every else None
         self.step = 0
 
     # ----- setup --------------------------------------------------------------------------------------------
@@ -233,12 +240,47 @@ class Trainer:
                           "grad_norm": grad_norm, "steps_per_s": rate}  # fmt: skip
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                acc.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=self.step)
+            if self.validator is not None and self.step % cfg.validation.every == 0:
+                self.validate()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
         if log is not None:
             log.close()
+        acc.end_training()
         return history
+
+    def validate(self) -> Path | None:
+        """Sample the validation prompts with the EMA weights (when kept); main process only."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        model = acc.unwrap_model(self.model)
+        context = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
+        with context:
+            path, grid = self.validator.run(model, self.step)
+        if "tensorboard" in [t.name for t in acc.trackers]:
+            acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, self.step, dataformats="HWC")
+        return path
+
+
+def _tracker(report_to: str) -> str | None:
+    """accelerate's ``log_with``: TensorBoard when asked for and installed (else metrics.jsonl only)."""
+    if report_to in ("none", "", None):
+        return None
+    if report_to != "tensorboard":
+        raise ConfigError(f"report_to: {report_to!r} is not supported; use 'tensorboard' or 'none'.")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        import warnings
+
+        warnings.warn(
+            "report_to=tensorboard but tensorboard is not installed; logging to metrics.jsonl only.", stacklevel=3
+        )
+        return None
+    return "tensorboard"
 
 
 def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | None]:
