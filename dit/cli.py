@@ -35,6 +35,34 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dit.microshapes.suite import evaluate, pipeline_generator
+    from dit.pipelines import TextToImagePipeline
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"error: --size must look like 64x64, got {args.size!r}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = TextToImagePipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generate = pipeline_generator(pipe, args.steps, args.guidance, height, width)
+    report = evaluate(generate, n=args.n, batch_size=args.batch_size)
+    report["settings"] = {"model": str(args.model), "steps": args.steps, "guidance_scale": args.guidance,
+                          "size": f"{width}x{height}", "n": args.n, "device": device}  # fmt: skip
+    text = json.dumps(report, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit", description="Diffusion-transformer toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.set_defaults(func=_generate)
+    ev = commands.add_parser("eval", help="prompt-adherence evaluation: dit eval microshapes --model PATH")
+    ev.add_argument("world", choices=["microshapes"])
+    ev.add_argument("--model", required=True, help="diffusers-format pipeline folder")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=4.5)
+    ev.add_argument("--n", type=int, default=60, help="one-object prompts (half as many two-object and held-out)")
+    ev.add_argument("--size", default="64x64", help="WxH in pixels")
+    ev.add_argument("--batch-size", type=int, default=10)
+    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--json", help="write the report here too")
+    ev.set_defaults(func=_evaluate)
     commands.add_parser("train", help="train with accelerate: dit train --config configs/NAME.yaml [key=value ...]")
     commands.add_parser(
         "extract", help="pre-extract T5 features and VAE latents: dit extract DATA --pipeline P --out D"

@@ -76,6 +76,11 @@ class Trainer:
         if config.compile:
             self.model.compile()  # in place: parameter names (EMA, checkpoints) stay as they are
         self.objective = build_objective(config.objective)
+        if config.data.source != "features":
+            raise ConfigError(
+                f"data.source={config.data.source!r}: the loop trains from feature shards; turn images into them "
+                "with `dit extract DATA --source imagefolder|webdataset|hf --pipeline P --out D`, then data.path=D."
+            )
         self.dataset = FeatureDataset(config.data.path)
         world = self.accelerator.num_processes
         self.plan = BatchPlan(self.dataset.buckets(), config.data.batch_size * world, config.seed)
