@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     caption_dropout: float = 0.1
-    max_broken_fraction: float = 0.5
 
 
 @dataclass
@@ -96,6 +96,23 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "tensorboard"
     compile: bool = False
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so ``mixed_precision: no`` stays the string 'no'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -172,12 +189,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"Override {override!r}: {part!r} is not a section.")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = _load_yaml(raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`."""
-    data = yaml.safe_load(Path(path).read_text()) if path is not None else {}
+    data = _load_yaml(Path(path).read_text()) if path is not None else {}
     data = data or {}
     for override in overrides:
         apply_override(data, override)

@@ -62,6 +62,9 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"config.max_steps: expected int, got 'many'"):
         load_config(TINY, ["max_steps=many"])
     assert load_config(TINY, ["optim.lr=3e-4"]).optim.lr == 3e-4
+    assert load_config(TINY, ["mixed_precision=no"]).mixed_precision == "no"  # YAML 1.2 booleans only
+    with pytest.raises(ConfigError, match="config.ema_decay"):
+        load_config(TINY, ["ema_decay=yes"])
 
 
 @pytest.mark.parametrize("objective", ["ddpm_eps", "v", "flow"])
