@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def default_model() -> Path:
+    """The MicroShapes pipeline shipped inside the package."""
+    return Path(str(resources.files("dit") / "assets" / "microshapes"))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -15,8 +22,10 @@ def _generate(args: argparse.Namespace) -> int:
     from dit.pipelines import TextToImagePipeline
 
     if args.model is None:
-        print("error: --model PATH is required (a diffusers-format pipeline folder).", file=sys.stderr)
-        return 2
+        args.model = default_model()
+        if not (args.model / "model_index.json").is_file():
+            print(f"error: no default model in this install ({args.model}); pass --model PATH.", file=sys.stderr)
+            return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
     pipe = TextToImagePipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
@@ -68,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="diffusers-format pipeline folder")
+    gen.add_argument(
+        "--model", type=Path, help="diffusers-format pipeline folder (default: the shipped MicroShapes model)"
+    )
     gen.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=20)

@@ -85,6 +85,11 @@ class FeatureWriter:
         if sum(len(x) for x in parts["text_mask"]) >= self.shard_size:
             self.flush(bucket)
 
+    def write_null_caption(self) -> None:
+        """The empty caption's features, which caption dropout substitutes when the model has no null caption."""
+        embeds, mask = self.encode_text([""])
+        save_file({"text_embeds": embeds[0], "text_mask": mask[0]}, self.out / NULL_CAPTION_FILE)
+
     def flush(self, bucket: tuple[int, int] | None = None) -> None:
         for key in [bucket] if bucket is not None else list(self.pending):
             parts = self.pending.pop(key, None)
@@ -95,7 +100,8 @@ class FeatureWriter:
                 self.shards += 1
 
 
-def _load_components(pipeline: str, device: torch.device):
+def load_encoders(pipeline: str | Path, device: torch.device) -> tuple:
+    """(tokenizer, text_encoder, vae) from a pipeline folder, in eval mode on ``device``."""
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -125,7 +131,7 @@ def extract(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = FeatureWriter(
-        out_dir, *_load_components(pipeline, state.device), max_length, shard_size, state.process_index
+        out_dir, *load_encoders(pipeline, state.device), max_length, shard_size, state.process_index
     )
     report = {"records": 0, "written": 0, "broken": 0, "broken_samples": [], "buckets": {}}
     records = [r for i, r in enumerate(open_source(source, path)) if i % state.num_processes == state.process_index]
@@ -160,8 +166,7 @@ def extract(
             report["written"] += len(items)
     writer.flush()
     if state.is_main_process:
-        embeds, mask = writer.encode_text([""])
-        save_file({"text_embeds": embeds[0], "text_mask": mask[0]}, out_dir / NULL_CAPTION_FILE)
+        writer.write_null_caption()
     (out_dir / f"extract_report-p{state.process_index}.json").write_text(json.dumps(report, indent=2))
     return report
 

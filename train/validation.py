@@ -37,15 +37,10 @@ class Validator:
 
     def _components(self, device: torch.device) -> dict:
         if self._parts is None:
-            from diffusers import AutoencoderKL
-            from transformers import AutoTokenizer, T5EncoderModel
+            from .extract import load_encoders
 
-            root = Path(self.config.pipeline)
-            self._parts = {
-                "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
-                "text_encoder": T5EncoderModel.from_pretrained(root / "text_encoder").to(device).eval(),
-                "vae": AutoencoderKL.from_pretrained(root / "vae").to(device).eval(),
-            }
+            tokenizer, text_encoder, vae = load_encoders(self.config.pipeline, device)
+            self._parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
         return self._parts
 
     @torch.no_grad()
