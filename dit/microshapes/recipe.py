@@ -106,11 +106,18 @@ def run(out: str, config_path: str, n_images: int, vae_steps: int, overrides: li
 
     t0 = time.perf_counter()
     tokenizer, text_encoder = tiny_tokenizer(WORDS, max_length=24), tiny_t5(d_model=64)
+    for name, part in (("tokenizer", tokenizer), ("text_encoder", text_encoder), ("vae", vae)):
+        part.save_pretrained(root / "encoders" / name)  # validation and later stages load them from here
     write_features(root / "features", images, captions, tokenizer, text_encoder, vae, max_length=24)
     times["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    config = load_config(config_path, [f"data.path={root / 'features'}", f"output_dir={root / 'train'}", *overrides])
+    paths = [
+        f"data.path={root / 'features'}",
+        f"output_dir={root / 'train'}",
+        f"validation.pipeline={root / 'encoders'}",
+    ]
+    config = load_config(config_path, [*paths, *overrides])
     trainer = Trainer(config)
     trainer.train()
     times["dit_s"] = time.perf_counter() - t0
