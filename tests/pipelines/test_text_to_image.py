@@ -129,3 +129,11 @@ def test_cli_generate_writes_png(tmp_path, capsys):
     assert cli_main(["generate", PROMPT, "--model", str(tmp_path / "model"), "-o", str(out), "--steps", "2"]) == 0
     assert Image.open(out).size == (16, 16)
     assert "saved" in capsys.readouterr().out
+
+
+def test_cli_generate_without_default_model_says_so(monkeypatch, tmp_path, capsys):
+    import dit.cli
+
+    monkeypatch.setattr(dit.cli, "default_model", lambda: tmp_path / "missing")
+    assert cli_main(["generate", PROMPT]) == 2
+    assert "no default model" in capsys.readouterr().err
