@@ -51,8 +51,8 @@ def sample_draws(seed: int, micro_step: int, positions: list[int], latent_shape,
         eps.append(torch.randn(latent_shape, generator=gen))
         uniform.append(torch.rand((), generator=gen))
         coin.append(torch.rand((), generator=gen))
-    stack = lambda xs: torch.stack(xs).to(device)  # noqa: E731
-    return {"noise": stack(noise), "eps": stack(eps), "uniform": stack(uniform), "coin": stack(coin)}
+    draws = {"noise": noise, "eps": eps, "uniform": uniform, "coin": coin}
+    return {name: torch.stack(values).to(device) for name, values in draws.items()}
 
 
 class Trainer:
