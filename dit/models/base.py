@@ -18,7 +18,7 @@ class BackboneMixin:
     """Mixed into every ``ModelMixin`` backbone of the toolkit (before ``ModelMixin`` in the bases)."""
 
     _attention_backend_name: str = "sdpa"
-    _resolved_backend: tuple[str, torch.device] | None = None
+    _resolved_backend: tuple[tuple[str, torch.device], AttentionBackend] | None = None
 
     # ----- attention backend -------------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> None:
@@ -35,12 +35,13 @@ class BackboneMixin:
     def _attention_backend(self, device: torch.device) -> AttentionBackend:
         """The backend for this forward, pushed to every attention module when it changes."""
         key = (self._attention_backend_name, device)
+        if self._resolved_backend is not None and self._resolved_backend[0] == key:
+            return self._resolved_backend[1]
         backend = resolve_backend(self._attention_backend_name, device)
-        if self._resolved_backend != key:
-            for module in self.modules():
-                if isinstance(module, DiTAttention):
-                    module.backend = backend
-            self._resolved_backend = key
+        for module in self.modules():
+            if isinstance(module, DiTAttention):
+                module.backend = backend
+        self._resolved_backend = (key, backend)
         return backend
 
     # ----- strict, safe I/O --------------------------------------------------------------------------
