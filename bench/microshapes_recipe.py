@@ -32,13 +32,13 @@ def main() -> None:
     parser.add_argument("--json", default="microshapes_cpu.json")
     args, overrides = parser.parse_known_args()
 
-    from dit.microshapes.recipe import run
+    from dit.microshapes.recipe import N_IMAGES, VAE_STEPS, run
     from dit.microshapes.suite import evaluate, pipeline_generator
     from dit.pipelines import TextToImagePipeline
 
     root = Path(args.from_run or args.out)
     if args.from_run is None:
-        run(args.out, "configs/microshapes.yaml", 20000, 1000, overrides)
+        run(args.out, "configs/microshapes.yaml", N_IMAGES, VAE_STEPS, overrides)
     recipe = json.loads((root / "recipe_report.json").read_text())
     pipe = TextToImagePipeline.from_pretrained(root / "pipeline")
     pipe.set_progress_bar_config(disable=True)

@@ -1,9 +1,9 @@
 """dit: diffusion-transformer backbones that plug into Hugging Face diffusers pipelines."""
 
-from .models import PixArtTransformer
+from .models import LiTTransformer, PixArtTransformer
 
 __version__ = "0.1.0"
-__all__ = ["PixArtTransformer", "TextToImagePipeline"]
+__all__ = ["LiTTransformer", "PixArtTransformer", "TextToImagePipeline"]
 
 
 def __getattr__(name: str):

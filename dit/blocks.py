@@ -68,6 +68,8 @@ class PixArtBlock(nn.Module):
         attention_bias: bias on q/k/v projections.
         norm_elementwise_affine: affine LayerNorms (PixArt: False).
         norm_eps: LayerNorm epsilon.
+        self_attention_options: extra :class:`DiTAttention` options of the self-attention (``kernel``,
+            ``kv_compress_ratio``, ``kv_compress_mode``, ``conv_kernel_size``, and ``heads`` to override the count).
     """
 
     def __init__(
@@ -81,11 +83,16 @@ class PixArtBlock(nn.Module):
         attention_bias: bool = True,
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-6,
+        self_attention_options: dict | None = None,
     ):
         super().__init__()
         heads, head_dim = num_attention_heads, attention_head_dim
+        options = dict(self_attention_options or {})
+        self_heads = options.pop("heads", heads)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
-        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout)
+        self.attn1 = DiTAttention(
+            dim, self_heads, heads * head_dim // self_heads, bias=attention_bias, dropout=dropout, **options
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.attn2 = None
         if cross_attention_dim is not None:
@@ -100,15 +107,19 @@ class PixArtBlock(nn.Module):
         timestep: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """``hidden_states`` (B, N, D); ``timestep`` the shared modulation (B, 6D); masks in kernel format."""
+        """``hidden_states`` (B, N, D) on the token ``grid`` (h, w); ``timestep`` the shared modulation (B, 6D);
+        masks in kernel format."""
         batch = hidden_states.shape[0]
         modulation = self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
         # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
         # Without autograd the residual stream is updated in place (see residual()).
-        attn_out = self.attn1(modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask)
+        attn_out = self.attn1(
+            modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, grid=grid
+        )
         hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
         del attn_out
 

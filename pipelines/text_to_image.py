@@ -230,7 +230,8 @@ class TextToImagePipeline(DiffusionPipeline):
         multiple = self.vae_scale_factor * config.patch_size
         height = height or config.sample_size * self.vae_scale_factor
         width = width or config.sample_size * self.vae_scale_factor
-        sample_h, sample_w = sampling_size(height, width, config.sample_size, multiple, use_resolution_binning)
+        resolution = config.sample_size * self.vae_scale_factor
+        sample_h, sample_w = sampling_size(height, width, resolution, multiple, use_resolution_binning)
         device = self._execution_device
 
         guided = guidance_scale > 1.0

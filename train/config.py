@@ -20,6 +20,7 @@ class ModelConfig:
     cls: str = "PixArtTransformer"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    inherit_from: str | None = None  # a PixArt folder whose weights `cls.from_pixart` inherits (LiT, KV compression)
     gradient_checkpointing: bool = False
 
 
@@ -32,6 +33,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     caption_dropout: float = 0.1
+    sample_posterior: bool = True  # latents = mean + std * noise (PixArt); false: the VAE posterior mean only
 
 
 @dataclass
@@ -46,6 +48,9 @@ class ObjectiveConfig:
     vlb_weight: float = 1.0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    distill_teacher: str | None = None  # a frozen PixArt teacher folder: LiT's hybrid distillation
+    distill_eps_weight: float = 0.5  # weight of ||eps_teacher - eps_student||^2
+    distill_var_weight: float = 0.05  # weight of ||Sigma_teacher - Sigma_student||^2 (learned-sigma channels)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def bucket_of(width: int, height: int, resolution: int, bucketing: bool = True) 
 
     from dit.pipelines.resolution import ASPECT_RATIO_BINS
 
-    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_BINS[resolution // 8])
+    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_BINS[resolution])
 
 
 def image_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:

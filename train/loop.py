@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -33,10 +34,26 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
     cls = getattr(dit, config.model.cls, None)
     if cls is None or not isinstance(cls, type):
         raise ConfigError(f"model.cls: {config.model.cls!r} is not a backbone class of dit.")
-    model = cls.from_pretrained(config.model.pretrained) if config.model.pretrained else cls(**config.model.kwargs)
+    if config.model.pretrained and config.model.inherit_from:
+        raise ConfigError("model.pretrained and model.inherit_from exclude each other; set one.")
+    if config.model.pretrained:
+        model = cls.from_pretrained(config.model.pretrained)
+    elif config.model.inherit_from:
+        model = cls.from_pixart(config.model.inherit_from, **config.model.kwargs)
+    else:
+        model = cls(**config.model.kwargs)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()
+
+
+def _teacher(path: str | None, device: torch.device) -> torch.nn.Module | None:
+    """The frozen distillation teacher (a PixArt transformer or pipeline folder), or None."""
+    if not path:
+        return None
+    from dit.models.base import as_pixart_model
+
+    return as_pixart_model(path).to(device).eval().requires_grad_(False)
 
 
 def sample_draws(seed: int, micro_step: int, positions: list[int], latent_shape, device) -> dict[str, torch.Tensor]:
@@ -76,6 +93,7 @@ class Trainer:
         if config.compile:
             self.model.compile()  # in place: parameter names (EMA, checkpoints) stay as they are
         self.objective = build_objective(config.objective)
+        self.teacher = _teacher(config.objective.distill_teacher, self.accelerator.device)
         if config.data.source != "features":
             raise ConfigError(
                 f"data.source={config.data.source!r}: the loop trains from feature shards; turn images into them "
@@ -92,7 +110,9 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.scheduler)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
-        self.validator = Validator(config.validation, self.root) if config.validation.every else None
+        self.validator = None
+        if config.validation.every:
+            self.validator = Validator(config.validation, self.root, self.objective.sampling_scheduler())
         self.step = 0
 
     # ----- setup --------------------------------------------------------------------------------------------
@@ -152,7 +172,7 @@ class Trainer:
         draws = sample_draws(
             self.config.seed, micro_step, list(range(first, first + share)), latents.shape[1:], device
         )
-        if batch["latent_std"] is not None:
+        if batch["latent_std"] is not None and self.config.data.sample_posterior:
             latents = latents + batch["latent_std"].to(device) * draws["eps"]
         text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
         if self.null_caption is not None:
@@ -163,10 +183,11 @@ class Trainer:
                 mask = torch.where(drop[:, None], null_mask.to(device, mask.dtype), mask)
         added = _micro_conditions(self.accelerator.unwrap_model(self.model), latents)
 
-        def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model(noisy, text, t, added_cond_kwargs=added, encoder_attention_mask=mask).sample
+        def model_fn(noisy: torch.Tensor, t: torch.Tensor, model=self.model) -> torch.Tensor:
+            return model(noisy, text, t, added_cond_kwargs=added, encoder_attention_mask=mask).sample
 
-        per_sample, _ = self.objective.loss(model_fn, latents, draws["noise"], draws["uniform"])
+        teacher = {} if self.teacher is None else {"teacher_fn": functools.partial(model_fn, model=self.teacher)}
+        per_sample, _ = self.objective.loss(model_fn, latents, draws["noise"], draws["uniform"], **teacher)
         return per_sample.mean(), per_sample.detach()
 
     def _optimizer_step(self, batches, accumulate: int) -> tuple[float, float | None]:

@@ -30,6 +30,10 @@ class Objective:
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def sampling_scheduler(self):
+        """A diffusers scheduler that samples from a model trained with this objective (validation, pipelines)."""
+        raise NotImplementedError
+
     def loss(
         self, model_fn: ModelFn, latents: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,6 +43,8 @@ class Objective:
 class _Discrete(Objective):
     """DDPM forward process with PixArt's linear betas over ``num_train_timesteps`` steps."""
 
+    prediction_type = "epsilon"
+
     def __init__(self, config: ObjectiveConfig):
         super().__init__(config)
         betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
@@ -47,6 +53,15 @@ class _Discrete(Objective):
 
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         return (uniform * self.config.num_train_timesteps).long().clamp_(max=self.config.num_train_timesteps - 1)
+
+    def sampling_scheduler(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        cfg = self.config
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+            beta_schedule="linear", prediction_type=self.prediction_type,
+        )  # fmt: skip
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self.alphas_cumprod.to(like.device)[t]  # (B,)
@@ -135,7 +150,14 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
 
 
 class VPrediction(_Discrete):
-    """v-prediction: target ``sqrt(abar) * noise - sqrt(1 - abar) * x0``."""
+    """v-prediction: target ``sqrt(abar) * noise - sqrt(1 - abar) * x0``.
+
+    Unlike ε-prediction, a model's error does not get amplified by sigma/alpha (~150 at PixArt's last step) when the
+    sampler turns it into a clean-sample estimate, which matters for small models whose tokens are as wide as their
+    patches (they cannot carry the noise through exactly).
+    """
+
+    prediction_type = "v_prediction"
 
     def loss(self, model_fn, latents, noise, uniform):
         t = self.timesteps(uniform)
@@ -159,6 +181,11 @@ class RectifiedFlow(Objective):
         if config.min_snr_gamma is not None:
             raise ConfigError("objective.min_snr_gamma is not defined for rectified flow; leave it null.")
 
+    def sampling_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.config.num_train_timesteps)
+
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         z = torch.special.ndtri(uniform.double().clamp(1e-6, 1 - 1e-6))
         return torch.sigmoid(self.config.logit_normal_mean + self.config.logit_normal_std * z).float()
@@ -171,10 +198,54 @@ class RectifiedFlow(Objective):
         return mse, {"mse": mse}
 
 
+class HybridDistillation(Objective):
+    """LiT's hybrid distillation around any objective: its loss plus ``eps_weight * ||eps_T - eps_S||^2`` and, when
+    the models output learned-sigma channels, ``var_weight * ||Sigma_T - Sigma_S||^2``, with a frozen teacher
+    evaluated on the student's exact noisy input, timestep and conditions (``teacher_fn``, given by the loop).
+
+    The first term compares the predictions in the objective's own parametrisation (ε for ``ddpm_eps``, v for
+    ``v``); the variance term exists only for learned-sigma models (``out_channels = 2 * in_channels``).
+    """
+
+    def __init__(self, base: Objective, eps_weight: float = 0.5, var_weight: float = 0.05):
+        super().__init__(base.config)
+        self.base, self.eps_weight, self.var_weight = base, eps_weight, var_weight
+
+    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
+        return self.base.timesteps(uniform)
+
+    def sampling_scheduler(self):
+        return self.base.sampling_scheduler()
+
+    def loss(self, model_fn, latents, noise, uniform, teacher_fn: ModelFn | None = None):
+        if teacher_fn is None:
+            raise ValueError("HybridDistillation needs the teacher's prediction function (objective.distill_teacher).")
+        seen = {}
+
+        def student(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen["pred"], seen["inputs"] = model_fn(noisy, t), (noisy, t)
+            return seen["pred"]
+
+        loss, extra = self.base.loss(student, latents, noise, uniform)
+        with torch.no_grad():
+            target = teacher_fn(*seen["inputs"]).float()
+        pred, channels = seen["pred"].float(), latents.shape[1]
+        extra["kd_eps"] = mean_per_sample((pred[:, :channels] - target[:, :channels]) ** 2)
+        loss = loss + self.eps_weight * extra["kd_eps"]
+        if pred.shape[1] == 2 * channels and target.shape[1] == 2 * channels:
+            extra["kd_var"] = mean_per_sample((pred[:, channels:] - target[:, channels:]) ** 2)
+            loss = loss + self.var_weight * extra["kd_var"]
+        return loss, extra
+
+
 OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEpsilon, "v": VPrediction, "flow": RectifiedFlow}
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
+    """The objective ``config.name``, wrapped in :class:`HybridDistillation` when a teacher is configured."""
     if config.name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective {config.name!r}; choose one of {sorted(OBJECTIVES)}.")
-    return OBJECTIVES[config.name](config)
+    objective = OBJECTIVES[config.name](config)
+    if config.distill_teacher:
+        objective = HybridDistillation(objective, config.distill_eps_weight, config.distill_var_weight)
+    return objective

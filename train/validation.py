@@ -25,7 +25,7 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
 class Validator:
     """Builds a :class:`~dit.pipelines.TextToImagePipeline` around the training transformer once, then samples."""
 
-    def __init__(self, config: ValidationConfig, output_dir: Path):
+    def __init__(self, config: ValidationConfig, output_dir: Path, scheduler=None):
         if not config.prompts:
             raise ValueError("validation.every > 0 needs validation.prompts.")
         if config.pipeline is None:
@@ -33,6 +33,7 @@ class Validator:
                 "validation.every > 0 needs validation.pipeline (a folder with tokenizer, text_encoder, vae)."
             )
         self.config, self.folder = config, Path(output_dir) / "validation"
+        self.scheduler = scheduler  # the objective's sampler (None: the pipeline's default, DPM-Solver for ε)
         self._parts = None
 
     def _components(self, device: torch.device) -> dict:
@@ -49,7 +50,7 @@ class Validator:
         from dit.pipelines import TextToImagePipeline
 
         cfg, device = self.config, next(transformer.parameters()).device
-        pipe = TextToImagePipeline(transformer=transformer, scheduler=None, **self._components(device))
+        pipe = TextToImagePipeline(transformer=transformer, scheduler=self.scheduler, **self._components(device))
         pipe.set_progress_bar_config(disable=True)
         was_training = transformer.training
         transformer.eval()

@@ -90,3 +90,50 @@ def xformers_attention(
     import xformers.ops
 
     return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=mask)  # (B, Lq, H, D)
+
+
+def relu_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """ReLU-kernel linear attention ``relu(q) (sum_j relu(k_j)^T v_j) / (relu(q) sum_j relu(k_j)^T)``, O(N D^2).
+
+    Everything is accumulated in fp32 and the result is a convex combination of value rows (weights >= 0 summing
+    to 1, or 0 where a query meets no key), so it is bounded by ``max |v|`` and cannot overflow when cast back to
+    fp16/bf16: no clipping is needed. ``keep`` (B, Lk) drops keys (padding).
+    """
+    qf, kf, vf = F.relu(q.float()), F.relu(k.float()), v.float()  # (B, L, H, D)
+    if keep is not None:
+        kf = kf * keep[:, :, None, None].to(kf.dtype)
+    kv = torch.einsum("bkhd,bkhe->bhde", kf, vf)  # (B, H, D, E)
+    numerator = torch.einsum("bqhd,bhde->bqhe", qf, kv)  # (B, Lq, H, E)
+    denominator = torch.einsum("bqhd,bhd->bqh", qf, kf.sum(dim=1))  # (B, Lq, H)
+    return (numerator / (denominator[..., None] + eps)).to(q.dtype)
+
+
+def linear_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """The same formula computed the naive O(N^2) way, through the (Lq, Lk) similarity matrix (for tests)."""
+    sim = torch.einsum("bqhd,bkhd->bhqk", F.relu(q.double()), F.relu(k.double()))  # (B, H, Lq, Lk)
+    if keep is not None:
+        sim = sim * keep[:, None, None, :].double()
+    out = torch.einsum("bhqk,bkhd->bqhd", sim, v.double()) / (sim.sum(-1).transpose(1, 2)[..., None] + eps)
+    return out.to(q.dtype)  # (B, Lq, H, D)
+
+
+def keep_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A kernel mask (additive bias ``(B, 1, 1, Lk)`` or an expanded ``(B, H, Lq, Lk)`` one) -> keep-mask (B, Lk)."""
+    return None if mask is None else mask[:, 0, 0, :] > MASKED_BIAS / 2
+
+
+def tokens_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(B, h*w, C)`` row-major tokens -> ``(B, C, h, w)``."""
+    height, width = grid
+    if x.shape[1] != height * width:
+        raise ValueError(f"{x.shape[1]} tokens do not fill a {height}x{width} grid.")
+    return x.transpose(1, 2).unflatten(-1, (height, width))
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, h*w, C)`` row-major tokens."""
+    return x.flatten(2).transpose(1, 2)

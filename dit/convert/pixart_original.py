@@ -36,6 +36,8 @@ _BLOCK_RENAMES = {
     "cross_attn.proj": "attn2.to_out.0",
     "mlp.fc1": "ff.net.0.proj",
     "mlp.fc2": "ff.net.2",
+    "attn.sr": "attn1.kv_compress.conv",  # PixArt-Σ KV compression (conv mode): shared by K and V
+    "attn.norm": "attn1.kv_compress.norm",
 }
 _SPLITS = {
     "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
@@ -106,6 +108,11 @@ def infer_pixart_config(
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")}
     caption = state_dict["caption_projection.linear_1.weight"]  # (D, C_text)
     null = state_dict.get("y_embedding")
+    compressed = sorted(int(k.split(".")[1]) for k in state_dict if k.endswith("attn1.kv_compress.conv.weight"))
+    kv_compress = {}
+    if compressed:
+        ratio = state_dict[f"transformer_blocks.{compressed[0]}.attn1.kv_compress.conv.weight"].shape[-1]
+        kv_compress = {"kv_compress_ratio": ratio, "kv_compress_mode": "conv", "kv_compress_layers": compressed}
     return {
         "num_attention_heads": inner_dim // attention_head_dim,
         "attention_head_dim": attention_head_dim,
@@ -119,6 +126,7 @@ def infer_pixart_config(
         "use_additional_conditions": "adaln_single.emb.resolution_embedder.linear_1.weight" in state_dict,
         "caption_channels": caption.shape[1],
         "null_caption_length": None if null is None else null.shape[0],
+        **kv_compress,
     }
 
 

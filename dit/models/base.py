@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers.utils import logging
 
 from ..attention import DiTAttention, resolve_backend
 from ..attention.backends import AttentionBackend, get_backend
 from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+
+logger = logging.get_logger(__name__)
 
 # diffusers' backend names, accepted as aliases so `set_attention_backend("native")` works as there.
 BACKEND_ALIASES = {"native": "sdpa", "_native_math": "math", "torch": "sdpa"}
@@ -44,6 +47,42 @@ class BackboneMixin:
         self._resolved_backend = (key, backend)
         return backend
 
+    # ----- weight inheritance ----------------------------------------------------------------------------
+    #: Config values a model converted by :meth:`from_pixart` gets unless the caller overrides them.
+    _inherit_config: dict = {}
+    #: Parameter-name fragments that are re-initialised rather than inherited (the layers a variant replaces).
+    _inherit_skip: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pixart(cls, source, **overrides):
+        """Build this backbone from a PixArt model (a module, a transformer folder, or a pipeline folder), inheriting
+        every weight with the same name and shape except those this class replaces.
+
+        ``overrides`` change the config (e.g. ``kv_compress_ratio=2``). The returned model carries
+        ``inheritance_report``: ``inherited`` (count), ``new`` (parameters it starts fresh, e.g. a KV-compression
+        conv) and ``dropped`` (source parameters it has no use for); it is also logged.
+        """
+        source = as_pixart_model(source)
+        config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+        model = cls(**{**config, **cls._inherit_config, **overrides})
+        theirs, mine = source.state_dict(), model.state_dict()
+        take = {
+            key: value
+            for key, value in theirs.items()
+            if key in mine and mine[key].shape == value.shape and not any(part in key for part in cls._inherit_skip)
+        }
+        model.load_state_dict(take, strict=False)
+        model.inheritance_report = {
+            "inherited": len(take),
+            "new": sorted(set(mine) - set(take)),
+            "dropped": sorted(set(theirs) - set(take)),
+        }
+        logger.info("%s.from_pixart: %s", cls.__name__, model.inheritance_report)
+        like = next(source.parameters())
+        if like.dtype == torch.float32 and like.device.type == "cpu":
+            return model
+        return model.to(like.device, like.dtype)
+
     # ----- strict, safe I/O --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
@@ -68,6 +107,17 @@ class BackboneMixin:
         if not safe_serialization:
             raise ValueError("This toolkit writes safetensors only; safe_serialization=False is not supported.")
         super().save_pretrained(save_directory, *args, safe_serialization=True, **kwargs)
+
+
+def as_pixart_model(source):
+    """A PixArt-family module, or one loaded (strictly) from a transformer or pipeline folder."""
+    if isinstance(source, torch.nn.Module):
+        return source
+    from .pixart_transformer import PixArtTransformer
+
+    path = os.fspath(source)
+    subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    return PixArtTransformer.from_pretrained(path, subfolder=subfolder)
 
 
 def _refuse_pickle_only_folder(path: str, subfolder: str | None) -> None:

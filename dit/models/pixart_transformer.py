@@ -57,6 +57,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         caption_channels: width of the text-encoder features (None: no caption projection).
         attention_type: must be ``default``.
         null_caption_length: tokens of the learned null caption ``y_embedding`` (None: none kept).
+        kv_compress_ratio: PixArt-Σ key/value compression stride of the self-attention (None: off).
+        kv_compress_mode: ``conv`` (depthwise conv + LayerNorm, PixArt-Σ), ``avg`` or ``uniform``.
+        kv_compress_layers: blocks that compress (None: the deep half, as PixArt-Σ).
+        self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
+        linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
+        attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
     """
 
     _supports_gradient_checkpointing = True
@@ -88,6 +94,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         caption_channels: int | None = None,
         attention_type: str | None = "default",
         null_caption_length: int | None = None,
+        kv_compress_ratio: int | None = None,
+        kv_compress_mode: str = "conv",
+        kv_compress_layers: list[int] | None = None,
+        self_attention_type: str = "softmax",
+        linear_attention_heads: int | None = None,
+        attention_conv_kernel_size: int | None = None,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -122,8 +134,9 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                     attention_bias=attention_bias,
                     norm_elementwise_affine=norm_elementwise_affine,
                     norm_eps=norm_eps,
+                    self_attention_options=self._self_attention_options(index),
                 )
-                for _ in range(num_layers)
+                for index in range(num_layers)
             ]
         )
         self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
@@ -135,6 +148,25 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             self.caption_projection = CaptionProjection(caption_channels, inner_dim)
         if null_caption_length is not None:
             self.y_embedding = nn.Parameter(torch.randn(null_caption_length, caption_channels) / caption_channels**0.5)
+
+    def _self_attention_options(self, index: int) -> dict:
+        """The :class:`DiTAttention` options of block ``index``'s self-attention, from the config."""
+        cfg, options = self.config, {}
+        if cfg.self_attention_type not in ("softmax", "linear"):
+            raise ValueError(f"self_attention_type must be 'softmax' or 'linear', got {cfg.self_attention_type!r}.")
+        if cfg.self_attention_type == "linear":
+            heads = cfg.linear_attention_heads or max(1, cfg.num_attention_heads // 4)
+            if (cfg.num_attention_heads * cfg.attention_head_dim) % heads:
+                raise ValueError(f"linear_attention_heads={heads} does not divide the width.")
+            options.update(kernel="linear", heads=heads)
+        if cfg.attention_conv_kernel_size:
+            options["conv_kernel_size"] = cfg.attention_conv_kernel_size
+        layers = cfg.kv_compress_layers
+        if layers is None:
+            layers = range(cfg.num_layers // 2, cfg.num_layers)
+        if cfg.kv_compress_ratio and index in layers:
+            options.update(kv_compress_ratio=cfg.kv_compress_ratio, kv_compress_mode=cfg.kv_compress_mode)
+        return options
 
     @property
     def text_embed_dim(self) -> int | None:
@@ -193,11 +225,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, n_tokens)
 
         # 2. Blocks
+        grid = (height // p, width // p)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask)
+                x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask, grid)
             else:
-                x = block(x, context, t6, self_mask, cross_mask)
+                x = block(x, context, t6, self_mask, cross_mask, grid)
 
         # 3. Output head and unpatchify
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each

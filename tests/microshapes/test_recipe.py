@@ -16,5 +16,5 @@ def test_vae_trains_and_sets_its_scaling_factor():
     vae = train_vae(images, steps=3, batch_size=4)
     with torch.no_grad():
         latents = vae.encode(images[:2]).latent_dist.mean
-    assert latents.shape == (2, 4, 16, 16)
+    assert latents.shape == (2, 8, 32, 32)  # 2x down
     assert vae.config.scaling_factor != 0.18215 and vae.config.scaling_factor > 0

@@ -117,10 +117,11 @@ def test_invalid_size_without_binning_is_named():
 
 
 def test_pixart_bins_for_pixart_sizes():
-    assert sampling_size(1000, 1000, 128, 16, True) == (1024, 1024)
-    assert sampling_size(300, 1200, 128, 16, True) == (512, 2048)
-    assert sampling_size(500, 500, 64, 16, True) == (512, 512)
-    assert sampling_size(100, 70, 40, 16, True) == (96, 64)  # no bins for 40: nearest multiple
+    assert sampling_size(1000, 1000, 1024, 16, True) == (1024, 1024)
+    assert sampling_size(300, 1200, 1024, 16, True) == (512, 2048)
+    assert sampling_size(500, 500, 512, 16, True) == (512, 512)
+    assert sampling_size(100, 70, 320, 16, True) == (96, 64)  # no bins for 320 px: nearest multiple
+    assert sampling_size(64, 64, 64, 8, True) == (64, 64)  # a 2x-VAE model with sample_size 32 is not a 256-px one
 
 
 def test_cli_generate_writes_png(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Reliability of the training loop: exact resume, atomic checkpoints, NaN stop, two processes."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -164,3 +165,37 @@ def test_two_processes_match_one(features, tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+
+
+def test_lit_inherits_from_pixart_and_distills_from_it(features, tmp_path):
+    """model.inherit_from + objective.distill_teacher: a LiT student trained against a frozen PixArt teacher."""
+    base = load_config(TINY, ["data.path=x"]).model.kwargs
+    teacher = PixArtTransformer(**base)
+    teacher.save_pretrained(tmp_path / "teacher")
+    config = _config(
+        features, tmp_path / "run", "model.cls=LiTTransformer", f"model.inherit_from={tmp_path / 'teacher'}",
+        f"objective.distill_teacher={tmp_path / 'teacher'}", "max_steps=2", "ema_decay=null",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.config.self_attention_type == "linear"
+    assert torch.equal(model.proj_out.weight, teacher.proj_out.weight)
+    losses = trainer.train()
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_sample_posterior_false_trains_on_the_latent_mean(tmp_path):
+    """data.sample_posterior=false ignores latent_std: shards that differ only in it give the same first loss."""
+    losses = []
+    for scale in (0.0, 50.0):
+        folder = make_features(tmp_path / f"f{scale}", sizes=((8, 8),))
+        shard = folder / "shard-000.safetensors"
+        from safetensors.torch import load_file
+
+        tensors = load_file(shard)
+        tensors["latent_std"] = torch.full_like(tensors["latent_std"], scale)
+        save_file(tensors, shard)
+        config = _config(folder, tmp_path / f"run{scale}", "data.sample_posterior=false", "max_steps=1")
+        losses.append(Trainer(config).train()[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
