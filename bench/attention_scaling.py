@@ -24,7 +24,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # glibc's cached heap woul
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, alternate, machine, reset_peak_rss, rss_bytes, write_json  # noqa: E402
+from common import RESULTS, alternate, machine, peak_bytes, write_json  # noqa: E402
 
 from dit.attention import DiTAttention  # noqa: E402
 from dit.blocks import PixArtBlock  # noqa: E402
@@ -46,20 +46,6 @@ def _modules(options: dict, device: str, dtype: torch.dtype):
     return layer.to(device, dtype).eval(), block.to(device, dtype).eval()
 
 
-def _peak_bytes(fn, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    reset_peak_rss()
-    base = rss_bytes("VmRSS")
-    fn()
-    return rss_bytes("VmHWM") - base
-
-
 @torch.inference_mode()
 def measure(tokens: int, device: str, dtype: torch.dtype, runs: int) -> dict:
     side = int(math.isqrt(tokens))
@@ -75,7 +61,7 @@ def measure(tokens: int, device: str, dtype: torch.dtype, runs: int) -> dict:
     result = {"tokens": side * side, "grid": list(grid)}
     for kind, fns in (("layer", layers), ("block", blocks)):
         times = alternate(fns, device, runs)
-        result[kind] = {name: {**times[name], "peak_memory_bytes": _peak_bytes(fns[name], device)} for name in fns}
+        result[kind] = {name: {**times[name], "peak_memory_bytes": peak_bytes(fns[name], device)} for name in fns}
     return result
 
 

@@ -95,6 +95,21 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak memory of one call of ``fn`` above what was allocated before it (CUDA allocator, or VmHWM on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    reset_peak_rss()
+    start = rss_bytes("VmRSS")
+    fn()
+    return rss_bytes("VmHWM") - start
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

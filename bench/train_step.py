@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, reset_peak_rss, rss_bytes, write_json  # noqa: E402
+from common import alternate, machine, peak_bytes, write_json  # noqa: E402
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
           sample_size=64, patch_size=2, caption_channels=4096, interpolation_scale=1, use_additional_conditions=False)  # fmt: skip
@@ -95,17 +95,7 @@ def memory_probe(which: str, args) -> int:
         step = step_functions(trainer, reference, optimizer, args)[which]
         (reference if which == "ours" else trainer.model).to("meta")  # drop the other model's weights
         step()  # warm-up: optimizer state allocated
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - start
-        reset_peak_rss()
-        start = rss_bytes("VmRSS")
-        step()
-        return rss_bytes("VmHWM") - start
+        return peak_bytes(step, args.device)
 
 
 def main() -> None:
