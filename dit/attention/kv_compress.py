@@ -53,6 +53,7 @@ class KVCompress(nn.Module):
         if ratio < 2:
             raise ValueError(f"kv_compress_ratio must be >= 2, got {ratio}.")
         self.ratio, self.mode = ratio, mode
+        self.norm = nn.Identity()  # parameter-free, so the pooling modes keep an empty state dict
         if mode == "conv":
             self.conv = nn.Conv2d(dim, dim, ratio, stride=ratio, groups=dim)
             self.norm = nn.LayerNorm(dim)
@@ -66,5 +67,4 @@ class KVCompress(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``tokens`` (B, h*w, C) on ``grid`` (h, w) -> (B, ceil(h/r)*ceil(w/r), C)."""
-        out = grid_to_tokens(MODES[self.mode](self, tokens_to_grid(tokens, grid)))  # (B, N', C)
-        return self.norm(out) if self.mode == "conv" else out
+        return self.norm(grid_to_tokens(MODES[self.mode](self, tokens_to_grid(tokens, grid))))  # (B, N', C)

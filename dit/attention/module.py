@@ -10,7 +10,17 @@ from .backends import AttentionBackend, get_backend
 from .kv_compress import KVCompress
 from .ops import grid_to_tokens, keep_from_mask, merge_heads, relu_linear_attention, split_heads, tokens_to_grid
 
-KERNELS = ("softmax", "linear")
+
+def _softmax(attn: DiTAttention, q, k, v, mask):
+    return attn.backend.kernel(q, k, v, mask)  # the registered softmax backend (sdpa / math / xformers)
+
+
+def _linear(attn: DiTAttention, q, k, v, mask):
+    return relu_linear_attention(q, k, v, keep_from_mask(mask))
+
+
+#: ``kernel`` option -> ``(module, q, k, v, mask) -> out``, all ``(B, L, H, D)``.
+KERNELS = {"softmax": _softmax, "linear": _linear}
 
 
 class DiTAttention(nn.Module):
@@ -57,7 +67,7 @@ class DiTAttention(nn.Module):
     ):
         super().__init__()
         if kernel not in KERNELS:
-            raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {KERNELS}.")
+            raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {sorted(KERNELS)}.")
         if (kv_compress_ratio or conv_kernel_size) and cross_attention_dim is not None:
             raise ValueError("kv_compress_ratio and conv_kernel_size are self-attention options (they need a grid).")
         inner_dim = heads * dim_head
@@ -106,11 +116,7 @@ class DiTAttention(nn.Module):
                 raise ValueError("KV compression cannot pool an image-token mask; drop attention_mask or the ratio.")
             k, v = self.kv_compress(k, grid), self.kv_compress(v, grid)  # (B, L', C): one module for both
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))  # (B, *, H, D)
-        if self.kernel == "linear":
-            out = relu_linear_attention(q, k, v, keep_from_mask(mask))  # (B, N, H, D)
-        else:
-            out = self.backend.kernel(q, k, v, mask)  # (B, N, H, D)
-        out = merge_heads(out)  # (B, N, C)
+        out = merge_heads(KERNELS[self.kernel](self, q, k, v, mask))  # (B, N, C)
         if local is not None:
             out = out + local
         return self.to_out[1](self.to_out[0](out))

@@ -43,8 +43,12 @@ def make_dataset(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, l
     rng = random.Random(seed)
     scenes = [random_scene(rng, two_objects=0.3, held_out=False) for _ in range(n)]
     images = np.stack([render(s, size, size) for s in scenes])  # (n, H, W, 3)
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return tensor, [paraphrase(s, rng) for s in scenes]
+    return to_tensor(images), [paraphrase(s, rng) for s in scenes]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def palette_loss(recon: torch.Tensor, target: torch.Tensor, temperature: float = PALETTE_TEMPERATURE) -> torch.Tensor:
@@ -106,8 +110,7 @@ def autoencoder_ceiling(vae, n: int = 60) -> dict:
 
     @torch.no_grad()
     def generate(prompts: list[str], seed: int) -> list[np.ndarray]:
-        images = np.stack([render(scenes[p]) for p in prompts])  # (B, H, W, 3)
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        batch = to_tensor(np.stack([render(scenes[p]) for p in prompts]))  # (B, 3, H, W)
         recon = vae.decode(vae.encode(batch).latent_dist.mean).sample  # (B, 3, H, W)
         return list(((recon.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
 
