@@ -108,16 +108,42 @@ def timestep_sinusoid(timesteps: torch.Tensor, dim: int = 256, max_period: float
     return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (N, dim)
 
 
-class TimestepEmbedding(nn.Module):
-    """Two-layer SiLU MLP over a sinusoidal embedding (keys ``linear_1``, ``linear_2``)."""
+def guidance_scale_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """``[sin, cos]`` embedding of guidance weights ``w * 1000`` (N,) -> (N, dim) float32.
 
-    def __init__(self, in_channels: int, embed_dim: int):
+    The formula of diffusers' ``get_guidance_scale_embedding`` (latent consistency models), so a student's
+    ``timestep_cond`` means the same here as there. ``w`` is LCM's weight, ``guidance_scale - 1``.
+    """
+    half = dim // 2
+    exponent = -math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device)
+    angles = w.float()[:, None] * 1000.0 * torch.exp(exponent)[None, :]  # (N, half)
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, 2 * half)
+    return nn.functional.pad(embedding, (0, dim % 2))  # (N, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer SiLU MLP over a sinusoidal embedding (keys ``linear_1``, ``linear_2``).
+
+    With ``cond_proj_dim``, a bias-free ``cond_proj`` adds a condition (an LCM guidance embedding) to the
+    sinusoid, as diffusers' ``TimestepEmbedding(cond_proj_dim=...)``; it starts at zero, so a model that gains it
+    computes exactly what it did before.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, cond_proj_dim: int | None = None):
         super().__init__()
+        self.cond_proj = None
+        if cond_proj_dim is not None:
+            self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
+            nn.init.zeros_(self.cond_proj.weight)
         self.linear_1 = Linear(in_channels, embed_dim)
         self.act = nn.SiLU()
         self.linear_2 = Linear(embed_dim, embed_dim)
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("A timestep condition was given, but this model has no time_cond_proj_dim.")
+            sample = sample + self.cond_proj(condition.to(sample.dtype))  # (B, in_channels)
         return self.linear_2(self.act(self.linear_1(sample)))
 
 
@@ -129,9 +155,11 @@ class CombinedTimestepSizeEmbeddings(nn.Module):
         use_additional_conditions: embed ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1) too.
     """
 
-    def __init__(self, embedding_dim: int, use_additional_conditions: bool = False):
+    def __init__(
+        self, embedding_dim: int, use_additional_conditions: bool = False, time_cond_proj_dim: int | None = None
+    ):
         super().__init__()
-        self.timestep_embedder = TimestepEmbedding(256, embedding_dim)
+        self.timestep_embedder = TimestepEmbedding(256, embedding_dim, cond_proj_dim=time_cond_proj_dim)
         self.use_additional_conditions = use_additional_conditions
         if use_additional_conditions:
             if embedding_dim % 3:
@@ -146,8 +174,9 @@ class CombinedTimestepSizeEmbeddings(nn.Module):
         aspect_ratio: torch.Tensor | None,
         batch_size: int,
         hidden_dtype: torch.dtype,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(hidden_dtype))  # (B, D)
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(hidden_dtype), timestep_cond)  # (B, D)
         if not self.use_additional_conditions:
             return emb
         if resolution is None or aspect_ratio is None:

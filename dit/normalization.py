@@ -26,9 +26,11 @@ class AdaLayerNormSingle(nn.Module):
     that the output head uses.
     """
 
-    def __init__(self, embedding_dim: int, use_additional_conditions: bool = False):
+    def __init__(
+        self, embedding_dim: int, use_additional_conditions: bool = False, time_cond_proj_dim: int | None = None
+    ):
         super().__init__()
-        self.emb = CombinedTimestepSizeEmbeddings(embedding_dim, use_additional_conditions)
+        self.emb = CombinedTimestepSizeEmbeddings(embedding_dim, use_additional_conditions, time_cond_proj_dim)
         self.silu = nn.SiLU()
         self.linear = Linear(embedding_dim, 6 * embedding_dim)
 
@@ -38,6 +40,7 @@ class AdaLayerNormSingle(nn.Module):
         added_cond_kwargs: dict[str, torch.Tensor | None] | None,
         batch_size: int,
         hidden_dtype: torch.dtype,
+        timestep_cond: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         added = added_cond_kwargs or {}
         emb = self.emb(
@@ -46,5 +49,6 @@ class AdaLayerNormSingle(nn.Module):
             added.get("aspect_ratio"),
             batch_size=batch_size,
             hidden_dtype=hidden_dtype,
+            timestep_cond=timestep_cond,
         )  # (B, D)
         return self.linear(self.silu(emb)), emb  # (B, 6D), (B, D)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..embeddings import guidance_scale_embedding
 from .resolution import sampling_size
 
 PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -151,9 +153,34 @@ class TextToImagePipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float) -> torch.Tensor:
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the transformer takes the guidance scale as an input (an LCM student with ``time_cond_proj_dim``):
+        then there is no CFG batch, and ``guidance_scale`` is embedded as LCM's ``w = guidance_scale - 1``."""
+        return getattr(self.transformer.config, "time_cond_proj_dim", None) is not None
+
+    def _guidance_condition(self, guidance_scale: float, batch: int, dtype, device) -> torch.Tensor | None:
+        """The ``timestep_cond`` of a guidance-embedding student (B, time_cond_proj_dim), else None."""
+        if not self.guidance_embedded:
+            return None
+        w = torch.full((batch,), guidance_scale - 1.0, device=device)  # (B,)
+        return guidance_scale_embedding(w, self.transformer.config.time_cond_proj_dim).to(dtype)
+
+    def load_lora_weights(self, lora: str | os.PathLike | dict[str, torch.Tensor], adapter_name: str | None = None):
+        """Load a LoRA onto the transformer (for example an LCM-LoRA written by the trainer).
+
+        ``lora`` is a folder or file with ``pytorch_lora_weights.safetensors`` or a state dict; keys may carry
+        diffusers' ``transformer.`` prefix or none.
+        """
+        state = lora if isinstance(lora, dict) else _read_lora(lora)
+        prefixed = all(key.startswith("transformer.") for key in state)
+        self.transformer.load_lora_adapter(
+            state, prefix="transformer" if prefixed else None, adapter_name=adapter_name
+        )
+
+    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float, timestep_cond=None) -> torch.Tensor:
         """One transformer call (a CFG batch when guided), reduced to the latent channels."""
-        guided = guidance_scale > 1.0
+        guided = guidance_scale > 1.0 and timestep_cond is None
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = self.scheduler.scale_model_input(model_in, t)
         timestep = torch.as_tensor(t, device=latents.device).reshape(-1).expand(model_in.shape[0])
@@ -164,6 +191,7 @@ class TextToImagePipeline(DiffusionPipeline):
             timestep=timestep,
             added_cond_kwargs=added,
             return_dict=False,
+            **({} if timestep_cond is None else {"timestep_cond": timestep_cond}),
         )[0]
         if guided:
             uncond, cond = pred.chunk(2)
@@ -212,6 +240,10 @@ class TextToImagePipeline(DiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """Generate images for ``prompt`` (see diffusers' ``PixArtSigmaPipeline.__call__`` for shared arguments).
 
+        Few-step LCM students sample with diffusers' ``LCMScheduler`` (1-4 steps): a student distilled at a fixed
+        guidance scale takes ``guidance_scale=1`` (no CFG batch: guidance is baked in); a guidance-embedding
+        student (``time_cond_proj_dim``) takes the scale it should imitate, embedded without a CFG batch.
+
         ``use_null_caption`` chooses the learned null caption as the unconditional branch (default: when the
         transformer has one and no negative prompt is given). ``callback_on_step_end(pipe, i, t, tensors)`` gets
         the tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
@@ -234,7 +266,7 @@ class TextToImagePipeline(DiffusionPipeline):
         sample_h, sample_w = sampling_size(height, width, resolution, multiple, use_resolution_binning)
         device = self._execution_device
 
-        guided = guidance_scale > 1.0
+        guided = guidance_scale > 1.0 and not self.guidance_embedded
         embeds, mask, neg_embeds, neg_mask = self.encode_prompt(
             prompt, guided, negative_prompt, num_images_per_prompt, device, prompt_embeds, negative_prompt_embeds,
             prompt_attention_mask, negative_prompt_attention_mask, max_sequence_length, use_null_caption,
@@ -249,10 +281,11 @@ class TextToImagePipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch, sample_h, sample_w, embeds.dtype, device, generator, latents)
         added = self._added_cond_kwargs(sample_h, sample_w, embeds.shape[0], embeds.dtype, device)
         step_kwargs = self._step_kwargs(generator, eta)
+        timestep_cond = self._guidance_condition(guidance_scale, batch, embeds.dtype, device)
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                pred = self._predict(latents, t, embeds, mask, added, guidance_scale)
+                pred = self._predict(latents, t, embeds, mask, added, guidance_scale, timestep_cond)
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds}
@@ -267,3 +300,14 @@ class TextToImagePipeline(DiffusionPipeline):
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+def _read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file, or of ``pytorch_lora_weights.safetensors`` in a folder."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    file = os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"No LoRA weights at {file!r} (expected pytorch_lora_weights.safetensors).")
+    return load_file(file)

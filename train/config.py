@@ -22,6 +22,14 @@ class ModelConfig:
     pretrained: str | None = None
     inherit_from: str | None = None  # a PixArt folder whose weights `cls.from_pixart` inherits (LiT, KV compression)
     gradient_checkpointing: bool = False
+    lora_rank: int | None = None  # train a LoRA (peft) on a frozen model instead of all weights
+    lora_alpha: float | None = None  # None: lora_rank
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+#: LoRA targets of PixArt-LCM-LoRA (attention, feed-forward, adaLN and embedding MLPs; not the patch conv).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_out", "linear", "linear_1",
+                "linear_2")  # fmt: skip
 
 
 @dataclass
@@ -37,6 +45,25 @@ class DataConfig:
 
 
 @dataclass
+class LCMConfig:
+    """Latent consistency distillation (``objective.distill: lcm``); the teacher is ``objective.distill_teacher``.
+
+    Guidance is in diffusers' convention, ``uncond + g * (cond - uncond)`` (LCM's ``w`` is ``g - 1``). Fixed mode
+    (PixArt-δ): the teacher uses ``guidance_scale`` and the student samples without CFG. Embedded mode
+    (latent-consistency-model): set ``guidance_range``; each sample draws ``g`` from it and the student, which needs
+    ``time_cond_proj_dim`` in its config, sees ``g`` through a guidance embedding.
+    """
+
+    guidance_scale: float = 4.5
+    guidance_range: tuple[float, float] | None = None
+    num_ddim_timesteps: int = 50  # the solver's grid: skip = num_train_timesteps // num_ddim_timesteps
+    timestep_scaling: float = 10.0  # boundary scalings use t * timestep_scaling (sigma_data = 0.5, as LCMScheduler)
+    loss: str = "huber"  # or "l2"
+    huber_c: float = 0.001
+    target_ema: float | None = 0.95  # EMA target network; None: the student itself (LCM-LoRA)
+
+
+@dataclass
 class ObjectiveConfig:
     """The loss. ``ddpm_eps`` (with PixArt's learned-sigma VLB term when the model outputs it), ``v``, ``flow``."""
 
@@ -48,9 +75,11 @@ class ObjectiveConfig:
     vlb_weight: float = 1.0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
-    distill_teacher: str | None = None  # a frozen PixArt teacher folder: LiT's hybrid distillation
+    distill: str | None = None  # "hybrid" (LiT) or "lcm"; None: "hybrid" when distill_teacher is set
+    distill_teacher: str | None = None  # a frozen PixArt teacher folder (transformer or pipeline)
     distill_eps_weight: float = 0.5  # weight of ||eps_teacher - eps_student||^2
     distill_var_weight: float = 0.05  # weight of ||Sigma_teacher - Sigma_student||^2 (learned-sigma channels)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
 
 
 @dataclass
@@ -208,8 +237,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def to_yaml(config: TrainConfig) -> str:
     def plain(value):
-        return list(value) if isinstance(value, tuple) else value
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    data = dataclasses.asdict(config)
-    data = {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v)) for k, v in data.items()}
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)

@@ -15,6 +15,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from dit.embeddings import guidance_scale_embedding
+
 from . import checkpointing
 from .config import ConfigError, TrainConfig, to_yaml
 from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
@@ -42,9 +44,30 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         model = cls.from_pixart(config.model.inherit_from, **config.model.kwargs)
     else:
         model = cls(**config.model.kwargs)
+    if config.model.lora_rank:
+        add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train()
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> None:
+    """Freeze ``model`` and add a trainable peft LoRA (Gaussian A, zero B: the model is unchanged at first)."""
+    try:
+        from peft import LoraConfig
+    except ImportError as error:
+        raise ConfigError("model.lora_rank needs peft: pip install 'dit-toolkit[lora]'.") from error
+    model.requires_grad_(False)
+    lora = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights="gaussian")
+    model.add_adapter(lora)
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """A diffusers folder of the model, or of its LoRA alone (``pytorch_lora_weights.safetensors``) when it has one."""
+    if getattr(model, "peft_config", None):
+        model.save_lora_adapter(folder)
+    else:
+        model.save_pretrained(folder)
 
 
 def _teacher(path: str | None, device: torch.device) -> torch.nn.Module | None:
@@ -61,14 +84,15 @@ def sample_draws(seed: int, micro_step: int, positions: list[int], latent_shape,
 
     Independent of the process count and of where a run was resumed, which makes both exact.
     """
-    noise, eps, uniform, coin = [], [], [], []
+    noise, eps, uniform, coin, guidance = [], [], [], [], []
     for position in positions:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 65_537 + position)
         noise.append(torch.randn(latent_shape, generator=gen))
         eps.append(torch.randn(latent_shape, generator=gen))
         uniform.append(torch.rand((), generator=gen))
         coin.append(torch.rand((), generator=gen))
-    draws = {"noise": noise, "eps": eps, "uniform": uniform, "coin": coin}
+        guidance.append(torch.rand((), generator=gen))
+    draws = {"noise": noise, "eps": eps, "uniform": uniform, "coin": coin, "guidance": guidance}
     return {name: torch.stack(values).to(device) for name, values in draws.items()}
 
 
@@ -102,7 +126,9 @@ class Trainer:
         self.dataset = FeatureDataset(config.data.path)
         world = self.accelerator.num_processes
         self.plan = BatchPlan(self.dataset.buckets(), config.data.batch_size * world, config.seed)
-        self.null_caption = self._null_caption()
+        self.null_caption = self._null_caption(self.model) if config.data.caption_dropout > 0 else None
+        self.uncond_caption = self._null_caption(self.teacher) if self.objective.uses_target else None
+        self.target = self._target_network()
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
@@ -110,6 +136,8 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.scheduler)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
+        if self.target is not None:
+            self.accelerator.register_for_checkpointing(self.target)
         self.validator = None
         if config.validation.every:
             self.validator = Validator(config.validation, self.root, self.objective.sampling_scheduler())
@@ -137,21 +165,37 @@ class Trainer:
             return warm * 0.5 * (1 + math.cos(math.pi * progress))
         raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}; use 'constant' or 'cosine'.")
 
-    def _null_caption(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The caption that dropout substitutes: the model's learned null caption, else the extracted empty one."""
-        if self.config.data.caption_dropout <= 0:
-            return None
+    def _null_caption(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unconditional caption (caption dropout, a teacher's CFG branch): ``model``'s learned null caption,
+        else the extracted empty caption (``None`` mask: keep the prompt's mask, as PixArt's inference does)."""
         length = self.dataset[0]["text_embeds"].shape[0]
-        if hasattr(self.model, "y_embedding"):
-            return self.model.null_caption(1, length)[0].detach(), None
+        if hasattr(model, "y_embedding"):
+            return model.null_caption(1, length)[0].detach(), None
         path = Path(self.config.data.path) / NULL_CAPTION_FILE
         if not path.is_file():
             raise ConfigError(
-                f"data.caption_dropout > 0 needs the empty caption's features ({path}, written by `dit extract`) "
-                "or a model with a learned null caption."
+                f"Caption dropout and guided distillation need the empty caption's features ({path}, written by "
+                "`dit extract`) or a model with a learned null caption."
             )
         tensors = load_file(path)
         return tensors["text_embeds"][:length], tensors["text_mask"][:length]
+
+    def _target_network(self):
+        """Consistency distillation's EMA target (None: none, or the student is its own target)."""
+        if not self.objective.uses_target:
+            return None
+        from .consistency import TargetNetwork
+
+        embedded = getattr(self.model.config, "time_cond_proj_dim", None) is not None
+        if embedded != self.objective.guidance_embedded:
+            raise ConfigError(
+                "objective.lcm.guidance_range (guidance as an input) and the student's time_cond_proj_dim go "
+                f"together; here guidance_range={self.config.objective.lcm.guidance_range} and "
+                f"time_cond_proj_dim={getattr(self.model.config, 'time_cond_proj_dim', None)} (set both, or neither "
+                "for a fixed guidance scale)."
+            )
+        decay = self.config.objective.lcm.target_ema
+        return None if decay is None else TargetNetwork(self.model, decay, self.accelerator.device)
 
     # ----- one step -----------------------------------------------------------------------------------------
     def _batches(self, start_micro: int, count: int):
@@ -177,17 +221,29 @@ class Trainer:
         text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
         if self.null_caption is not None:
             drop = draws["coin"] < self.config.data.caption_dropout  # (B,)
-            null_text, null_mask = self.null_caption
-            text = torch.where(drop[:, None, None], null_text.to(device, text.dtype), text)
-            if null_mask is not None:
-                mask = torch.where(drop[:, None], null_mask.to(device, mask.dtype), mask)
+            text, mask = _with_caption(text, mask, self.null_caption, where=drop)
+        captions = {False: (text, mask)}
+        if self.uncond_caption is not None:
+            captions[True] = _with_caption(text, mask, self.uncond_caption, where=torch.ones_like(draws["coin"]) > 0)
         added = _micro_conditions(self.accelerator.unwrap_model(self.model), latents)
+        guidance_dim = getattr(self.accelerator.unwrap_model(self.model).config, "time_cond_proj_dim", None)
 
-        def model_fn(noisy: torch.Tensor, t: torch.Tensor, model=self.model) -> torch.Tensor:
-            return model(noisy, text, t, added_cond_kwargs=added, encoder_attention_mask=mask).sample
+        def model_fn(noisy, t, model=self.model, uncond: bool = False, guidance=None) -> torch.Tensor:
+            context, context_mask = captions[uncond]
+            extra = {}
+            if guidance is not None:  # an LCM student's guidance input (LCM's w = g - 1)
+                extra["timestep_cond"] = guidance_scale_embedding(guidance - 1, guidance_dim).to(noisy.dtype)
+            return model(
+                noisy, context, t, added_cond_kwargs=added, encoder_attention_mask=context_mask, **extra
+            ).sample
 
-        teacher = {} if self.teacher is None else {"teacher_fn": functools.partial(model_fn, model=self.teacher)}
-        per_sample, _ = self.objective.loss(model_fn, latents, draws["noise"], draws["uniform"], **teacher)
+        networks = {}
+        if self.objective.uses_teacher:
+            networks["teacher_fn"] = functools.partial(model_fn, model=self.teacher)
+        if self.objective.uses_target:
+            target = self.model if self.target is None else self.target.module
+            networks.update(target_fn=functools.partial(model_fn, model=target), guidance_uniform=draws["guidance"])
+        per_sample, _ = self.objective.loss(model_fn, latents, draws["noise"], draws["uniform"], **networks)
         return per_sample.mean(), per_sample.detach()
 
     def _optimizer_step(self, batches, accumulate: int) -> tuple[float, float | None]:
@@ -218,10 +274,10 @@ class Trainer:
         final = None
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
-            model.save_pretrained(tmp / "model")
+            save_model(model, tmp / "model")
             if self.ema is not None:
                 with self.ema.swapped_in(model):
-                    model.save_pretrained(tmp / "model_ema")
+                    save_model(model, tmp / "model_ema")
             (tmp / "config.yaml").write_text(to_yaml(self.config))
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
             final = checkpointing.publish(self.root, tmp, self.step, self.config.checkpoints_total_limit)
@@ -257,6 +313,8 @@ class Trainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model))
+            if self.target is not None:
+                self.target.update(acc.unwrap_model(self.model))
             history.append(loss)
             rate = (len(history)) / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
@@ -307,6 +365,16 @@ def _tracker(report_to: str) -> str | None:
         )
         return None
     return "tensorboard"
+
+
+def _with_caption(text, mask, caption, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``text``/``mask`` (B, L, C)/(B, L) with ``caption`` = (L, C) features and an (L,) mask or None (keep the
+    prompt's mask) substituted where ``where`` (B,) is true."""
+    null_text, null_mask = caption
+    text = torch.where(where[:, None, None], null_text.to(text.device, text.dtype), text)
+    if null_mask is not None:
+        mask = torch.where(where[:, None], null_mask.to(mask.device, mask.dtype), mask)
+    return text, mask
 
 
 def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | None]:

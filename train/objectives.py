@@ -13,7 +13,10 @@ import torch
 
 from .config import ConfigError, ObjectiveConfig
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) -> prediction
+ModelFn = Callable[..., torch.Tensor]  # (noisy latents, timesteps, *, uncond=False, guidance=None) -> prediction
+
+#: sigma_data of the consistency boundary scalings (fixed at 0.5 in diffusers' LCMScheduler).
+SIGMA_DATA = 0.5
 
 
 def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +25,14 @@ def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 class Objective:
-    """Base class. ``loss`` returns per-sample losses (B,) and a dict of extra per-sample terms to log."""
+    """Base class. ``loss`` returns per-sample losses (B,) and a dict of extra per-sample terms to log.
+
+    ``uses_teacher`` / ``uses_target``: ``loss`` also takes ``teacher_fn`` (a frozen teacher) / ``target_fn``
+    (a target network) and ``guidance_uniform`` from the loop.
+    """
+
+    uses_teacher = False
+    uses_target = False
 
     def __init__(self, config: ObjectiveConfig):
         self.config = config
@@ -38,6 +48,39 @@ class Objective:
         self, model_fn: ModelFn, latents: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    # ----- the parametrisation, for samplers and distillation (t in the objective's own units) -------------
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noisy sample at ``t`` for clean sample ``x0`` and noise ``eps`` (a DDIM step when ``eps`` is
+        a model's estimate)."""
+        raise NotImplementedError
+
+    def x0_and_eps(
+        self, pred: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean-sample and noise estimates that a model's prediction at ``(noisy, t)`` implies."""
+        raise NotImplementedError
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the model is fed as ``timestep`` for objective time ``t``."""
+        return t
+
+    def solver_grid(self, num_steps: int) -> torch.Tensor:
+        """``num_steps`` ascending times, evenly spaced, ending at the noisiest (a DDIM solver's grid)."""
+        raise NotImplementedError
+
+    def consistency_scalings(self, t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_skip, c_out)`` of a consistency model ``c_skip * x_t + c_out * x0`` (c_skip = 1 at t = 0)."""
+        raise NotImplementedError
+
+    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
+        """diffusers' few-step scheduler for a consistency model distilled on ``solver_grid(num_steps)``."""
+        raise NotImplementedError
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) in ``like``'s dtype and device."""
+    return values.to(like.device, like.dtype).view((-1,) + (1,) * (like.ndim - 1))
 
 
 class _Discrete(Objective):
@@ -79,9 +122,39 @@ class _Discrete(Objective):
         snr = self.snr(t)
         return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
 
+    def add_noise(self, x0, eps, t):
+        a, s = self._coefficients(t, x0)
+        return a * x0 + s * eps
+
+    def solver_grid(self, num_steps: int) -> torch.Tensor:
+        total = self.config.num_train_timesteps
+        if not 0 < num_steps <= total:
+            raise ConfigError(f"The solver grid needs 1..{total} steps, got {num_steps}.")
+        return torch.arange(1, num_steps + 1) * (total // num_steps) - 1  # e.g. 19, 39, ..., 999
+
+    def consistency_scalings(self, t, timestep_scaling):
+        scaled = t.double() * timestep_scaling
+        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+        return c_skip.float(), c_out.float()
+
+    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
+        from diffusers import LCMScheduler
+
+        cfg = self.config
+        return LCMScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+            beta_schedule="linear", prediction_type=self.prediction_type, original_inference_steps=num_steps,
+            timestep_scaling=timestep_scaling, clip_sample=False,
+        )  # fmt: skip
+
 
 class DDPMEpsilon(_Discrete):
     """ε-prediction MSE; when the model also outputs variance channels, PixArt's learned-sigma VLB term."""
+
+    def x0_and_eps(self, pred, noisy, t):
+        a, s = self._coefficients(t, noisy)
+        return (noisy - s * pred) / a, pred
 
     def loss(self, model_fn, latents, noise, uniform):
         t = self.timesteps(uniform)
@@ -159,6 +232,10 @@ class VPrediction(_Discrete):
 
     prediction_type = "v_prediction"
 
+    def x0_and_eps(self, pred, noisy, t):
+        a, s = self._coefficients(t, noisy)
+        return a * noisy - s * pred, s * noisy + a * pred
+
     def loss(self, model_fn, latents, noise, uniform):
         t = self.timesteps(uniform)
         a, s = self._coefficients(t, latents)
@@ -190,9 +267,34 @@ class RectifiedFlow(Objective):
         z = torch.special.ndtri(uniform.double().clamp(1e-6, 1 - 1e-6))
         return torch.sigmoid(self.config.logit_normal_mean + self.config.logit_normal_std * z).float()
 
+    def add_noise(self, x0, eps, t):
+        sigma = _broadcast(t, x0)
+        return (1 - sigma) * x0 + sigma * eps
+
+    def x0_and_eps(self, pred, noisy, t):
+        sigma = _broadcast(t, noisy)
+        return noisy - sigma * pred, noisy + (1 - sigma) * pred
+
+    def model_time(self, t):
+        return t * self.config.num_train_timesteps
+
+    def solver_grid(self, num_steps: int) -> torch.Tensor:
+        if num_steps < 1:
+            raise ConfigError(f"The solver grid needs at least 1 step, got {num_steps}.")
+        return torch.arange(1, num_steps + 1, dtype=torch.float64).div(num_steps).float()  # 1/N, ..., 1
+
+    def consistency_scalings(self, t, timestep_scaling):
+        # x0 = x_t - sigma * v already equals x_t at sigma = 0: FlowMatchLCMScheduler's parametrisation
+        return torch.zeros_like(t, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32)
+
+    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
+        from diffusers import FlowMatchLCMScheduler
+
+        return FlowMatchLCMScheduler(num_train_timesteps=self.config.num_train_timesteps)
+
     def loss(self, model_fn, latents, noise, uniform):
         t = self.timesteps(uniform).to(latents.device)
-        tt = t.to(latents.dtype).view((-1,) + (1,) * (latents.ndim - 1))
+        tt = _broadcast(t, latents)
         pred = model_fn((1 - tt) * latents + tt * noise, t * self.config.num_train_timesteps)
         mse = mean_per_sample((pred[:, : latents.shape[1]].float() - (noise - latents).float()) ** 2)
         return mse, {"mse": mse}
@@ -206,6 +308,8 @@ class HybridDistillation(Objective):
     The first term compares the predictions in the objective's own parametrisation (ε for ``ddpm_eps``, v for
     ``v``); the variance term exists only for learned-sigma models (``out_channels = 2 * in_channels``).
     """
+
+    uses_teacher = True
 
     def __init__(self, base: Objective, eps_weight: float = 0.5, var_weight: float = 0.05):
         super().__init__(base.config)
@@ -242,10 +346,20 @@ OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEpsilon, "v": VPredict
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:
-    """The objective ``config.name``, wrapped in :class:`HybridDistillation` when a teacher is configured."""
+    """The objective ``config.name``, wrapped by the distillation ``config.distill`` names (``hybrid`` by default
+    when a teacher is configured, or ``lcm``)."""
     if config.name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective {config.name!r}; choose one of {sorted(OBJECTIVES)}.")
     objective = OBJECTIVES[config.name](config)
-    if config.distill_teacher:
-        objective = HybridDistillation(objective, config.distill_eps_weight, config.distill_var_weight)
-    return objective
+    distill = config.distill or ("hybrid" if config.distill_teacher else None)
+    if distill is None:
+        return objective
+    if not config.distill_teacher:
+        raise ConfigError(f"objective.distill={distill!r} needs objective.distill_teacher (the teacher's folder).")
+    if distill == "hybrid":
+        return HybridDistillation(objective, config.distill_eps_weight, config.distill_var_weight)
+    if distill == "lcm":
+        from .consistency import ConsistencyDistillation
+
+        return ConsistencyDistillation(objective, config.lcm)
+    raise ConfigError(f"objective.distill: unknown distillation {distill!r}; use 'hybrid' or 'lcm'.")

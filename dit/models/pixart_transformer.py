@@ -63,6 +63,8 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
         linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
+        time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's
+            guidance embedding, see :func:`dit.embeddings.guidance_scale_embedding`); None: no such input.
     """
 
     _supports_gradient_checkpointing = True
@@ -100,6 +102,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         self_attention_type: str = "softmax",
         linear_attention_heads: int | None = None,
         attention_conv_kernel_size: int | None = None,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
@@ -142,7 +145,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
         self.proj_out = Linear(inner_dim, patch_size * patch_size * self.out_channels)
-        self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions=use_additional_conditions)
+        self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions, time_cond_proj_dim)
         self.caption_projection = None
         if caption_channels is not None:
             self.caption_projection = CaptionProjection(caption_channels, inner_dim)
@@ -191,6 +194,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        timestep_cond: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and variance channels) for latents.
 
@@ -203,6 +207,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             attention_mask: image-token keep-mask (B, N) (1 = keep), or an additive bias (B, 1, N).
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
+            timestep_cond: (B, time_cond_proj_dim) added to the timestep embedding (LCM guidance embedding).
         """
         self._check_inputs(hidden_states, encoder_hidden_states, timestep)
         batch, _, height, width = hidden_states.shape
@@ -214,7 +219,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         n_tokens, dtype = x.shape[1], x.dtype
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)  # (B,)
         t6, emb = self.adaln_single(
-            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype
+            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype, timestep_cond=timestep_cond
         )  # (B, 6D), (B, D)
         context, cross_bias = _text_tokens(encoder_hidden_states, encoder_attention_mask, dtype)  # (B, L', C)
         if self.caption_projection is not None:
