@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--from-run", help="a finished recipe output folder (skips training)")
     parser.add_argument("--out", default="runs/microshapes")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--guidance", type=float, help="default: the pipeline's sampling_defaults.json")
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--json", default="microshapes_cpu.json")
     args, overrides = parser.parse_known_args()
@@ -35,6 +35,7 @@ def main() -> None:
     from dit.microshapes.recipe import N_IMAGES, VAE_STEPS, run
     from dit.microshapes.suite import evaluate, pipeline_generator
     from dit.pipelines import TextToImagePipeline
+    from dit.pipelines.defaults import sampling_defaults
 
     root = Path(args.from_run or args.out)
     if args.from_run is None:
@@ -42,6 +43,8 @@ def main() -> None:
     recipe = json.loads((root / "recipe_report.json").read_text())
     pipe = TextToImagePipeline.from_pretrained(root / "pipeline")
     pipe.set_progress_bar_config(disable=True)
+    if args.guidance is None:
+        args.guidance = sampling_defaults(root / "pipeline")["guidance_scale"]
     torch.manual_seed(0)
     report = evaluate(pipeline_generator(pipe, args.steps, args.guidance), n=args.n)
     met = {group: report[group]["prompt_accuracy"] >= target for group, target in TARGETS.items()}

@@ -1,15 +1,22 @@
 """dit: diffusion-transformer backbones that plug into Hugging Face diffusers pipelines."""
 
-from .models import LiTTransformer, PixArtTransformer
+from .models import ControlNetAdapter, LiTTransformer, MultiControlNetAdapter, PixArtTransformer
 
 __version__ = "0.1.0"
-__all__ = ["LiTTransformer", "PixArtTransformer", "TextToImagePipeline"]
+__all__ = [
+    "ControlNetAdapter",
+    "ControlNetPipeline",
+    "LiTTransformer",
+    "MultiControlNetAdapter",
+    "PixArtTransformer",
+    "TextToImagePipeline",
+]
 
 
 def __getattr__(name: str):
     # The pipeline pulls in transformers; import it only when asked for.
-    if name == "TextToImagePipeline":
-        from .pipelines import TextToImagePipeline
+    if name in ("TextToImagePipeline", "ControlNetPipeline"):
+        from . import pipelines
 
-        return TextToImagePipeline
+        return getattr(pipelines, name)
     raise AttributeError(f"module 'dit' has no attribute {name!r}")

@@ -36,13 +36,24 @@ def tiny_tokenizer(words: list[str] | tuple[str, ...] = tuple(WORDS), max_length
     )
 
 
-def tiny_t5(vocab_size: int = len(WORDS) + 3, d_model: int = 32, seed: int = 0):
+def tiny_t5(
+    vocab_size: int = len(WORDS) + 3,
+    d_model: int = 32,
+    seed: int = 0,
+    num_layers: int = 1,
+    d_kv: int = 8,
+    d_ff: int = 64,
+    num_buckets: int = 8,
+    dropout_rate: float = 0.1,
+):
+    """A randomly initialised transformers ``T5EncoderModel`` (4 heads) in eval mode."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers, num_heads=4,
+        relative_attention_num_buckets=num_buckets, dropout_rate=dropout_rate, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
     )  # fmt: skip
     return T5EncoderModel(config).eval()
 

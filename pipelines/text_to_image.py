@@ -124,7 +124,7 @@ class TextToImagePipeline(DiffusionPipeline):
     def prepare_latents(
         self, batch: int, height: int, width: int, dtype, device, generator, latents=None
     ) -> torch.Tensor:
-        """Initial noise (B, C, H/f, W/f) scaled by the scheduler's ``init_noise_sigma``."""
+        """Initial noise (B, C, H/f, W/f) scaled by the scheduler's ``init_noise_sigma`` (1 for flow matching)."""
         shape = (
             batch,
             self.transformer.config.in_channels,
@@ -137,7 +137,7 @@ class TextToImagePipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
-        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def _added_cond_kwargs(self, height: int, width: int, batch: int, dtype, device) -> dict[str, torch.Tensor | None]:
         if not getattr(self.transformer, "use_additional_conditions", False):
@@ -169,20 +169,27 @@ class TextToImagePipeline(DiffusionPipeline):
     def load_lora_weights(self, lora: str | os.PathLike | dict[str, torch.Tensor], adapter_name: str | None = None):
         """Load a LoRA onto the transformer (for example an LCM-LoRA written by the trainer).
 
-        ``lora`` is a folder or file with ``pytorch_lora_weights.safetensors`` or a state dict; keys may carry
-        diffusers' ``transformer.`` prefix or none.
+        ``lora`` is a folder or file with ``pytorch_lora_weights.safetensors`` (its peft metadata, ``lora_alpha``
+        included, is read as diffusers does) or a state dict (``lora_alpha`` = rank then); keys may carry diffusers'
+        ``transformer.`` prefix or none.
         """
-        state = lora if isinstance(lora, dict) else _read_lora(lora)
-        prefixed = all(key.startswith("transformer.") for key in state)
+        if isinstance(lora, dict):
+            keys, source, where = list(lora), lora, {}
+        else:
+            file = _lora_file(lora)
+            keys, source = _safetensors_keys(file), os.path.dirname(file)
+            where = {"weight_name": os.path.basename(file), "use_safetensors": True}
+        prefixed = all(key.startswith("transformer.") for key in keys)
         self.transformer.load_lora_adapter(
-            state, prefix="transformer" if prefixed else None, adapter_name=adapter_name
+            source, prefix="transformer" if prefixed else None, adapter_name=adapter_name, **where
         )
 
     def _predict(self, latents, t, embeds, mask, added, guidance_scale: float, timestep_cond=None) -> torch.Tensor:
         """One transformer call (a CFG batch when guided), reduced to the latent channels."""
         guided = guidance_scale > 1.0 and timestep_cond is None
         model_in = torch.cat([latents] * 2) if guided else latents
-        model_in = self.scheduler.scale_model_input(model_in, t)
+        if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
+            model_in = self.scheduler.scale_model_input(model_in, t)
         timestep = torch.as_tensor(t, device=latents.device).reshape(-1).expand(model_in.shape[0])
         pred = self.transformer(
             model_in,
@@ -302,12 +309,17 @@ class TextToImagePipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-def _read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file, or of ``pytorch_lora_weights.safetensors`` in a folder."""
-    from safetensors.torch import load_file
-
+def _lora_file(path: str | os.PathLike) -> str:
+    """A LoRA safetensors file, or ``pytorch_lora_weights.safetensors`` in a folder."""
     path = os.fspath(path)
     file = os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
+    if not os.path.isfile(file) or not file.endswith(".safetensors"):
         raise FileNotFoundError(f"No LoRA weights at {file!r} (expected pytorch_lora_weights.safetensors).")
-    return load_file(file)
+    return file
+
+
+def _safetensors_keys(file: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return list(handle.keys())

@@ -65,13 +65,17 @@ class LCMConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The loss. ``ddpm_eps`` (with PixArt's learned-sigma VLB term when the model outputs it), ``v``, ``flow``."""
+    """The loss. ``ddpm_eps`` (with PixArt's learned-sigma VLB term when the model outputs it), ``v``, ``x0``
+    (clean-sample prediction with the v-space loss), ``flow``."""
 
     name: str = "ddpm_eps"
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
     min_snr_gamma: float | None = None
+    noise_shift: float = 1.0  # discrete objectives: divide every timestep's SNR by noise_shift^2 (1: PixArt's betas)
+    x0_weighting: str = "v"  # x0: "v" (|x0_hat - x0|^2 / sigma^2, the v-space loss) or "uniform" (|x0_hat - x0|^2)
+    x0_sigma_floor: float = 0.05  # x0 with "v" weighting: sigma >= this in the division
     vlb_weight: float = 1.0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
@@ -110,6 +114,22 @@ class ValidationConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """ControlNet adapter training (PixArt-δ): the base model (``model.pretrained``) stays frozen and only the adapter
+    trains; feature shards carry ``control_latent`` (the control image's VAE latent). Off unless ``num_blocks``,
+    ``positions`` or ``pretrained`` is set. Checkpoints then hold the adapter folder (``model`` / ``model_ema``)."""
+
+    num_blocks: int | None = None  # copy the base's first num_blocks blocks (PixArt-δ: 13)
+    positions: list[int] | None = None  # or copy the blocks at these positions (a slim adapter); excludes num_blocks
+    pretrained: str | None = None  # continue from an adapter folder instead of fresh copies
+    conditioning_scale: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_blocks is not None or self.positions is not None or self.pretrained is not None
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.yaml`` beside every checkpoint."""
 
@@ -130,6 +150,7 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "tensorboard"
     compile: bool = False
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
 
 class _Loader(yaml.SafeLoader):

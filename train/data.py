@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
+OPTIONAL_KEYS = ("control_latent",)  # passed through when a shard has them (ControlNet's control latents)
 NULL_CAPTION_FILE = "null_caption.safetensors"  # the empty caption's features, beside the shards
 
 
@@ -64,6 +65,7 @@ class FeatureDataset(Dataset):
         tensors, row = self._shard(shard), index - self.offsets[shard]
         sample = {k: tensors[k][row] for k in REQUIRED_KEYS}
         sample["latent_std"] = tensors["latent_std"][row] if "latent_std" in tensors else None
+        sample.update({k: tensors[k][row] for k in OPTIONAL_KEYS if k in tensors})
         sample["index"] = index
         return sample
 
@@ -72,6 +74,11 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([s[k] for s in samples]) for k in REQUIRED_KEYS}
     stds = [s["latent_std"] for s in samples]
     batch["latent_std"] = None if any(s is None for s in stds) else torch.stack(stds)
+    for key in OPTIONAL_KEYS:
+        if any(key in s for s in samples):
+            if not all(key in s for s in samples):
+                raise KeyError(f"Some feature shards carry {key!r} and some do not; a run needs it in all or none.")
+            batch[key] = torch.stack([s[key] for s in samples])
     batch["index"] = torch.tensor([s["index"] for s in samples])
     return batch
 

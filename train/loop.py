@@ -48,6 +48,10 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    if config.controlnet.enabled:  # the base frozen, a ControlNet adapter on it trains
+        from .controlnet import controlnet_model
+
+        model = controlnet_model(model, config)
     return model.train()
 
 
@@ -219,6 +223,7 @@ class Trainer:
         if batch["latent_std"] is not None and self.config.data.sample_posterior:
             latents = latents + batch["latent_std"].to(device) * draws["eps"]
         text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
+        control = batch.get("control_latent") if self.config.controlnet.enabled else None  # (B, C, h, w)
         if self.null_caption is not None:
             drop = draws["coin"] < self.config.data.caption_dropout  # (B,)
             text, mask = _with_caption(text, mask, self.null_caption, where=drop)
@@ -233,6 +238,8 @@ class Trainer:
             extra = {}
             if guidance is not None:  # an LCM student's guidance input (LCM's w = g - 1)
                 extra["timestep_cond"] = guidance_scale_embedding(guidance - 1, guidance_dim).to(noisy.dtype)
+            if control is not None and model is self.model:  # a ControlNet run's control latents
+                extra["controlnet_cond"] = control.to(device)
             return model(
                 noisy, context, t, added_cond_kwargs=added, encoder_attention_mask=context_mask, **extra
             ).sample

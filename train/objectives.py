@@ -83,16 +83,36 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, like.dtype).view((-1,) + (1,) * (like.ndim - 1))
 
 
+def discrete_betas(config: ObjectiveConfig) -> torch.Tensor:
+    """PixArt's linear betas, with every timestep's SNR divided by ``noise_shift ** 2`` when it is not 1 (SD3's
+    shift in SNR terms: more noise at every step, for inputs whose tokens average many values)."""
+    if config.noise_shift <= 0:
+        raise ConfigError(f"objective.noise_shift must be positive, got {config.noise_shift}.")
+    betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
+    if config.noise_shift == 1:
+        return betas
+    abar = torch.cumprod(1 - betas, dim=0)
+    snr = abar / (1 - abar) / config.noise_shift**2
+    shifted = snr / (1 + snr)  # (T,) the new alphas_cumprod
+    return 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
+
+
 class _Discrete(Objective):
-    """DDPM forward process with PixArt's linear betas over ``num_train_timesteps`` steps."""
+    """DDPM forward process with PixArt's linear betas over ``num_train_timesteps`` steps (optionally shifted)."""
 
     prediction_type = "epsilon"
 
     def __init__(self, config: ObjectiveConfig):
         super().__init__(config)
-        betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
-        self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.betas = discrete_betas(config)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+
+    def _schedule_kwargs(self) -> dict:
+        """The noise schedule as diffusers schedulers take it (``trained_betas`` once shifted)."""
+        cfg = self.config
+        if cfg.noise_shift == 1:
+            return dict(beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="linear")
+        return dict(trained_betas=self.betas.tolist())
 
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         return (uniform * self.config.num_train_timesteps).long().clamp_(max=self.config.num_train_timesteps - 1)
@@ -102,8 +122,8 @@ class _Discrete(Objective):
 
         cfg = self.config
         return DPMSolverMultistepScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-            beta_schedule="linear", prediction_type=self.prediction_type,
+            num_train_timesteps=cfg.num_train_timesteps, prediction_type=self.prediction_type,
+            **self._schedule_kwargs(),
         )  # fmt: skip
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +163,9 @@ class _Discrete(Objective):
 
         cfg = self.config
         return LCMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-            beta_schedule="linear", prediction_type=self.prediction_type, original_inference_steps=num_steps,
-            timestep_scaling=timestep_scaling, clip_sample=False,
+            num_train_timesteps=cfg.num_train_timesteps, prediction_type=self.prediction_type,
+            original_inference_steps=num_steps, timestep_scaling=timestep_scaling, clip_sample=False,
+            **self._schedule_kwargs(),
         )  # fmt: skip
 
 
@@ -246,6 +266,41 @@ class VPrediction(_Discrete):
         return (mse if weight is None else mse * weight), {"mse": mse}
 
 
+class SamplePrediction(_Discrete):
+    """Clean-sample (x0) prediction. A clean image lies on a low-dimensional set while noise does not, so a model
+    whose tokens are about as wide as their patches (8 latent channels x 4x4 = 128 values per 128-wide token) can
+    output x0 exactly where it cannot carry the noise through. Sampled by DPM-Solver with ``prediction_type="sample"``.
+
+    ``objective.x0_weighting``: ``v`` (JiT's x-prediction with the v-loss: ``|x0_hat - x0|^2 / sigma_t^2``, sigma
+    floored at ``x0_sigma_floor``, which weights the low-noise steps) or ``uniform`` (plain ``|x0_hat - x0|^2``, which
+    weights the noisy steps where layout and shape are decided; it learned MicroShapes prompts faster).
+    """
+
+    prediction_type = "sample"
+    WEIGHTINGS = ("v", "uniform")
+
+    def __init__(self, config: ObjectiveConfig):
+        super().__init__(config)
+        if config.x0_weighting not in self.WEIGHTINGS:
+            raise ConfigError(f"objective.x0_weighting must be one of {self.WEIGHTINGS}, got {config.x0_weighting!r}.")
+
+    def x0_and_eps(self, pred, noisy, t):
+        a, s = self._coefficients(t, noisy)
+        return pred, (noisy - a * pred) / s
+
+    def loss(self, model_fn, latents, noise, uniform):
+        t = self.timesteps(uniform)
+        a, s = self._coefficients(t, latents)
+        pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
+        mse = mean_per_sample((pred.float() - latents.float()) ** 2)
+        if self.config.x0_weighting == "uniform":
+            return mse, {"mse": mse}
+        sigma = s.reshape(-1).float().clamp(min=self.config.x0_sigma_floor)  # (B,)
+        loss = mse / sigma**2  # the v-space loss
+        weight = self._min_snr_weight(t, v_prediction=True)
+        return (loss if weight is None else loss * weight), {"mse": mse}
+
+
 class RectifiedFlow(Objective):
     """Rectified flow (SD3 / FiTv2): ``x_t = (1 - t) x0 + t noise``, velocity target ``noise - x0``.
 
@@ -342,7 +397,12 @@ class HybridDistillation(Objective):
         return loss, extra
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"ddpm_eps": DDPMEpsilon, "v": VPrediction, "flow": RectifiedFlow}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "ddpm_eps": DDPMEpsilon,
+    "v": VPrediction,
+    "x0": SamplePrediction,
+    "flow": RectifiedFlow,
+}
 
 
 def build_objective(config: ObjectiveConfig) -> Objective:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -195,6 +196,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
         timestep_cond: torch.Tensor | None = None,
+        block_controls: Callable[..., torch.Tensor] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and variance channels) for latents.
 
@@ -208,6 +210,10 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
             timestep_cond: (B, time_cond_proj_dim) added to the timestep embedding (LCM guidance embedding).
+            block_controls: called after every block as ``block_controls(index, hidden_states, *block_inputs)``
+                (``block_inputs``: the text tokens, modulation, masks in kernel format and token grid that block
+                ``index`` got); returns the hidden states for the next block. ControlNet adapters add their residuals
+                here (:func:`dit.models.controlnet.block_controls`); None: nothing is injected.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, timestep)
         batch, _, height, width = hidden_states.shape
@@ -231,11 +237,13 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
 
         # 2. Blocks
         grid = (height // p, width // p)
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask, grid)
             else:
                 x = block(x, context, t6, self_mask, cross_mask, grid)
+            if block_controls is not None:
+                x = block_controls(index, x, context, t6, self_mask, cross_mask, grid)  # (B, N, D)
 
         # 3. Output head and unpatchify
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each

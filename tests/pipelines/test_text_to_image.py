@@ -138,3 +138,14 @@ def test_cli_generate_without_default_model_says_so(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(dit.cli, "default_model", lambda: tmp_path / "missing")
     assert cli_main(["generate", PROMPT]) == 2
     assert "no default model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheduler", ["FlowMatchEulerDiscreteScheduler", "LCMScheduler", "DDIMScheduler"])
+def test_samples_with_other_diffusers_schedulers(scheduler):
+    """Schedulers without ``init_noise_sigma`` / ``scale_model_input`` (flow matching) work too."""
+    import diffusers
+
+    pipe = _ours()
+    pipe.scheduler = getattr(diffusers, scheduler)()
+    first, again = _run(pipe, num_inference_steps=2), _run(pipe, num_inference_steps=2)
+    assert first.shape == (1, 16, 16, 3) and np.isfinite(first).all() and np.array_equal(first, again)

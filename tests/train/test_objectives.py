@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dit.train.config import ConfigError, ObjectiveConfig
-from dit.train.objectives import DDPMEpsilon, RectifiedFlow, VPrediction, build_objective
+from dit.train.objectives import DDPMEpsilon, RectifiedFlow, SamplePrediction, VPrediction, build_objective
 
 SHAPE = (3, 4, 6, 10)
 
@@ -41,6 +41,41 @@ def test_v_and_flow_targets():
     assert torch.allclose(v.loss(lambda xt, tt: target, x0, noise, u)[0], torch.zeros(3), atol=1e-10)
     flow = RectifiedFlow(ObjectiveConfig(name="flow"))
     assert torch.allclose(flow.loss(lambda xt, tt: noise - x0, x0, noise, u)[0], torch.zeros(3), atol=1e-10)
+
+
+def test_x0_loss_is_the_v_loss_with_a_floored_sigma():
+    """x0-prediction: zero at x0; otherwise |x0_hat - x0|^2 / sigma^2, which equals the v-prediction loss of the
+    implied v (above the floor) and is capped by the floor at the first timesteps."""
+    x0, noise, u = _draws()
+    objective, v = SamplePrediction(ObjectiveConfig(name="x0")), VPrediction(ObjectiveConfig())
+    assert torch.allclose(objective.loss(lambda xt, t: x0, x0, noise, u)[0], torch.zeros(3), atol=1e-10)
+    x0_hat = x0 + 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    loss, _ = objective.loss(lambda xt, t: x0_hat, x0, noise, u)
+    t = objective.timesteps(u)
+    a, s = objective._coefficients(t, x0)
+    implied_v = (a * (a * x0 + s * noise) - x0_hat) / s  # v = a * x_t - ... solved from x0 = a x_t - s v
+    v_loss, _ = v.loss(lambda xt, tt: implied_v, x0, noise, u)
+    assert torch.allclose(loss, v_loss, rtol=1e-4)
+    first, _ = objective.loss(lambda xt, t: x0_hat, x0, noise, torch.zeros(3))  # t = 0: sigma 0.01 < floor
+    assert torch.allclose(first, ((x0_hat - x0) ** 2).mean((1, 2, 3)) / 0.05**2, rtol=1e-5)
+    uniform, _ = SamplePrediction(ObjectiveConfig(name="x0", x0_weighting="uniform")).loss(
+        lambda xt, t: x0_hat, x0, noise, u
+    )
+    assert torch.allclose(uniform, ((x0_hat - x0) ** 2).mean((1, 2, 3)))
+    with pytest.raises(ConfigError, match="x0_weighting"):
+        SamplePrediction(ObjectiveConfig(name="x0", x0_weighting="snr"))
+
+
+@pytest.mark.parametrize("shift", [1.0, 4.0])
+def test_noise_shift_divides_every_snr_and_reaches_the_sampler(shift):
+    base = VPrediction(ObjectiveConfig())
+    shifted = VPrediction(ObjectiveConfig(noise_shift=shift))
+    t = torch.arange(0, 1000, 37)
+    assert torch.allclose(shifted.snr(t) * shift**2, base.snr(t), rtol=1e-6)
+    scheduler = shifted.sampling_scheduler()
+    assert torch.allclose(scheduler.alphas_cumprod.double(), shifted.alphas_cumprod, atol=1e-6)
+    with pytest.raises(ConfigError, match="noise_shift"):
+        VPrediction(ObjectiveConfig(noise_shift=0.0))
 
 
 def test_min_snr_weights():
@@ -98,11 +133,13 @@ def test_hybrid_distillation_adds_lits_teacher_terms(sigma):
         objective.loss(lambda xt, t: student_out, x0, noise, u)
 
 
-@pytest.mark.parametrize("name", ["ddpm_eps", "v", "flow"])
+@pytest.mark.parametrize("name", ["ddpm_eps", "v", "x0", "x0_shifted", "flow"])
 def test_sampling_scheduler_inverts_the_objective(name):
     """An oracle that knows x0 and answers in the objective's own parametrisation, sampled with the objective's
     scheduler (as validation and the shipped pipeline do), lands on x0: the two agree on the convention."""
-    objective = build_objective(ObjectiveConfig(name=name))
+    shift = 4.0 if name.endswith("_shifted") else 1.0
+    name = name.removesuffix("_shifted")
+    objective = build_objective(ObjectiveConfig(name=name, noise_shift=shift))
     x0 = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)).clamp(-2, 2)
 
     def oracle(xt, t):
@@ -112,7 +149,7 @@ def test_sampling_scheduler_inverts_the_objective(name):
             return noise - x0
         a, s = objective._coefficients(torch.full((2,), int(t)), xt)
         noise = (xt - a * x0) / s
-        return noise if name == "ddpm_eps" else a * noise - s * x0
+        return {"ddpm_eps": noise, "v": a * noise - s * x0, "x0": x0}[name]
 
     scheduler = objective.sampling_scheduler()
     scheduler.set_timesteps(20)

@@ -1,0 +1,360 @@
+"""ControlNet-Transformer adapters (PixArt-δ) for every backbone built on the PixArt block loop.
+
+An adapter holds trainable copies of base blocks at chosen positions. The control latent goes through the frozen
+base model's own patch embedding and a zero-initialised ``before_proj``, is added to the base hidden states after
+base block 0, and runs through the copies as a chain; the copy of block ``p`` hands its state, through a
+zero-initialised ``after_proj`` and times ``conditioning_scale``, to the input of base block ``p + 1``. PixArt-δ
+copies the first 13 blocks (positions 0..12); slimmer adapters keep fewer positions (RelaCtrl).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+# diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..blocks import residual
+from ..linear import Linear
+from .base import BackboneMixin
+
+__all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetAdapter", "block_controls"]
+
+
+def _backbone_class(name: str) -> type:
+    """A backbone class of the toolkit by name (never an arbitrary import path from a config file)."""
+    from .. import models
+
+    cls = getattr(models, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not _has_block_loop(cls):
+        raise ValueError(f"transformer_class={name!r} is not a backbone class of dit.models with a block loop.")
+    return cls
+
+
+def _has_block_loop(cls: type) -> bool:
+    """Whether a backbone's forward takes ``block_controls`` (the hook adapters inject their residuals through)."""
+    return "block_controls" in inspect.signature(cls.forward).parameters
+
+
+def _width(config) -> int:
+    return config["num_attention_heads"] * config["attention_head_dim"]
+
+
+class ControlNetBlock(nn.Module):
+    """A trainable copy of one base block and its zero-initialised output projection (``after_proj``).
+
+    Args:
+        transformer_block: the block (a copy of the base block at this position).
+        dim: token width.
+    """
+
+    def __init__(self, transformer_block: nn.Module, dim: int):
+        super().__init__()
+        self.transformer_block = transformer_block
+        self.after_proj = Linear(dim, dim)
+
+    def forward(self, control: torch.Tensor, *block_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``control`` (B, N, D) and the base block's other inputs -> (next control state, residual), (B, N, D)."""
+        control = self.transformer_block(control, *block_inputs)  # (B, N, D)
+        return control, self.after_proj(control)
+
+
+class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
+    """PixArt-δ ControlNet-Transformer adapter: trainable copies of base blocks at ``positions``.
+
+    Build it from a (frozen) base with :meth:`from_transformer`; save and load it as its own diffusers-format
+    folder (safetensors only, strict keys). At zero initialisation the base model's output is unchanged exactly.
+
+    Args:
+        transformer_class: name of the base backbone class in :mod:`dit.models` (``PixArtTransformer``,
+            ``LiTTransformer``, ...), used with ``transformer_config`` to build blocks of the right structure.
+        transformer_config: the base model's config (attention variants per block included).
+        positions: base block indices whose copies the adapter holds, ascending; the copy of block ``p`` feeds
+            base block ``p + 1``. PixArt-δ: ``0..12``.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ControlNetBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        transformer_class: str = "PixArtTransformer",
+        transformer_config: dict | None = None,
+        positions: list[int] | None = None,
+    ):
+        super().__init__()
+        if transformer_config is None or positions is None:
+            raise ValueError(
+                "ControlNetAdapter needs transformer_config and positions; build one with from_transformer."
+            )
+        base_config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+        self.positions = _check_positions(positions, base_config["num_layers"])
+        dim = _width(base_config)
+        # The base's own blocks (per-block attention options included), built as the base builds them: on the meta
+        # device under from_transformer / select / diffusers' empty-weights loading, so no weights are allocated.
+        skeleton = _backbone_class(transformer_class)(**base_config)
+        self.before_proj = Linear(dim, dim)
+        self.controlnet_blocks = nn.ModuleList(
+            [ControlNetBlock(skeleton.transformer_blocks[p], dim) for p in self.positions]
+        )
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Zero ``before_proj`` and every ``after_proj``: the adapter then leaves the base output unchanged."""
+        with torch.no_grad():
+            for proj in [self.before_proj, *(block.after_proj for block in self.controlnet_blocks)]:
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+
+    # ----- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_transformer(
+        cls, transformer: nn.Module, num_blocks: int = 13, positions: Sequence[int] | None = None
+    ) -> ControlNetAdapter:
+        """An adapter whose blocks copy ``transformer``'s blocks 0..num_blocks-1 (or ``positions``), with zero
+        ``before_proj`` / ``after_proj``; on the base's device and dtype."""
+        _check_backbone(transformer)
+        num_layers = transformer.config.num_layers
+        if positions is None and not 1 <= num_blocks < num_layers:
+            raise ValueError(
+                f"num_blocks={num_blocks} does not fit a base with {num_layers} blocks: control block j feeds base "
+                f"block j + 1, so num_blocks must be between 1 and {num_layers - 1}."
+            )
+        positions = list(range(num_blocks)) if positions is None else list(positions)
+        _check_positions(positions, num_layers)
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            adapter = cls(transformer_class=type(transformer).__name__, transformer_config=config, positions=positions)
+        state = {name: torch.zeros_like(value, device="cpu") for name, value in adapter.state_dict().items()
+                 if "_proj." in name and "transformer_block" not in name}  # fmt: skip
+        for j, p in enumerate(adapter.positions):
+            for name, value in transformer.transformer_blocks[p].state_dict().items():
+                state[f"controlnet_blocks.{j}.transformer_block.{name}"] = value
+        return _materialise(adapter, state, next(transformer.parameters())).train(transformer.training)
+
+    def select(self, positions: Sequence[int]) -> ControlNetAdapter:
+        """A slimmer adapter keeping the trained blocks at ``positions`` (a subset of this adapter's).
+
+        It computes exactly what this adapter computes with the other blocks skipped (passed through without
+        a residual): the chain still starts from base block 0's output and ``before_proj``.
+        """
+        positions = sorted(set(positions))
+        unknown = sorted(set(positions) - set(self.positions))
+        if unknown:
+            raise ValueError(f"Positions {unknown} are not in this adapter (it holds {self.positions}).")
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            slim = type(self)(**{**config, "positions": positions})
+        theirs = self.state_dict()  # copied, not shared, by _materialise
+        state = {k: v for k, v in theirs.items() if k.startswith("before_proj.")}
+        for j, p in enumerate(positions):
+            prefix = f"controlnet_blocks.{self.positions.index(p)}."
+            state.update({f"controlnet_blocks.{j}.{k[len(prefix):]}": v for k, v in theirs.items()
+                          if k.startswith(prefix)})  # fmt: skip
+        return _materialise(slim, state, next(self.parameters())).train(self.training)
+
+    @classmethod
+    def from_pixart(cls, source, **overrides):
+        raise NotImplementedError("Build a ControlNetAdapter with ControlNetAdapter.from_transformer(base_model).")
+
+    # ----- use ------------------------------------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        return _width(self.config.transformer_config)
+
+    def check_compatible(self, transformer: nn.Module) -> None:
+        """Raise a ValueError naming the mismatch if this adapter cannot run on ``transformer``."""
+        _check_backbone(transformer)
+        mine, theirs = self.config.transformer_config, transformer.config
+        if _width(theirs) != self.width:
+            raise ValueError(
+                f"This ControlNet adapter was built for a base of width {self.width}; the transformer has width "
+                f"{_width(theirs)} (num_attention_heads * attention_head_dim)."
+            )
+        if theirs["cross_attention_dim"] != mine["cross_attention_dim"]:
+            raise ValueError(
+                f"This ControlNet adapter's blocks take text tokens of width {mine['cross_attention_dim']}; the "
+                f"transformer's cross_attention_dim is {theirs['cross_attention_dim']}."
+            )
+        if self.positions[-1] + 1 >= theirs["num_layers"]:
+            raise ValueError(
+                f"This ControlNet adapter feeds base block {self.positions[-1] + 1}; the transformer has only "
+                f"{theirs['num_layers']} blocks."
+            )
+
+    def run_block(self, j: int, control: torch.Tensor, *block_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Control block ``j`` (gradient-checkpointed when enabled): (next control state, unscaled residual)."""
+        block = self.controlnet_blocks[j]
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, control, *block_inputs)
+        return block(control, *block_inputs)
+
+
+def _check_backbone(transformer: nn.Module) -> None:
+    if not hasattr(transformer, "transformer_blocks") or not _has_block_loop(type(transformer)):
+        raise TypeError(
+            f"{type(transformer).__name__} is not a toolkit backbone with a block loop (block_controls); ControlNet "
+            "adapters run on dit backbones (PixArtTransformer, LiTTransformer, ...)."
+        )
+
+
+def _check_positions(positions: Sequence[int], num_layers: int) -> list[int]:
+    positions = [int(p) for p in positions]
+    if not positions:
+        raise ValueError("A ControlNet adapter needs at least one block (num_blocks >= 1 or a non-empty positions).")
+    if positions != sorted(set(positions)) or positions[0] < 0:
+        raise ValueError(f"ControlNet positions must be distinct, ascending and >= 0; got {positions}.")
+    if positions[-1] + 1 >= num_layers:
+        raise ValueError(
+            f"ControlNet position {positions[-1]} needs a base with at least {positions[-1] + 2} blocks (the copy of "
+            f"block p feeds base block p + 1); this base has {num_layers}."
+        )
+    return positions
+
+
+def _materialise(adapter: ControlNetAdapter, state: dict, like: torch.Tensor) -> ControlNetAdapter:
+    """Allocate a meta-built adapter on ``like``'s device and dtype and copy ``state`` into it (strictly)."""
+    adapter.to_empty(device=like.device)
+    if like.dtype != torch.float32:
+        nn.Module.to(adapter, like.dtype)  # (diffusers' `to` warns about fp32-kept modules; this adapter has none)
+    adapter.load_state_dict(state, strict=True)
+    return adapter
+
+
+class MultiControlNetAdapter(ModelMixin):
+    """Several adapters used together (multi-control): each takes its own control latent and scale, and their
+    residuals are summed. Saved as one folder with a sub-folder per adapter (``adapter_0``, ``adapter_1``, ...).
+
+    Args:
+        adapters: the :class:`ControlNetAdapter` s, in the order their control images and scales are given.
+    """
+
+    def __init__(self, adapters: Sequence[ControlNetAdapter]):
+        super().__init__()
+        if not adapters:
+            raise ValueError("MultiControlNetAdapter needs at least one adapter.")
+        self.nets = nn.ModuleList(adapters)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        for i, net in enumerate(self.nets):
+            net.save_pretrained(Path(save_directory) / f"adapter_{i}", **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> MultiControlNetAdapter:
+        root = Path(pretrained_model_name_or_path)
+        folders = sorted(root.glob("adapter_*"), key=lambda p: int(p.name.split("_")[-1]))
+        if not folders:
+            raise FileNotFoundError(f"No adapter_<i> folders in {root}.")
+        keep = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "strict", "allow_pickle")}
+        return cls([ControlNetAdapter.from_pretrained(folder, **keep) for folder in folders])
+
+
+class _ControlRun:
+    """One adapter during one base forward: the control chain's state and its residuals."""
+
+    def __init__(
+        self, adapter: ControlNetAdapter, transformer: nn.Module, controlnet_cond: torch.Tensor, scale: float
+    ):
+        adapter.check_compatible(transformer)
+        in_channels = transformer.config.in_channels
+        if controlnet_cond.ndim != 4 or controlnet_cond.shape[1] != in_channels:
+            raise ValueError(
+                f"controlnet_cond must be a control latent (batch, {in_channels}, height, width) like the model's "
+                f"latents, got shape {tuple(controlnet_cond.shape)}."
+            )
+        if adapter._attention_backend_name != transformer._attention_backend_name:
+            adapter.set_attention_backend(transformer._attention_backend_name)  # masks come in the base's format
+        adapter._attention_backend(controlnet_cond.device)
+        self.adapter, self.transformer, self.cond, self.scale = adapter, transformer, controlnet_cond, scale
+        self.index = {p: j for j, p in enumerate(adapter.positions)}
+        self.control: torch.Tensor | None = None
+
+    def _start(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Base block 0's output plus the embedded control latent (B, N, D)."""
+        patch = self.transformer.config.patch_size
+        size, expected = tuple(self.cond.shape[-2:]), (grid[0] * patch, grid[1] * patch)
+        if size != expected:
+            raise ValueError(
+                f"The control latent is {size[0]}x{size[1]}; the model's latents are {expected[0]}x{expected[1]}. "
+                "Control images must have the size of the generated image."
+            )
+        cond, batch = self.cond, hidden_states.shape[0]
+        if cond.shape[0] not in (1, batch):
+            raise ValueError(f"{cond.shape[0]} control latents were given for a batch of {batch}.")
+        embedded = self.transformer.pos_embed(cond.to(hidden_states.dtype))  # (B or 1, N, D)
+        return hidden_states + self.adapter.before_proj(embedded)  # (B, N, D)
+
+    def __call__(self, index: int, hidden_states: torch.Tensor, *block_inputs) -> torch.Tensor | None:
+        """The scaled residual for the input of base block ``index + 1`` (None where this adapter has no block)."""
+        if index == 0:
+            self.control = self._start(hidden_states, block_inputs[-1])
+        j = self.index.get(index)
+        if j is None:
+            return None
+        self.control, out = self.adapter.run_block(j, self.control, *block_inputs)  # (B, N, D) each
+        return out if self.scale == 1.0 else out * self.scale
+
+
+class BlockControls:
+    """The base forward's ``block_controls`` hook for one or several adapters.
+
+    After base block ``index`` every adapter reads the same hidden states; then their residuals (each times its
+    own scale) are added, so several adapters sum as in diffusers' multi-ControlNet.
+    """
+
+    def __init__(self, runs: list[_ControlRun]):
+        self.runs = runs
+
+    def __call__(self, index: int, hidden_states: torch.Tensor, *block_inputs) -> torch.Tensor:
+        residuals = [r for run in self.runs if (r := run(index, hidden_states, *block_inputs)) is not None]
+        for update in residuals:
+            hidden_states = residual(hidden_states, update)  # (B, N, D)
+        return hidden_states
+
+
+def adapter_list(controlnet: ControlNetAdapter | MultiControlNetAdapter | Sequence[ControlNetAdapter]) -> list:
+    """The adapters of one adapter, a :class:`MultiControlNetAdapter` or a list of adapters."""
+    if isinstance(controlnet, MultiControlNetAdapter):
+        return list(controlnet.nets)
+    if isinstance(controlnet, ControlNetAdapter):
+        return [controlnet]
+    return list(controlnet)
+
+
+def block_controls(
+    transformer: nn.Module,
+    controlnet: ControlNetAdapter | MultiControlNetAdapter | Sequence[ControlNetAdapter],
+    controlnet_cond: torch.Tensor | Sequence[torch.Tensor],
+    conditioning_scale: float | Sequence[float] = 1.0,
+) -> BlockControls | None:
+    """The ``block_controls`` argument of ``transformer``'s forward for one or several adapters.
+
+    Args:
+        transformer: the base backbone the adapters run on.
+        controlnet: an adapter, a :class:`MultiControlNetAdapter`, or a list of adapters.
+        controlnet_cond: control latents (B or 1, C, H, W) like the model's latents; one per adapter.
+        conditioning_scale: residual scale, one per adapter (or one for all).
+
+    Adapters with scale 0 are left out; with none left the result is None, so the base runs exactly as without.
+    """
+    adapters = adapter_list(controlnet)
+    conds = [controlnet_cond] if isinstance(controlnet_cond, torch.Tensor) else list(controlnet_cond)
+    scales = (
+        [conditioning_scale] * len(adapters) if isinstance(conditioning_scale, (int, float)) else conditioning_scale
+    )
+    if not len(adapters) == len(conds) == len(scales):
+        raise ValueError(
+            f"{len(adapters)} ControlNet adapters need as many control latents and scales; got {len(conds)} and "
+            f"{len(scales)}."
+        )
+    runs = [_ControlRun(a, transformer, c, float(s)) for a, c, s in zip(adapters, conds, scales) if s != 0]
+    return BlockControls(runs) if runs else None

@@ -1,0 +1,202 @@
+"""Text-to-image with ControlNet adapters (PixArt-δ): :class:`TextToImagePipeline` plus control images."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+from ..models.controlnet import ControlNetAdapter, MultiControlNetAdapter, adapter_list, block_controls
+from .text_to_image import TextToImagePipeline
+
+ControlImage = PIL.Image.Image | np.ndarray | torch.Tensor | list
+
+
+def control_tensor(image: ControlImage) -> torch.Tensor:
+    """A control image (or a list of them) as a (B, 3, H, W) float tensor in [-1, 1].
+
+    Accepts PIL images (any mode; converted to RGB), uint8 arrays (H, W), (H, W, 3) or (B, H, W, 3) with values
+    0..255, and tensors (3, H, W) or (B, 3, H, W) already in [-1, 1].
+    """
+    if isinstance(image, list):
+        return torch.cat([control_tensor(item) for item in image])
+    if isinstance(image, torch.Tensor):
+        tensor = image[None] if image.ndim == 3 else image
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"A control image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}.")
+        return tensor.float().contiguous()
+    if isinstance(image, PIL.Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError("A control image must be a PIL image, a uint8 array or a tensor in [-1, 1].")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)  # (H, W, 3)
+    array = image[None] if image.ndim == 3 else image  # (B, H, W, 3)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"A control image array must be (H, W), (H, W, 3) or (B, H, W, 3), got {image.shape}.")
+    tensor = torch.from_numpy(array.copy()).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return (tensor.float() / 127.5 - 1.0).contiguous()
+
+
+def encode_control(vae, images: torch.Tensor) -> torch.Tensor:
+    """Control images (B, 3, H, W) in [-1, 1] -> control latents (B, C, h, w): the VAE posterior mean, shifted and
+    scaled as latents are (an identity pixel-space VAE gives the pixels themselves)."""
+    config = vae.config
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, h, w)
+    if getattr(config, "shift_factor", None) is not None:
+        latents = latents - config.shift_factor
+    return latents * config.scaling_factor
+
+
+def _in_window(step: int, total: int, start: float, end: float) -> bool:
+    """Whether sampling step ``step`` of ``total`` lies in the guidance window (diffusers' ``controlnet_keep``)."""
+    return not (step / total < start or (step + 1) / total > end)
+
+
+def _per_adapter(value, count: int, name: str) -> list:
+    """``value`` for each of ``count`` adapters: a list of that length, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} ControlNet adapters.")
+        return list(value)
+    return [value] * count
+
+
+class ControlNetPipeline(TextToImagePipeline):
+    """Text-to-image with one or several ControlNet adapters (:class:`~dit.models.controlnet.ControlNetAdapter`).
+
+    Takes everything :class:`TextToImagePipeline` takes, plus ``control_image``, ``controlnet_conditioning_scale``
+    and ``control_guidance_start`` / ``control_guidance_end`` (fractions of the sampling steps, as in diffusers'
+    ControlNet pipelines). Control images are encoded by the VAE (posterior mean times its scaling factor) and enter
+    the transformer through its own patch embedding. A scale of 0 (or a step outside the guidance window) runs the
+    base model exactly as :class:`TextToImagePipeline` does.
+
+    Args:
+        tokenizer: tokenizer of the text encoder.
+        text_encoder: a transformers ``T5EncoderModel``.
+        vae: a diffusers ``AutoencoderKL`` (also encodes the control images).
+        transformer: a backbone of this toolkit (its forward takes ``block_controls``).
+        scheduler: any diffusers scheduler; None for ``DPMSolverMultistepScheduler()``.
+        controlnet: an adapter, a list of adapters (multi-control) or a ``MultiControlNetAdapter``.
+    """
+
+    # The adapters run inside the transformer's forward (never called on their own): with model CPU offload they stay
+    # on the execution device, as diffusers keeps ControlNets that are called every step.
+    _exclude_from_cpu_offload = ["controlnet"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, controlnet):
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetAdapter(controlnet) if len(controlnet) > 1 else controlnet[0]
+        if not isinstance(controlnet, (ControlNetAdapter, MultiControlNetAdapter)):
+            raise TypeError(f"controlnet must be a ControlNetAdapter or a list of them, got {type(controlnet)}.")
+        super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
+        for adapter in adapter_list(controlnet):
+            adapter.check_compatible(transformer)
+        self.register_modules(controlnet=controlnet)
+
+    @property
+    def adapters(self) -> list[ControlNetAdapter]:
+        return adapter_list(self.controlnet)
+
+    def encode_control(self, image: torch.Tensor) -> torch.Tensor:
+        """Control pixels (B, 3, H, W) in [-1, 1] -> control latents (B, C, H/f, W/f), as the training features."""
+        return encode_control(self.vae, image)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        control_image: ControlImage | Sequence[ControlImage] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        **kwargs,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt`` that follow ``control_image``.
+
+        Args:
+            prompt: as :meth:`TextToImagePipeline.__call__`.
+            control_image: the control for a single adapter (an image, or a list with one per prompt); with several
+                adapters, a list with one such entry per adapter. Images must have the output size; with
+                ``height`` / ``width`` unset, they set it.
+            controlnet_conditioning_scale: residual scale, one for all adapters or one per adapter.
+            control_guidance_start: fraction of the steps at which each adapter starts acting.
+            control_guidance_end: fraction of the steps at which each adapter stops acting.
+            kwargs: every other argument of :meth:`TextToImagePipeline.__call__`.
+        """
+        if control_image is None:
+            raise ValueError("ControlNetPipeline needs control_image (use TextToImagePipeline without control).")
+        count = len(self.adapters)
+        images = [control_image] if count == 1 else _per_adapter(control_image, count, "control_image")
+        images = [control_tensor(image) for image in images]
+        kwargs["height"], kwargs["width"] = self._output_size(images, kwargs.get("height"), kwargs.get("width"))
+        scales = _per_adapter(controlnet_conditioning_scale, count, "controlnet_conditioning_scale")
+        starts = _per_adapter(control_guidance_start, count, "control_guidance_start")
+        ends = _per_adapter(control_guidance_end, count, "control_guidance_end")
+        for start, end in zip(starts, ends):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"control_guidance_start={start} and _end={end} must satisfy 0 <= start < end <= 1.")
+        windows = list(zip(starts, ends))
+        with self._controls_installed(images, scales, windows, kwargs.get("num_images_per_prompt", 1)):
+            return super().__call__(prompt, **kwargs)
+
+    @staticmethod
+    def _output_size(images: list[torch.Tensor], height: int | None, width: int | None) -> tuple[int, int]:
+        """The requested size, or the control images' size; every control image must have it."""
+        size = tuple(images[0].shape[-2:])
+        height, width = height or size[0], width or size[1]
+        for image in images:
+            if tuple(image.shape[-2:]) != (height, width):
+                raise ValueError(
+                    f"control_image is {image.shape[-1]}x{image.shape[-2]} (WxH); the image to generate is "
+                    f"{width}x{height}. Pass control images of the output size (or leave height/width unset)."
+                )
+        return height, width
+
+    @contextlib.contextmanager
+    def _controls_installed(
+        self, images: list[torch.Tensor], scales: list[float], windows: list[tuple[float, float]], per_prompt: int
+    ) -> Iterator[None]:
+        """While sampling, every transformer call gets ``block_controls`` for the adapters active at that step."""
+        state = {"step": 0, "latents": {}}
+
+        def add_controls(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            step, total = state["step"], max(1, len(self.scheduler.timesteps))
+            state["step"] += 1
+            active = [k for k in range(len(windows)) if scales[k] != 0 and _in_window(step, total, *windows[k])]
+            if not active:
+                return None
+            latents = [self._control_latents(k, images[k], hidden, per_prompt, state["latents"]) for k in active]
+            adapters = [self.adapters[k] for k in active]
+            kwargs["block_controls"] = block_controls(module, adapters, latents, [scales[k] for k in active])
+            return args, kwargs
+
+        handle = self.transformer.register_forward_pre_hook(add_controls, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _control_latents(
+        self, k: int, image: torch.Tensor, hidden: torch.Tensor, per_prompt: int, cache: dict
+    ) -> torch.Tensor:
+        """Adapter ``k``'s control latents for a transformer batch like ``hidden`` (encoded once per call)."""
+        if k not in cache:
+            size = (hidden.shape[-2] * self.vae_scale_factor, hidden.shape[-1] * self.vae_scale_factor)
+            if tuple(image.shape[-2:]) != size:  # resolution binning sampled at another size
+                image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            cache[k] = self.encode_control(image).to(hidden.device, hidden.dtype)  # (B_c, C, h, w)
+        latents, batch = cache[k], hidden.shape[0]
+        if latents.shape[0] == 1:
+            return latents
+        latents = latents.repeat_interleave(per_prompt, dim=0)
+        if batch == 2 * latents.shape[0]:  # the CFG batch: unconditional half first, both controlled
+            latents = torch.cat([latents, latents])
+        if latents.shape[0] != batch:
+            raise ValueError(f"control_image has {cache[k].shape[0]} images; pass one, or one per prompt.")
+        return latents
