@@ -1,6 +1,6 @@
 """Few-step sampling with a latent consistency model distilled by the trainer (``objective.distill: lcm``).
 
-An LCM folder, as ``dit.train`` writes it beside a base pipeline, holds:
+An LCM folder, as ``dit.train`` writes it at the end of a distillation run (``output_dir/lcm``), holds:
 
 - ``transformer/`` (a full student) or ``pytorch_lora_weights.safetensors`` (an LCM-LoRA for the base);
 - ``scheduler/``: the consistency scheduler the student was distilled for (diffusers' ``LCMScheduler``, or

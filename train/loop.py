@@ -339,8 +339,22 @@ class Trainer:
         progress.close()
         if log is not None:
             log.close()
+        if cfg.objective.distill == "lcm" and acc.is_main_process:
+            self.save_lcm_folder()
         acc.end_training()
         return history
+
+    def save_lcm_folder(self) -> Path:
+        """``output_dir/lcm``: the distilled student (EMA weights when kept) as an LCM folder for
+        ``dit.pipelines.load_lcm`` / ``dit generate --lcm-folder``, with its consistency scheduler."""
+        from dit.pipelines.lcm import save_lcm
+
+        lcm = self.config.objective.lcm
+        model = self.accelerator.unwrap_model(self.model)
+        guidance = lcm.guidance_scale if lcm.guidance_range is not None else 1.0  # fixed: guidance distilled in
+        context = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
+        with context:
+            return save_lcm(self.root / "lcm", model, self.objective.sampling_scheduler(), guidance_scale=guidance)
 
     def validate(self) -> Path | None:
         """Sample the validation prompts with the EMA weights (when kept); main process only."""

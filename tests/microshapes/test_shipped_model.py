@@ -79,3 +79,22 @@ def test_it_follows_two_object_prompts(pipe):
     scores = [score(image, scene) for image, scene in zip(generate([caption(s) for s in scenes], 0), scenes)]
     # 67% of 30 in the full evaluation; the model shipped before the trained text encoder scored 0%
     assert sum(s["prompt"] for s in scores) >= 2, scores
+
+
+def test_cli_generate_lcm_uses_the_shipped_student(tmp_path):
+    from dit.cli import default_lcm
+    from dit.pipelines import load_lcm
+    from dit.pipelines.lcm import lcm_defaults
+
+    defaults = lcm_defaults(default_lcm())
+    assert defaults == {"num_inference_steps": 4, "guidance_scale": 1.0}  # guidance distilled in: no CFG batch
+    out = tmp_path / "lcm.png"
+    assert cli_main(["generate", PROMPT, "-o", str(out), "--lcm"]) == 0
+    student = load_lcm(TextToImagePipeline.from_pretrained(FOLDER), default_lcm())
+    student.set_progress_bar_config(disable=True)
+    expected = student(PROMPT, generator=torch.Generator().manual_seed(0), **defaults).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    scenes = prompt_suite(8)["one_object"]
+    images = pipeline_generator(student, steps=2, guidance_scale=1.0)([caption(s) for s in scenes], 0)
+    # bench/results/lcm_quality_cpu.json: 2 steps score 82% one-object on 60 prompts (the teacher at 20: 95%)
+    assert sum(score(image, scene)["prompt"] for image, scene in zip(images, scenes)) >= 5

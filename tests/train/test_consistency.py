@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 
 from dit import PixArtTransformer
 from dit.pipelines import TextToImagePipeline
+from dit.pipelines.lcm import lcm_defaults
 from dit.train import Trainer, load_config
 from dit.train.config import ConfigError, LCMConfig, ObjectiveConfig
 from dit.train.consistency import ConsistencyDistillation, TargetNetwork, consistency_loss
@@ -210,6 +211,10 @@ def test_exact_resume(features, teacher, tmp_path, mode):
     if resumed.target is not None:
         for name in resumed.target.names:
             assert torch.equal(resumed.target._params[name], uninterrupted.target._params[name]), name
+    # the run ends with an LCM folder for load_lcm / dit generate --lcm-folder
+    lcm = tmp_path / "full" / "lcm"
+    assert lcm_defaults(lcm) == {"num_inference_steps": 4, "guidance_scale": 4.5 if mode == "embedded" else 1.0}
+    assert (lcm / "transformer").is_dir() == (mode != "lora") and (lcm / "scheduler").is_dir()
 
 
 def test_guidance_modes_must_match_the_student(features, teacher, tmp_path):
