@@ -24,6 +24,16 @@ def default_lcm() -> Path:
     return Path(str(resources.files("dit") / "assets" / "microshapes_lcm"))
 
 
+def print_report(report: dict, path: str | None = None) -> None:
+    """Print ``report`` as indented JSON, and write it to ``path`` too when given (``--json``)."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -66,8 +76,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from dit.microshapes.suite import evaluate, pipeline_generator
@@ -89,11 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(generate, n=args.n, batch_size=args.batch_size)
     report["settings"] = {"model": str(args.model), "steps": args.steps, "guidance_scale": args.guidance,
                           "size": f"{width}x{height}", "n": args.n, "device": device}  # fmt: skip
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    print_report(report, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 from collections.abc import Callable
 
 from .models.controlnet import ControlNetAdapter
@@ -112,6 +111,7 @@ def add_parser(commands) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from .cli import print_report  # imported here: the CLI imports this module's parser
     from .pipelines import TextToImagePipeline
     from .pipelines.defaults import sampling_defaults
 
@@ -134,9 +134,5 @@ def main(args: argparse.Namespace) -> int:
             slim.save_pretrained(args.slim_out)
     report["settings"] = {"model": str(args.model), "controlnet": str(args.controlnet), "metric": args.metric,
                           "n": args.n, "steps": args.steps, "guidance_scale": args.guidance, "device": device}  # fmt: skip
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    print_report(report, args.json)
     return 0

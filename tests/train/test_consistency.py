@@ -16,7 +16,7 @@ from dit.train.config import ConfigError, LCMConfig, ObjectiveConfig
 from dit.train.consistency import ConsistencyDistillation, TargetNetwork, consistency_loss
 from dit.train.objectives import build_objective
 from tests.tiny import tiny_t5, tiny_tokenizer, tiny_vae
-from tests.train.test_trainer import TINY, make_features
+from tests.train.test_trainer import TINY, _losses, launch_two_processes, make_features
 
 SHAPE = (3, 4, 6, 10)
 PREDICTION_TYPES = {"ddpm_eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -270,26 +270,9 @@ def test_pipeline_lcm_sampling_modes():
 
 def test_two_processes_match_one(features, teacher, tmp_path):
     """LCM distillation over two CPU processes (gloo) gives the one-process losses (same global batch)."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     overrides = [f"data.path={features}", "objective.name=v", "objective.distill=lcm", "data.caption_dropout=0",
                  f"objective.distill_teacher={teacher}", f"model.pretrained={teacher}", "ema_decay=null",
                  "max_steps=3", "checkpoint_every=100"]  # fmt: skip
     Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29535", "-m", "dit.train", "--config", str(TINY),
-           *overrides, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
-                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    two = launch_two_processes(overrides, tmp_path / "two", port=29535)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-6)

@@ -1,10 +1,6 @@
 """ControlNet training in the one loop: base frozen and bit-identical, only the adapter trains and is checkpointed."""
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from dit.train import Trainer, load_config
 from dit.train.config import ConfigError
 from dit.train.controlnet import ControlFeatureWriter, ControlledTransformer
 from tests.tiny import randomize_
-from tests.train.test_trainer import TINY, _losses, make_features
+from tests.train.test_trainer import TINY, _losses, launch_two_processes, make_features
 
 BASE = dict(load_config(TINY, ["data.path=x"]).model.kwargs, num_layers=3)
 
@@ -145,13 +141,5 @@ def test_two_processes_match_one(features, base, tmp_path):
     overrides = [f"data.path={features}", f"model.pretrained={base}", "controlnet.num_blocks=2", "max_steps=3",
                  "checkpoint_every=100", "report_to=none"]  # fmt: skip
     Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29534", "-m", "dit.train", "--config", str(TINY),
-           *overrides, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(
-        torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-5
-    )
+    two = launch_two_processes(overrides, tmp_path / "two", port=29534)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-5)

@@ -150,19 +150,26 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(features, tmp_path):
-    """Two CPU processes over gloo (accelerate launch; its `--cpu` launcher needs MPI for several processes, so the
-    torch.distributed launcher is used with accelerate's CPU mode): same global batch, same losses."""
-    overrides = [f"data.path={features}", "max_steps=4", "checkpoint_every=100"]
-    Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
+def launch_two_processes(overrides: list[str], out: Path, port: int) -> list[float]:
+    """``accelerate launch`` of ``dit.train`` with two CPU processes over gloo (accelerate's ``--cpu`` launcher needs
+    MPI for several processes, so the torch.distributed launcher runs with accelerate's CPU mode), per-process batch
+    2; returns the run's logged losses."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "dit.train", "--config", str(TINY),
-           *overrides, "data.batch_size=2", f"output_dir={tmp_path / 'two'}"]  # fmt: skip
+           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "dit.train", "--config", str(TINY),
+           *overrides, "data.batch_size=2", f"output_dir={out}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    return _losses(out)
+
+
+def test_two_processes_match_one(features, tmp_path):
+    """Two CPU processes over gloo: same global batch, same losses."""
+    overrides = [f"data.path={features}", "max_steps=4", "checkpoint_every=100"]
+    Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
+    two = launch_two_processes(overrides, tmp_path / "two", port=29533)
+    one = _losses(tmp_path / "one")
     assert len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
 
