@@ -1,12 +1,21 @@
 """dit: diffusion-transformer backbones that plug into Hugging Face diffusers pipelines."""
 
-from .models import ControlNetAdapter, LiTTransformer, MultiControlNetAdapter, PixArtTransformer
+from .models import (
+    ControlNetAdapter,
+    FiTTransformer,
+    LiTTransformer,
+    MicroDiTTransformer,
+    MultiControlNetAdapter,
+    PixArtTransformer,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "ControlNetAdapter",
     "ControlNetPipeline",
+    "FiTTransformer",
     "LiTTransformer",
+    "MicroDiTTransformer",
     "MultiControlNetAdapter",
     "PixArtTransformer",
     "TextToImagePipeline",

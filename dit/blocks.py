@@ -35,13 +35,21 @@ class GELUProjection(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``net.0.proj`` -> GELU -> dropout -> ``net.2``: diffusers' FeedForward keys at ``mult`` x width."""
+    """``net.0.proj`` -> GELU -> dropout -> ``net.2``: diffusers' FeedForward keys at ``mult`` x width (or
+    ``inner_dim``)."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation_fn: str = "gelu-approximate"):
+    def __init__(
+        self,
+        dim: int,
+        mult: int = 4,
+        dropout: float = 0.0,
+        activation_fn: str = "gelu-approximate",
+        inner_dim: int | None = None,
+    ):
         super().__init__()
         if activation_fn not in ACTIVATIONS:
             raise ValueError(f"Unsupported activation_fn {activation_fn!r}; choose one of {sorted(ACTIVATIONS)}.")
-        inner = dim * mult
+        inner = inner_dim or dim * mult
         self.net = nn.ModuleList(
             [GELUProjection(dim, inner, ACTIVATIONS[activation_fn]), nn.Dropout(dropout), Linear(inner, dim)]
         )
@@ -70,6 +78,9 @@ class PixArtBlock(nn.Module):
         norm_eps: LayerNorm epsilon.
         self_attention_options: extra :class:`DiTAttention` options of the self-attention (``kernel``,
             ``kv_compress_ratio``, ``kv_compress_mode``, ``conv_kernel_size``, and ``heads`` to override the count).
+        attention_heads: heads of width ``attention_head_dim`` in both attentions, when the attention width differs
+            from the token width (MicroDiT's layer-wise scaling); None: ``num_attention_heads``.
+        feed_forward: a module replacing the MLP ``ff`` (e.g. an expert-choice MoE, or a scaled-width MLP).
     """
 
     def __init__(
@@ -84,9 +95,11 @@ class PixArtBlock(nn.Module):
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-6,
         self_attention_options: dict | None = None,
+        attention_heads: int | None = None,
+        feed_forward: nn.Module | None = None,
     ):
         super().__init__()
-        heads, head_dim = num_attention_heads, attention_head_dim
+        heads, head_dim = attention_heads or num_attention_heads, attention_head_dim
         options = dict(self_attention_options or {})
         self_heads = options.pop("heads", heads)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
@@ -97,7 +110,7 @@ class PixArtBlock(nn.Module):
         self.attn2 = None
         if cross_attention_dim is not None:
             self.attn2 = DiTAttention(dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
+        self.ff = feed_forward or FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
     def forward(

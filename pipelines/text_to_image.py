@@ -15,7 +15,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_time
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..embeddings import guidance_scale_embedding
-from .resolution import sampling_size
+from .resolution import flow_match_scheduler, flow_shift_mu, sampling_size
 
 PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -33,7 +33,11 @@ class TextToImagePipeline(DiffusionPipeline):
         text_encoder: a transformers ``T5EncoderModel`` (or any encoder returning hidden states first).
         vae: a diffusers ``AutoencoderKL``.
         transformer: a backbone of this toolkit (or diffusers' ``PixArtTransformer2DModel``).
-        scheduler: any diffusers scheduler; pass None for ``DPMSolverMultistepScheduler()`` (PixArt's default).
+        scheduler: any diffusers scheduler; None picks :func:`default_scheduler` for the transformer.
+
+    Flexible-resolution backbones (FiT) sample any size that divides into patches, without PixArt's aspect-ratio
+    bins. A flow-matching scheduler with ``use_dynamic_shifting`` gets ``mu`` from the image token count at every
+    call (:func:`~dit.pipelines.resolution.flow_shift_mu`), so the timestep shift follows the resolution.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -42,7 +46,7 @@ class TextToImagePipeline(DiffusionPipeline):
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
         super().__init__()
-        scheduler = scheduler if scheduler is not None else DPMSolverMultistepScheduler()
+        scheduler = scheduler if scheduler is not None else default_scheduler(transformer)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
@@ -270,6 +274,8 @@ class TextToImagePipeline(DiffusionPipeline):
         height = height or config.sample_size * self.vae_scale_factor
         width = width or config.sample_size * self.vae_scale_factor
         resolution = config.sample_size * self.vae_scale_factor
+        if getattr(self.transformer, "native_resolution", False):  # trained at native sizes: no PixArt bins
+            resolution = None
         sample_h, sample_w = sampling_size(height, width, resolution, multiple, use_resolution_binning)
         device = self._execution_device
 
@@ -282,8 +288,9 @@ class TextToImagePipeline(DiffusionPipeline):
             embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
         batch = neg_embeds.shape[0] if guided else embeds.shape[0]
 
+        mu = flow_shift_mu(self.scheduler, (sample_h // multiple) * (sample_w // multiple))
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+            self.scheduler, num_inference_steps, device, timesteps, sigmas, **({} if mu is None else {"mu": mu})
         )
         latents = self.prepare_latents(batch, sample_h, sample_w, embeds.dtype, device, generator, latents)
         added = self._added_cond_kwargs(sample_h, sample_w, embeds.shape[0], embeds.dtype, device)
@@ -307,6 +314,16 @@ class TextToImagePipeline(DiffusionPipeline):
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+def default_scheduler(transformer) -> Any:
+    """The scheduler a pipeline gets when none is given: for a rectified-flow backbone (``prediction_type ==
+    "flow"``, FiT) diffusers' ``FlowMatchEulerDiscreteScheduler`` with the resolution-dependent shift anchored at its
+    training token count (:func:`~dit.pipelines.resolution.flow_match_scheduler`); else PixArt's
+    ``DPMSolverMultistepScheduler()``."""
+    if getattr(transformer, "prediction_type", None) == "flow":
+        return flow_match_scheduler(transformer.train_tokens)
+    return DPMSolverMultistepScheduler()
 
 
 def _lora_file(path: str | os.PathLike) -> str:

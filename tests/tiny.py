@@ -21,6 +21,11 @@ SIGMA = dict(
     interpolation_scale=1,
 )  # fmt: skip
 CONFIGS = {"alpha": ALPHA, "sigma": SIGMA}
+# FiT: 4x4-patch training grid (sample_size 8, patch 2), up to 48 tokens per image (e.g. a 12x16 latent)
+FIT = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, patch_size=2, sample_size=8,
+    max_tokens=48, caption_channels=32,
+)  # fmt: skip
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:

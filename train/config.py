@@ -42,6 +42,9 @@ class DataConfig:
     num_workers: int = 0
     caption_dropout: float = 0.1
     sample_posterior: bool = True  # latents = mean + std * noise (PixArt); false: the VAE posterior mean only
+    # batches mix latent sizes, zero-padded at the bottom/right, with per-sample image_sizes and a padding loss mask
+    # (a backbone that takes image_sizes: FiTTransformer); false: every batch holds one size bucket
+    mixed_sizes: bool = False
 
 
 @dataclass
@@ -130,6 +133,21 @@ class ControlNetConfig:
 
 
 @dataclass
+class MaskingConfig:
+    """Token masking (MicroDiT): each training sample keeps a random ``1 - ratio`` of its patch tokens and the loss
+    averages over those only; the last ``unmasked_steps`` optimizer steps train unmasked (the paper's fine-tune).
+    Off at ``ratio: 0``. Whether masking follows a patch-mixer (deferred) or precedes it (naive) is the model's
+    ``deferred_masking``."""
+
+    ratio: float = 0.0
+    unmasked_steps: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved as ``config.yaml`` beside every checkpoint."""
 
@@ -151,6 +169,7 @@ class TrainConfig:
     report_to: str = "tensorboard"
     compile: bool = False
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 class _Loader(yaml.SafeLoader):

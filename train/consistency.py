@@ -34,6 +34,7 @@ class ConsistencyDistillation(Objective):
 
     uses_teacher = True
     uses_target = True
+    supports_loss_mask = False
 
     def __init__(self, base: Objective, lcm: LCMConfig):
         super().__init__(base.config)

@@ -2,7 +2,9 @@
 
 A shard is a safetensors file with ``latent_mean`` (N, C, h, w), optional ``latent_std`` (N, C, h, w),
 ``text_embeds`` (N, L, C_text) and ``text_mask`` (N, L): the layout PixArt trains from (VAE mean/std re-sampled
-every time, T5 features with their masks). Each shard holds one latent size, so a batch holds one bucket.
+every time, T5 features with their masks). Each shard holds one latent size, so a batch holds one bucket; with
+``data.mixed_sizes`` (flexible-resolution backbones, FiT) batches draw across buckets instead, and :func:`collate`
+zero-pads their latents to one canvas and reports each sample's ``image_sizes``.
 
 The plan fixes, for every global step, which samples each process reads: on resume the run continues with
 exactly the batches it would have seen, and a run on P processes reads the same global batches as one process.
@@ -11,12 +13,15 @@ exactly the batches it would have seen, and a run on P processes reads the same 
 from __future__ import annotations
 
 import bisect
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
+
+from .config import ConfigError
 
 REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
 OPTIONAL_KEYS = ("control_latent",)  # passed through when a shard has them (ControlNet's control latents)
@@ -47,12 +52,20 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def buckets(self) -> list[list[int]]:
-        """Sample indices grouped by latent size (one list per distinct size)."""
+    def buckets(self, mixed: bool = False) -> list[list[int]]:
+        """Sample indices grouped by latent size (one list per distinct size); ``mixed``: one group of all samples,
+        so that batches mix sizes."""
+        if mixed:
+            return [list(range(len(self)))]
         groups: dict[tuple, list[int]] = {}
         for i, size in enumerate(self.sizes):
             groups.setdefault(size, []).extend(range(self.offsets[i], self.offsets[i + 1]))
         return list(groups.values())
+
+    @property
+    def max_size(self) -> tuple[int, int]:
+        """The largest latent height and the largest latent width over all shards."""
+        return max(size[-2] for size in self.sizes), max(size[-1] for size in self.sizes)
 
     def _shard(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._cache:
@@ -70,17 +83,56 @@ class FeatureDataset(Dataset):
         return sample
 
 
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    batch = {k: torch.stack([s[k] for s in samples]) for k in REQUIRED_KEYS}
+def collate(samples: list[dict], pad: bool = False) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch. ``pad``: samples may differ in latent size; latents (and ``latent_std`` and the
+    optional latents) are zero-padded at the bottom/right to the largest height and width in the batch, and
+    ``image_sizes`` (B, 2) holds each sample's latent (height, width)."""
+    stack = _padded_stack if pad else torch.stack
+    batch = {"latent_mean": stack([s["latent_mean"] for s in samples])}
+    batch.update({k: torch.stack([s[k] for s in samples]) for k in REQUIRED_KEYS if k != "latent_mean"})
     stds = [s["latent_std"] for s in samples]
-    batch["latent_std"] = None if any(s is None for s in stds) else torch.stack(stds)
+    batch["latent_std"] = None if any(s is None for s in stds) else stack(stds)
     for key in OPTIONAL_KEYS:
         if any(key in s for s in samples):
             if not all(key in s for s in samples):
                 raise KeyError(f"Some feature shards carry {key!r} and some do not; a run needs it in all or none.")
-            batch[key] = torch.stack([s[key] for s in samples])
+            batch[key] = stack([s[key] for s in samples])
     batch["index"] = torch.tensor([s["index"] for s in samples])
+    if pad:
+        batch["image_sizes"] = torch.tensor([list(s["latent_mean"].shape[-2:]) for s in samples])  # (B, 2)
     return batch
+
+
+def _padded_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(C, h_i, w_i) tensors -> (B, C, max h, max w), each zero-padded at the bottom/right."""
+    height, width = max(t.shape[-2] for t in tensors), max(t.shape[-1] for t in tensors)
+    out = tensors[0].new_zeros(len(tensors), *tensors[0].shape[:-2], height, width)  # (B, C, H, W)
+    for i, t in enumerate(tensors):
+        out[i, ..., : t.shape[-2], : t.shape[-1]] = t
+    return out
+
+
+def padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 2) latent sizes -> (B, 1, height, width) float mask, 1 on each sample's valid (top-left) region."""
+    rows = torch.arange(height, device=image_sizes.device)[None, :, None] < image_sizes[:, 0, None, None]  # (B, H, 1)
+    cols = torch.arange(width, device=image_sizes.device)[None, None, :] < image_sizes[:, 1, None, None]  # (B, 1, W)
+    return (rows & cols).float()[:, None]  # (B, 1, H, W)
+
+
+def check_mixed_sizes(config, model: torch.nn.Module, objective) -> None:
+    """Refuse ``data.mixed_sizes`` where padded batches cannot train: the backbone must take ``image_sizes`` and
+    the objective a loss mask; distillation, ControlNet and token masking are not combined with it."""
+    if "image_sizes" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(
+            f"data.mixed_sizes needs a backbone that takes image_sizes (FiTTransformer); {type(model).__name__} "
+            "does not. Set data.mixed_sizes to false to train on one size bucket per batch."
+        )
+    if not objective.supports_loss_mask or objective.uses_teacher or objective.uses_target:
+        raise ConfigError("data.mixed_sizes does not combine with distillation (a teacher or a target network).")
+    if config.controlnet.enabled:
+        raise ConfigError("data.mixed_sizes does not combine with ControlNet training.")
+    if config.masking.enabled:
+        raise ConfigError("data.mixed_sizes does not combine with token masking (masking.ratio > 0); set it to 0.")
 
 
 class BatchPlan:

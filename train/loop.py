@@ -19,8 +19,17 @@ from dit.embeddings import guidance_scale_embedding
 
 from . import checkpointing
 from .config import ConfigError, TrainConfig, to_yaml
-from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
+from .data import (
+    NULL_CAPTION_FILE,
+    BatchPlan,
+    FeatureDataset,
+    PlannedBatches,
+    check_mixed_sizes,
+    collate,
+    padding_mask,
+)
 from .ema import EMA
+from .masking import build_masking
 from .objectives import build_objective
 from .validation import Validator
 
@@ -83,21 +92,25 @@ def _teacher(path: str | None, device: torch.device) -> torch.nn.Module | None:
     return as_pixart_model(path).to(device).eval().requires_grad_(False)
 
 
-def sample_draws(seed: int, micro_step: int, positions: list[int], latent_shape, device) -> dict[str, torch.Tensor]:
+def sample_draws(
+    seed: int, micro_step: int, positions: list[int], latent_shape, device, token_mask: bool = False
+) -> dict[str, torch.Tensor]:
     """Per-sample randomness from a generator keyed by (seed, micro-step, position in the global batch).
 
-    Independent of the process count and of where a run was resumed, which makes both exact.
+    Independent of the process count and of where a run was resumed, which makes both exact. ``token_mask`` adds
+    ``mask``, an (H, W) grid of uniforms per sample for token masking (drawn last, so the other draws stay the same).
     """
-    noise, eps, uniform, coin, guidance = [], [], [], [], []
+    draws = {name: [] for name in ("noise", "eps", "uniform", "coin", "guidance", "mask")}
     for position in positions:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 65_537 + position)
-        noise.append(torch.randn(latent_shape, generator=gen))
-        eps.append(torch.randn(latent_shape, generator=gen))
-        uniform.append(torch.rand((), generator=gen))
-        coin.append(torch.rand((), generator=gen))
-        guidance.append(torch.rand((), generator=gen))
-    draws = {"noise": noise, "eps": eps, "uniform": uniform, "coin": coin, "guidance": guidance}
-    return {name: torch.stack(values).to(device) for name, values in draws.items()}
+        draws["noise"].append(torch.randn(latent_shape, generator=gen))
+        draws["eps"].append(torch.randn(latent_shape, generator=gen))
+        draws["uniform"].append(torch.rand((), generator=gen))
+        draws["coin"].append(torch.rand((), generator=gen))
+        draws["guidance"].append(torch.rand((), generator=gen))
+        if token_mask:
+            draws["mask"].append(torch.rand(latent_shape[-2:], generator=gen))
+    return {name: torch.stack(values).to(device) for name, values in draws.items() if values}
 
 
 class Trainer:
@@ -122,14 +135,18 @@ class Trainer:
             self.model.compile()  # in place: parameter names (EMA, checkpoints) stay as they are
         self.objective = build_objective(config.objective)
         self.teacher = _teacher(config.objective.distill_teacher, self.accelerator.device)
+        self.masking = build_masking(config, self.model, self.objective)
         if config.data.source != "features":
             raise ConfigError(
                 f"data.source={config.data.source!r}: the loop trains from feature shards; turn images into them "
                 "with `dit extract DATA --source imagefolder|webdataset|hf --pipeline P --out D`, then data.path=D."
             )
         self.dataset = FeatureDataset(config.data.path)
+        if config.data.mixed_sizes:
+            check_mixed_sizes(config, self.model, self.objective)
         world = self.accelerator.num_processes
-        self.plan = BatchPlan(self.dataset.buckets(), config.data.batch_size * world, config.seed)
+        buckets = self.dataset.buckets(mixed=config.data.mixed_sizes)
+        self.plan = BatchPlan(buckets, config.data.batch_size * world, config.seed)
         self.null_caption = self._null_caption(self.model) if config.data.caption_dropout > 0 else None
         self.uncond_caption = self._null_caption(self.teacher) if self.objective.uses_target else None
         self.target = self._target_network()
@@ -206,9 +223,10 @@ class Trainer:
         sampler = PlannedBatches(
             self.plan, start_micro, self.accelerator.process_index, self.accelerator.num_processes, count
         )
+        collate_fn = functools.partial(collate, pad=self.config.data.mixed_sizes)
         return iter(
             torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.data.num_workers
+                self.dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.config.data.num_workers
             )
         )
 
@@ -217,9 +235,13 @@ class Trainer:
         share = self.config.data.batch_size
         first = self.accelerator.process_index * share
         latents = batch["latent_mean"].to(device)
-        draws = sample_draws(
-            self.config.seed, micro_step, list(range(first, first + share)), latents.shape[1:], device
-        )
+        masked = self.masking is not None and self.masking.active(self.step)
+        positions = list(range(first, first + share))
+        sizes = batch.get("image_sizes")  # (B, 2) with data.mixed_sizes: each sample's latent size on the canvas
+        shape = latents.shape[1:] if sizes is None else (latents.shape[1], *self.dataset.max_size)
+        draws = sample_draws(self.config.seed, micro_step, positions, shape, device, token_mask=masked)
+        if sizes is not None:  # drawn at the largest size and cropped: a sample's noise ignores its batch's canvas
+            draws.update({k: draws[k][..., : latents.shape[-2], : latents.shape[-1]] for k in ("noise", "eps")})
         if batch["latent_std"] is not None and self.config.data.sample_posterior:
             latents = latents + batch["latent_std"].to(device) * draws["eps"]
         text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
@@ -240,11 +262,20 @@ class Trainer:
                 extra["timestep_cond"] = guidance_scale_embedding(guidance - 1, guidance_dim).to(noisy.dtype)
             if control is not None and model is self.model:  # a ControlNet run's control latents
                 extra["controlnet_cond"] = control.to(device)
+            if masked and model is self.model:  # a masked step: the student sees its kept tokens only
+                extra["keep_indices"] = keep_indices
+            if sizes is not None and model is self.model:  # a padded mixed-size batch
+                extra["image_sizes"] = sizes
             return model(
                 noisy, context, t, added_cond_kwargs=added, encoder_attention_mask=context_mask, **extra
             ).sample
 
         networks = {}
+        if masked:
+            keep_indices, networks["loss_mask"] = self.masking.draw(draws["mask"])
+        if sizes is not None:  # the loss ignores padding (times a token-masking loss mask, were there one)
+            pad_mask = padding_mask(sizes.to(device), *latents.shape[-2:])  # (B, 1, H, W)
+            networks["loss_mask"] = pad_mask * networks["loss_mask"] if "loss_mask" in networks else pad_mask
         if self.objective.uses_teacher:
             networks["teacher_fn"] = functools.partial(model_fn, model=self.teacher)
         if self.objective.uses_target:
@@ -328,7 +359,7 @@ class Trainer:
             progress.update()
             if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "steps_per_s": rate}  # fmt: skip
+                          "grad_norm": grad_norm, "steps_per_s": rate, **self._model_stats()}  # fmt: skip
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 acc.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=self.step)
@@ -343,6 +374,16 @@ class Trainer:
             self.save_lcm_folder()
         acc.end_training()
         return history
+
+    def _model_stats(self) -> dict[str, float]:
+        """Extra figures to log: the masked share of the last step, and expert utilisation of MoE models."""
+        stats = {}
+        if self.masking is not None:
+            stats["mask_ratio"] = self.config.masking.ratio if self.masking.active(self.step - 1) else 0.0
+        routing = getattr(self.accelerator.unwrap_model(self.model), "routing_stats", None)
+        if routing is not None:
+            stats.update({f"moe_{key}": value for key, value in routing().items()})
+        return stats
 
     def save_lcm_folder(self) -> Path:
         """``output_dir/lcm``: the distilled student (EMA weights when kept) as an LCM folder for

@@ -19,13 +19,20 @@ ModelFn = Callable[..., torch.Tensor]  # (noisy latents, timesteps, *, uncond=Fa
 SIGMA_DATA = 0.5
 
 
-def mean_per_sample(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch: (B, ...) -> (B,)."""
-    return x.flatten(1).mean(dim=1)
+def mean_per_sample(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over every dimension but the batch: (B, ...) -> (B,); with ``mask`` (B, 1, H, W) of 0/1 over
+    (B, C, H, W) values, the mean over the masked-in positions only (token masking, padding)."""
+    if mask is None:
+        return x.flatten(1).mean(dim=1)
+    mask = mask.to(x.dtype)
+    return (x * mask).flatten(1).sum(dim=1) / (mask.flatten(1).sum(dim=1) * x.shape[1]).clamp(min=1)
 
 
 class Objective:
     """Base class. ``loss`` returns per-sample losses (B,) and a dict of extra per-sample terms to log.
+
+    ``loss_mask`` (B, 1, H, W), when given, restricts every term to the latent positions where it is 1 (the kept
+    patches of a masked step); ``supports_loss_mask`` says whether an objective takes it.
 
     ``uses_teacher`` / ``uses_target``: ``loss`` also takes ``teacher_fn`` (a frozen teacher) / ``target_fn``
     (a target network) and ``guidance_uniform`` from the loop.
@@ -33,6 +40,7 @@ class Objective:
 
     uses_teacher = False
     uses_target = False
+    supports_loss_mask = True
 
     def __init__(self, config: ObjectiveConfig):
         self.config = config
@@ -45,7 +53,12 @@ class Objective:
         raise NotImplementedError
 
     def loss(
-        self, model_fn: ModelFn, latents: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
+        self,
+        model_fn: ModelFn,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        uniform: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
@@ -176,19 +189,19 @@ class DDPMEpsilon(_Discrete):
         a, s = self._coefficients(t, noisy)
         return (noisy - s * pred) / a, pred
 
-    def loss(self, model_fn, latents, noise, uniform):
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
         t = self.timesteps(uniform)
         a, s = self._coefficients(t, latents)
         noisy = a * latents + s * noise
         pred = model_fn(noisy, t)
         channels = latents.shape[1]
         eps = pred[:, :channels]
-        mse = mean_per_sample((eps.float() - noise.float()) ** 2)
+        mse = mean_per_sample((eps.float() - noise.float()) ** 2, loss_mask)
         weight = self._min_snr_weight(t, v_prediction=False)
         loss = mse if weight is None else mse * weight
         extra = {"mse": mse}
         if pred.shape[1] == 2 * channels:
-            vlb = self._vlb(latents, noisy, t, eps.detach(), pred[:, channels:])
+            vlb = self._vlb(latents, noisy, t, eps.detach(), pred[:, channels:], loss_mask)
             loss = loss + self.config.vlb_weight * vlb
             extra["vlb"] = vlb
         return loss, extra
@@ -205,7 +218,7 @@ class DDPMEpsilon(_Discrete):
         shape = (-1,) + (1,) * (like.ndim - 1)
         return [v[t].float().view(shape) for v in (c0, ct, log_variance, torch.log(betas))]
 
-    def _vlb(self, x0, xt, t, eps, var_channels) -> torch.Tensor:
+    def _vlb(self, x0, xt, t, eps, var_channels, loss_mask=None) -> torch.Tensor:
         """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension; the decoder NLL at t = 0 (IDDPM)."""
         c0, ct, true_log_var, max_log = self._posterior(t, x0)
         abar = self.alphas_cumprod.to(x0.device)[t].float().view(c0.shape)
@@ -219,10 +232,9 @@ class DDPMEpsilon(_Discrete):
             -1.0 + model_log_var - true_log_var + torch.exp(true_log_var - model_log_var)
             + (true_mean - model_mean) ** 2 * torch.exp(-model_log_var)
         )  # fmt: skip
-        kl = mean_per_sample(kl) / math.log(2.0)
-        nll = -mean_per_sample(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(
-            2.0
-        )
+        kl = mean_per_sample(kl, loss_mask) / math.log(2.0)
+        log_likelihood = _discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        nll = -mean_per_sample(log_likelihood, loss_mask) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
 
@@ -256,12 +268,12 @@ class VPrediction(_Discrete):
         a, s = self._coefficients(t, noisy)
         return a * noisy - s * pred, s * noisy + a * pred
 
-    def loss(self, model_fn, latents, noise, uniform):
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
         t = self.timesteps(uniform)
         a, s = self._coefficients(t, latents)
         pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
         target = a * noise - s * latents
-        mse = mean_per_sample((pred.float() - target.float()) ** 2)
+        mse = mean_per_sample((pred.float() - target.float()) ** 2, loss_mask)
         weight = self._min_snr_weight(t, v_prediction=True)
         return (mse if weight is None else mse * weight), {"mse": mse}
 
@@ -288,11 +300,11 @@ class SamplePrediction(_Discrete):
         a, s = self._coefficients(t, noisy)
         return pred, (noisy - a * pred) / s
 
-    def loss(self, model_fn, latents, noise, uniform):
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
         t = self.timesteps(uniform)
         a, s = self._coefficients(t, latents)
         pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
-        mse = mean_per_sample((pred.float() - latents.float()) ** 2)
+        mse = mean_per_sample((pred.float() - latents.float()) ** 2, loss_mask)
         if self.config.x0_weighting == "uniform":
             return mse, {"mse": mse}
         sigma = s.reshape(-1).float().clamp(min=self.config.x0_sigma_floor)  # (B,)
@@ -347,11 +359,11 @@ class RectifiedFlow(Objective):
 
         return FlowMatchLCMScheduler(num_train_timesteps=self.config.num_train_timesteps)
 
-    def loss(self, model_fn, latents, noise, uniform):
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
         t = self.timesteps(uniform).to(latents.device)
         tt = _broadcast(t, latents)
         pred = model_fn((1 - tt) * latents + tt * noise, t * self.config.num_train_timesteps)
-        mse = mean_per_sample((pred[:, : latents.shape[1]].float() - (noise - latents).float()) ** 2)
+        mse = mean_per_sample((pred[:, : latents.shape[1]].float() - (noise - latents).float()) ** 2, loss_mask)
         return mse, {"mse": mse}
 
 
@@ -376,7 +388,7 @@ class HybridDistillation(Objective):
     def sampling_scheduler(self):
         return self.base.sampling_scheduler()
 
-    def loss(self, model_fn, latents, noise, uniform, teacher_fn: ModelFn | None = None):
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None, teacher_fn: ModelFn | None = None):
         if teacher_fn is None:
             raise ValueError("HybridDistillation needs the teacher's prediction function (objective.distill_teacher).")
         seen = {}
@@ -385,14 +397,14 @@ class HybridDistillation(Objective):
             seen["pred"], seen["inputs"] = model_fn(noisy, t), (noisy, t)
             return seen["pred"]
 
-        loss, extra = self.base.loss(student, latents, noise, uniform)
+        loss, extra = self.base.loss(student, latents, noise, uniform, loss_mask)
         with torch.no_grad():
             target = teacher_fn(*seen["inputs"]).float()
         pred, channels = seen["pred"].float(), latents.shape[1]
-        extra["kd_eps"] = mean_per_sample((pred[:, :channels] - target[:, :channels]) ** 2)
+        extra["kd_eps"] = mean_per_sample((pred[:, :channels] - target[:, :channels]) ** 2, loss_mask)
         loss = loss + self.eps_weight * extra["kd_eps"]
         if pred.shape[1] == 2 * channels and target.shape[1] == 2 * channels:
-            extra["kd_var"] = mean_per_sample((pred[:, channels:] - target[:, channels:]) ** 2)
+            extra["kd_var"] = mean_per_sample((pred[:, channels:] - target[:, channels:]) ** 2, loss_mask)
             loss = loss + self.var_weight * extra["kd_var"]
         return loss, extra
 

@@ -190,7 +190,7 @@ def run(
 ) -> dict:
     """Run the whole recipe into ``out``; with ``reuse_encoders`` the data, autoencoder and features of an earlier
     run in ``out`` are kept (and so are their recorded stage times) and only the DiT is trained again."""
-    from dit.models import PixArtTransformer
+    import dit
     from dit.train import Trainer, load_config
 
     root, started = Path(out), time.perf_counter()
@@ -218,7 +218,7 @@ def run(
     latest = checkpoints / (checkpoints / "latest").read_text()
     # the EMA weights when the config trains with an EMA, else the raw ones
     weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
-    transformer = PixArtTransformer.from_pretrained(weights)
+    transformer = getattr(dit, trainer.config.model.cls).from_pretrained(weights)
     sampling = (trainer.config.validation.steps, trainer.config.validation.guidance_scale)
     assemble(root / "pipeline", tokenizer, text_encoder, vae, transformer, trainer.objective.sampling_scheduler(),
              sampling)  # fmt: skip

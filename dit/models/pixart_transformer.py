@@ -19,6 +19,7 @@ from ..attention.ops import keep_mask_to_bias, trim_padded_keys
 from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
 from ..linear import Linear
+from ..masking import gather_tokens, scatter_tokens
 from ..normalization import AdaLayerNormSingle, modulate
 from .base import BackboneMixin
 
@@ -32,8 +33,8 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
     so diffusers-format folders (also with ``_class_name`` ``Transformer2DModel``) load strictly, and the model
     drops into ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``. Beyond diffusers: LoRA through
     ``PeftAdapterMixin``, any latent H×W with a cached position table, text padding trimmed from cross-attention,
-    masks converted once per forward, and PixArt's learned null caption (``y_embedding``) kept when the config
-    sets ``null_caption_length``.
+    masks converted once per forward, PixArt's learned null caption (``y_embedding``) kept when the config
+    sets ``null_caption_length``, and token masking for micro-budget training (``keep_indices`` in ``forward``).
 
     Args:
         num_attention_heads: heads per attention layer.
@@ -138,7 +139,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                     attention_bias=attention_bias,
                     norm_elementwise_affine=norm_elementwise_affine,
                     norm_eps=norm_eps,
-                    self_attention_options=self._self_attention_options(index),
+                    **self._block_options(index),
                 )
                 for index in range(num_layers)
             ]
@@ -152,6 +153,10 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             self.caption_projection = CaptionProjection(caption_channels, inner_dim)
         if null_caption_length is not None:
             self.y_embedding = nn.Parameter(torch.randn(null_caption_length, caption_channels) / caption_channels**0.5)
+
+    def _block_options(self, index: int) -> dict:
+        """Extra :class:`PixArtBlock` arguments of block ``index`` (subclasses add MoE or scaled widths)."""
+        return {"self_attention_options": self._self_attention_options(index)}
 
     def _self_attention_options(self, index: int) -> dict:
         """The :class:`DiTAttention` options of block ``index``'s self-attention, from the config."""
@@ -197,6 +202,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         return_dict: bool = True,
         timestep_cond: torch.Tensor | None = None,
         block_controls: Callable[..., torch.Tensor] | None = None,
+        keep_indices: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and variance channels) for latents.
 
@@ -214,6 +220,8 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                 (``block_inputs``: the text tokens, modulation, masks in kernel format and token grid that block
                 ``index`` got); returns the hidden states for the next block. ControlNet adapters add their residuals
                 here (:func:`dit.models.controlnet.block_controls`); None: nothing is injected.
+            keep_indices: (B, K) row-major patch indices, ascending (training only, see :mod:`dit.masking`): the
+                blocks run on these K tokens of each sample only and the output is zero at every other patch.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, timestep)
         batch, _, height, width = hidden_states.shape
@@ -222,7 +230,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
 
         # 1. Input
         x = self.pos_embed(hidden_states)  # (B, N, D)
-        n_tokens, dtype = x.shape[1], x.dtype
+        dtype = x.dtype
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)  # (B,)
         t6, emb = self.adaln_single(
             timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype, timestep_cond=timestep_cond
@@ -231,12 +239,18 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         if self.caption_projection is not None:
             context = self.caption_projection(context)  # (B, L', D)
         heads = self.config.num_attention_heads
-        cross_mask = None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens)
         self_bias = _as_bias(attention_mask, dtype)
-        self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, n_tokens)
+        if keep_indices is not None and (self_bias is not None or block_controls is not None):
+            raise ValueError("keep_indices (token masking) cannot be combined with attention_mask or block_controls.")
 
-        # 2. Blocks
-        grid = (height // p, width // p)
+        def cross_mask_for(n_tokens: int) -> torch.Tensor | None:
+            return None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens)
+
+        # 2. Patch mixer and token masking (training), then the blocks on the tokens left
+        grid, n_all = (height // p, width // p), x.shape[1]
+        x, grid = self._mix_and_mask(x, keep_indices, context, t6, cross_mask_for, grid)  # (B, K, D)
+        cross_mask = cross_mask_for(x.shape[1])
+        self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, x.shape[1])
         for index, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask, grid)
@@ -247,11 +261,32 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
 
         # 3. Output head and unpatchify
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, K, p*p*C)
+        if keep_indices is not None:
+            x = scatter_tokens(x, keep_indices, n_all)  # (B, N, p*p*C), zeros at the masked patches
         h, w, c = height // p, width // p, self.out_channels
         x = x.reshape(batch, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         output = x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _mix_and_mask(self, x, keep_indices, context, t6, cross_mask_for, grid):
+        """Tokens (B, N, D) -> the tokens the blocks run on and their grid (None once tokens are dropped).
+
+        PixArt has no patch mixer: masking drops tokens right after the patch embedding (with positions added).
+        """
+        if keep_indices is None:
+            return x, grid
+        self._check_maskable(keep_indices, x.shape[1])
+        return gather_tokens(x, keep_indices), None  # (B, K, D)
+
+    def _check_maskable(self, keep_indices: torch.Tensor, n_tokens: int) -> None:
+        if any(block.attn1.needs_grid for block in self.transformer_blocks):
+            raise ValueError(
+                "Token masking drops tokens from the grid, but this model's self-attention needs the full grid "
+                "(KV compression or a value convolution); train it unmasked."
+            )
+        if keep_indices.ndim != 2 or keep_indices.shape[1] > n_tokens:
+            raise ValueError(f"keep_indices must be (batch, K <= {n_tokens}), got shape {tuple(keep_indices.shape)}.")
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, timestep) -> None:
         cfg = self.config

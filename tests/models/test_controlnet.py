@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from dit import ControlNetAdapter, LiTTransformer, PixArtTransformer
+from dit import ControlNetAdapter, LiTTransformer, MicroDiTTransformer, PixArtTransformer
 from dit.checkpoint import CheckpointKeyError
 from dit.models.controlnet import block_controls
 from tests.tiny import ALPHA, SIGMA, added_cond, randomize_
@@ -16,6 +16,7 @@ BACKBONES = {
     "sigma": (PixArtTransformer, {**SIGMA, "num_layers": 4}),
     "sigma-kv2": (PixArtTransformer, {**SIGMA, "num_layers": 4, "kv_compress_ratio": 2}),
     "lit": (LiTTransformer, {**SIGMA, "num_layers": 4}),
+    "microdit": (MicroDiTTransformer, {**SIGMA, "num_layers": 4, "patch_mixer_layers": 1, "num_experts": 2}),
 }
 SHAPES = {"square": (8, 8), "wide": (6, 10)}
 

@@ -1,0 +1,453 @@
+"""FiT / FiTv2: a flexible-resolution diffusion transformer over variable-length token sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+# diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..attention import DiTAttention
+from ..attention.ops import keep_mask_to_bias
+from ..attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
+from ..blocks import residual
+from ..embeddings import CaptionProjection, TimestepEmbedding, timestep_sinusoid
+from ..linear import Linear
+from ..normalization import modulate
+from ..packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
+from .base import BackboneMixin
+from .pixart_transformer import _text_tokens
+
+__all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]
+
+
+class SwiGLUProjection(nn.Module):
+    """``hidden * silu(gate)`` from one projection ``proj`` (d -> 2 * inner), as diffusers' ``SwiGLU``."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
+        super().__init__()
+        self.proj = Linear(dim_in, 2 * dim_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
+        return hidden * F.silu(gate)
+
+
+class SwiGLUFeedForward(nn.Module):
+    """``net.0.proj`` -> SwiGLU -> dropout -> ``net.2``: diffusers' ``FeedForward(activation_fn="swiglu")`` keys."""
+
+    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([SwiGLUProjection(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class LowRankModulation(nn.Module):
+    """The per-block branch of AdaLN-LoRA: ``linear_2(linear_1(c))``, d -> r -> 6d, ``linear_2`` zero-initialised."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.linear_1 = Linear(dim, rank)
+        self.linear_2 = Linear(rank, 6 * dim)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.linear_1(cond))  # (B, 6D)
+
+
+class FiTBlock(nn.Module):
+    """FiTv2 block: gated QK-norm + 2D-RoPE self-attention, un-gated cross-attention to text, gated SwiGLU.
+
+    The six modulation vectors are the model's shared ``Linear(d, 6d)`` output plus this block's low-rank
+    ``adaln_lora`` of the same (SiLU-activated) condition (FiTv2's AdaLN-LoRA).
+
+    Args:
+        dim: token width.
+        num_attention_heads: heads.
+        attention_head_dim: width of one head (divisible by 4 for 2D RoPE).
+        cross_attention_dim: width of the text tokens; None for a block without cross-attention.
+        ff_inner_dim: hidden width of the SwiGLU.
+        adaln_lora_dim: rank of the per-block modulation.
+        qk_norm: per-head non-affine LayerNorm on queries and keys (both attentions).
+        attention_bias: bias on q/k/v projections.
+        dropout: dropout in attention outputs and the feed-forward.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        cross_attention_dim: int | None,
+        ff_inner_dim: int,
+        adaln_lora_dim: int,
+        qk_norm: bool = True,
+        attention_bias: bool = True,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        heads, head_dim = num_attention_heads, attention_head_dim
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm)
+        self.attn2 = None
+        if cross_attention_dim is not None:
+            self.attn2 = DiTAttention(
+                dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm
+            )
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ff = SwiGLUFeedForward(dim, ff_inner_dim, dropout)
+        self.adaln_lora = LowRankModulation(dim, adaln_lora_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        cond: torch.Tensor,
+        shared_modulation: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        """``hidden_states`` (B, N, D); ``cond`` the SiLU-activated condition (B, D); ``shared_modulation`` (B, 6D);
+        masks in kernel format; ``rotary`` the tables of the N tokens."""
+        modulation = (shared_modulation + self.adaln_lora(cond)).unflatten(1, (6, -1))  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
+
+        attn_out = self.attn1(
+            modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, rotary=rotary
+        )  # (B, N, D)
+        hidden_states = residual(hidden_states, attn_out, gate_msa)
+        del attn_out
+
+        if self.attn2 is not None:
+            cross_out = self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
+            hidden_states = residual(hidden_states, cross_out)
+            del cross_out
+
+        ff_out = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
+        return residual(hidden_states, ff_out, gate_mlp)
+
+
+class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """FiT / FiTv2 flexible-resolution diffusion transformer (arXiv 2402.12376, 2410.13925), text- or class-conditioned.
+
+    An image of any size is a variable-length sequence of ``p x p`` patch tokens (up to ``max_tokens``) placed by
+    2D rotary position embedding, not a fixed position table. A batch of different sizes comes as one zero-padded
+    canvas plus per-sample ``image_sizes``: each sample's valid region is packed into the first tokens of its row,
+    real tokens attend only to real tokens (finite key bias, so padding never yields NaN), and the output is zero
+    outside each sample's valid region. A sample's output does not depend on the other samples in its batch.
+
+    Blocks (:class:`FiTBlock`): QK-norm + 2D-RoPE self-attention, cross-attention to text, SwiGLU, AdaLN-LoRA. Beyond
+    the training grid, RoPE extrapolates training-free (``rope_extrapolation``, :mod:`dit.attention.rope`), changeable
+    at inference with :meth:`set_extrapolation`. Timesteps are in diffusers' scale (``t * num_train_timesteps``
+    for rectified flow), as the flow-matching schedulers feed them.
+
+    Args:
+        num_attention_heads: heads per attention layer.
+        attention_head_dim: width of one head (divisible by 4); token width is ``heads * head_dim``.
+        in_channels: latent channels.
+        out_channels: output channels; None means ``in_channels`` (velocity prediction, no learned sigma).
+        num_layers: number of blocks (FiTv2-XL: 36).
+        patch_size: patch side in latent pixels.
+        sample_size: training latent side; the pipeline's default size and the default training grid.
+        max_tokens: most image tokens per sample without extrapolation; None: ``train_grid`` h * w.
+        train_grid: (h, w) in patches of the training resolution, the reference of the extrapolation scale factors
+            and of the logit scale; None: ``sample_size // patch_size`` both ways (FiT: 16 x 16).
+        caption_channels: width of the text-encoder features, projected to the token width (None: none).
+        cross_attention_dim: width of the text tokens in cross-attention when there is no caption projection
+            (None with ``caption_channels`` None: no cross-attention).
+        num_classes: class-conditional with this many classes plus a null class (id ``num_classes``); None: off.
+        mlp_ratio: SwiGLU hidden width is ``int(2/3 * mlp_ratio * width)`` (FiTv2: 4; FiT v1's large SwiGLU: 6).
+        adaln_lora_dim: rank of each block's modulation branch; None: width // 4.
+        qk_norm: per-head non-affine LayerNorm on queries and keys.
+        attention_bias: bias on q/k/v projections.
+        dropout: dropout in attention and feed-forward.
+        norm_eps: LayerNorm epsilon.
+        rope_theta: RoPE base.
+        rope_extrapolation: ``none``, ``pi``, ``ntk``, ``vision_ntk``, ``yarn`` or ``vision_yarn``.
+        attention_logit_scale: multiply logits by ``max(1, log(tokens) / log(train tokens))`` per sample.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["FiTBlock"]
+    _skip_layerwise_casting_patterns = ["x_embedder", "norm", "timestep_embedder", "class_embedder"]
+    #: What the backbone predicts: ``flow`` (rectified-flow velocity), so pipelines default to a flow scheduler.
+    prediction_type = "flow"
+    #: Trained at native sizes and aspect ratios: pipelines snap to patch multiples, not PixArt's aspect-ratio bins.
+    native_resolution = True
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 36,
+        patch_size: int = 2,
+        sample_size: int = 32,
+        max_tokens: int | None = None,
+        train_grid: tuple[int, int] | list[int] | None = None,
+        caption_channels: int | None = None,
+        cross_attention_dim: int | None = None,
+        num_classes: int | None = None,
+        mlp_ratio: float = 4.0,
+        adaln_lora_dim: int | None = None,
+        qk_norm: bool = True,
+        attention_bias: bool = True,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        rope_extrapolation: str = "none",
+        attention_logit_scale: bool = False,
+    ):
+        super().__init__()
+        inner_dim = num_attention_heads * attention_head_dim
+        _validate_config(attention_head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation)
+        self.inner_dim = inner_dim
+        self.out_channels = in_channels if out_channels is None else out_channels
+        side = sample_size // patch_size
+        self.train_grid = (side, side) if train_grid is None else (int(train_grid[0]), int(train_grid[1]))
+        self.max_tokens = max_tokens or self.train_grid[0] * self.train_grid[1]
+        self.gradient_checkpointing = False
+
+        text_dim = inner_dim if caption_channels is not None else cross_attention_dim
+        self.x_embedder = Linear(patch_size * patch_size * in_channels, inner_dim)
+        self.timestep_embedder = TimestepEmbedding(256, inner_dim)
+        self.class_embedder = nn.Embedding(num_classes + 1, inner_dim) if num_classes else None
+        self.caption_projection = CaptionProjection(caption_channels, inner_dim) if caption_channels else None
+        self.adaln_shared = Linear(inner_dim, 6 * inner_dim)  # AdaLN-LoRA's shared (global) modulation
+        self.transformer_blocks = nn.ModuleList(
+            [
+                FiTBlock(
+                    inner_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    cross_attention_dim=text_dim,
+                    ff_inner_dim=int(2 * mlp_ratio * inner_dim / 3),
+                    adaln_lora_dim=adaln_lora_dim or inner_dim // 4,
+                    qk_norm=qk_norm,
+                    attention_bias=attention_bias,
+                    dropout=dropout,
+                    norm_eps=norm_eps,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
+        self.proj_out = Linear(inner_dim, patch_size * patch_size * self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT/FiT init: Xavier-uniform linears with zero bias, N(0, 0.02) embeddings, and zero last layers (shared
+        modulation, every block's ``adaln_lora.linear_2``, ``proj_out``), so every block starts as the identity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in (self.timestep_embedder.linear_1, self.timestep_embedder.linear_2):
+            nn.init.normal_(module.weight, std=0.02)
+        if self.class_embedder is not None:
+            nn.init.normal_(self.class_embedder.weight, std=0.02)
+        zeroed = [self.adaln_shared, self.proj_out] + [block.adaln_lora.linear_2 for block in self.transformer_blocks]
+        for module in zeroed:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def train_tokens(self) -> int:
+        """Image tokens of the training grid (``train_grid`` h * w), the reference of resolution-dependent shifts."""
+        return self.train_grid[0] * self.train_grid[1]
+
+    @property
+    def text_embed_dim(self) -> int | None:
+        """Width the ``encoder_hidden_states`` must have."""
+        return self.config.caption_channels or self.config.cross_attention_dim
+
+    def set_extrapolation(self, method: str = "none", logit_scale: bool | None = None) -> None:
+        """Choose the training-free RoPE extrapolation (and, if given, the attention logit scale) for later forwards.
+
+        Recorded in the config, so a saved model keeps it. ``method``: ``none``, ``pi``, ``ntk``, ``vision_ntk``,
+        ``yarn`` or ``vision_yarn``. Inside the training grid every method equals ``none``.
+        """
+        get_extrapolation(method)  # unknown names fail here
+        logit_scale = self.config.attention_logit_scale if logit_scale is None else bool(logit_scale)
+        self.register_to_config(rope_extrapolation=method, attention_logit_scale=logit_scale)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep: torch.Tensor | float | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        block_controls: Callable[..., torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the velocity for a batch of latents of possibly different sizes.
+
+        Args:
+            hidden_states: latents (B, in_channels, H, W); with ``image_sizes``, each sample zero-padded at the
+                bottom/right of the H x W canvas.
+            encoder_hidden_states: text features (B, L, caption_channels or cross_attention_dim).
+            timestep: (B,) or a scalar, in diffusers' scale (0..num_train_timesteps).
+            added_cond_kwargs: accepted for pipeline compatibility (PixArt's micro-conditions); not read.
+            cross_attention_kwargs: accepted for diffusers compatibility; not read.
+            encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
+            return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
+            block_controls: called after every block as ``block_controls(index, hidden_states, *block_inputs)``
+                (``block_inputs``: text tokens, condition, shared modulation, masks in kernel format, rotary
+                embedding, as block ``index`` got them); returns the hidden states for the next block.
+            image_sizes: (B, 2) latent (height, width) of each sample, divisible by ``patch_size``; None: every
+                sample fills H x W.
+            class_labels: (B,) class ids of a class-conditional model; None (or id ``num_classes``): the null class.
+
+        Returns:
+            (B, out_channels, H, W), zero outside each sample's valid region.
+        """
+        layout = self._layout(hidden_states, image_sizes)
+        self._check_inputs(hidden_states, encoder_hidden_states, timestep)
+        batch, p, cfg = hidden_states.shape[0], self.config.patch_size, self.config
+        backend = self._attention_backend(hidden_states.device)
+
+        # 1. Input: each sample's patches packed into one padded sequence, and the per-token position terms
+        x = self.x_embedder(pack(patchify(hidden_states, p), layout))  # (B, L, D)
+        x = x * layout.keep[..., None].to(x.dtype)  # padding tokens start at zero
+        length, dtype = x.shape[1], x.dtype
+        emb = self._condition(timestep, class_labels, batch, dtype, x.device)  # (B, D)
+        cond = F.silu(emb)  # (B, D)
+        shared = self.adaln_shared(cond)  # (B, 6D)
+        context, cross_bias = _text_tokens(encoder_hidden_states, encoder_attention_mask, dtype)  # (B, L', C)
+        if self.caption_projection is not None and context is not None:
+            context = self.caption_projection(context)  # (B, L', D)
+        heads = cfg.num_attention_heads
+        cross_mask = None if cross_bias is None else backend.adapt_mask(cross_bias, heads, length)
+        self_mask = None
+        if layout.padded:
+            self_mask = backend.adapt_mask(keep_mask_to_bias(layout.keep, dtype), heads, length)
+        rotary = rotary_embedding(
+            layout.positions, layout.sizes, cfg.attention_head_dim, self.train_grid, cfg.rope_extrapolation,
+            cfg.attention_logit_scale, cfg.rope_theta, dtype,
+        )  # fmt: skip
+
+        # 2. Blocks
+        block_inputs = (context, cond, shared, self_mask, cross_mask, rotary)
+        for index, block in enumerate(self.transformer_blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, *block_inputs)
+            else:
+                x = block(x, *block_inputs)
+            if block_controls is not None:
+                x = block_controls(index, x, *block_inputs)  # (B, L, D)
+
+        # 3. Output head, back to each sample's place on the canvas
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, p*p*C)
+        output = unpatchify(unpack(x, layout), layout.grid, p)  # (B, C, H, W), zeros outside valid regions
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _condition(self, timestep, class_labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Timestep embedding plus the class embedding (null class when no labels are given): (B, D)."""
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (B,)
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # (B, D)
+        if self.class_embedder is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given, but this model has no num_classes.")
+            return emb
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.config.num_classes, device=device)
+        labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch)  # (B,)
+        return emb + self.class_embedder(labels).to(dtype)
+
+    def _layout(self, hidden_states: torch.Tensor, image_sizes: torch.Tensor | None) -> TokenLayout:
+        """Check the canvas and per-sample sizes and lay the samples out as tokens."""
+        if hidden_states.ndim != 4:
+            raise ValueError(
+                f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
+            )
+        batch, _, height, width = hidden_states.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"Latent size {height}x{width} is not divisible by the patch size {p}.")
+        sizes = torch.tensor([[height, width]] * batch) if image_sizes is None else _as_sizes(image_sizes, batch)
+        for h, w in sizes.tolist():
+            if h % p or w % p or not (0 < h <= height and 0 < w <= width):
+                raise ValueError(
+                    f"Image size {h}x{w} must be positive, fit the {height}x{width} canvas and divide into "
+                    f"{p}x{p} patches."
+                )
+        grid_sizes = sizes // p  # (B, 2), patches
+        self._check_token_count(grid_sizes)
+        return token_layout(grid_sizes, (height // p, width // p), hidden_states.device)
+
+    def _check_token_count(self, grid_sizes: torch.Tensor) -> None:
+        if self.config.rope_extrapolation != "none":
+            return
+        p = self.config.patch_size
+        for h, w in grid_sizes.tolist():
+            if h * w > self.max_tokens:
+                raise ValueError(
+                    f"Image size {h * p}x{w * p} (latent) is {h * w} tokens, more than max_tokens={self.max_tokens}. "
+                    "Enable a RoPE extrapolation (set_extrapolation('vision_ntk'), or the rope_extrapolation config) "
+                    "to go beyond the training length."
+                )
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep) -> None:
+        if hidden_states.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"hidden_states has {hidden_states.shape[1]} channels; this model takes {self.config.in_channels}."
+            )
+        if timestep is None:
+            raise ValueError("timestep is required.")
+        has_text = self.transformer_blocks and self.transformer_blocks[0].attn2 is not None
+        if encoder_hidden_states is None:
+            if has_text:
+                raise ValueError("encoder_hidden_states is required: this model has cross-attention to text.")
+            return
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"encoder_hidden_states must be (batch={hidden_states.shape[0]}, tokens, width), "
+                f"got shape {tuple(encoder_hidden_states.shape)}."
+            )
+        if encoder_hidden_states.shape[-1] != self.text_embed_dim:
+            raise ValueError(
+                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}; this model's text embedding "
+                f"width (caption_channels / cross_attention_dim) is {self.text_embed_dim}."
+            )
+
+
+def _as_sizes(image_sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    sizes = torch.as_tensor(image_sizes).to("cpu", torch.long)
+    if sizes.shape != (batch, 2):
+        raise ValueError(f"image_sizes must be (batch={batch}, 2) latent (height, width), got {tuple(sizes.shape)}.")
+    return sizes
+
+
+def _validate_config(head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation) -> None:
+    if head_dim % 4:
+        raise ValueError(f"attention_head_dim must be divisible by 4 for 2D RoPE, got {head_dim}.")
+    if caption_channels is not None and cross_attention_dim not in (None, inner_dim):
+        raise ValueError(
+            f"cross_attention_dim={cross_attention_dim} must equal num_attention_heads * attention_head_dim = "
+            f"{inner_dim}: the caption projection maps text to the token width."
+        )
+    get_extrapolation(rope_extrapolation)

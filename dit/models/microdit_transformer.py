@@ -1,0 +1,154 @@
+"""MicroDiT ("Stretching Each Dollar", arXiv 2407.15811): a patch-mixer before deferred token masking, expert-choice
+MoE feed-forwards in every other block, and optional layer-wise width scaling, on the PixArt backbone."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+# diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..blocks import FeedForward, PixArtBlock
+from ..masking import gather_tokens
+from ..moe import ExpertChoiceFeedForward
+from .pixart_transformer import PixArtTransformer
+
+__all__ = ["MicroDiTTransformer", "ModelMixin"]
+
+#: MicroDiT's options and their defaults (the rest of the config is PixArt's).
+MICRODIT_DEFAULTS = {
+    "patch_mixer_layers": 2,
+    "deferred_masking": True,
+    "num_experts": 8,
+    "expert_capacity": 2.0,
+    "experts_every_n": 2,
+    "attention_multipliers": None,
+    "ffn_multipliers": None,
+}
+
+
+class MicroDiTTransformer(PixArtTransformer):
+    """PixArt-style transformer with MicroDiT's micro-budget training pieces.
+
+    - ``patch_mixer``: ``patch_mixer_layers`` PixArt blocks (self-attention, cross-attention to the caption, MLP,
+      adaLN-single modulation) that run on **all** tokens before masking, so the kept tokens carry information about
+      the masked ones. With ``keep_indices`` in ``forward`` (training; :mod:`dit.masking`) the backbone
+      ``transformer_blocks`` then run on the kept tokens only and the output is zero at masked patches. Inference
+      passes no ``keep_indices`` and never masks; the mixer is part of the model there too.
+    - ``deferred_masking=False`` masks before the mixer (naive masking, for the ablation).
+    - ``num_experts``: expert-choice MoE feed-forward (:class:`~dit.moe.ExpertChoiceFeedForward`, capacity factor
+      ``expert_capacity``) in blocks ``i`` with ``(i + 1) % experts_every_n == 0``, the last backbone block excepted,
+      in the mixer and the backbone; None: dense MLPs everywhere. :meth:`routing_stats` reports expert utilisation.
+    - Layer-wise scaling: ``attention_multipliers=(lo, hi)`` scales the attention width (heads of
+      ``attention_head_dim``) and ``ffn_multipliers=(lo, hi)`` the MLP width (x token width) linearly from the
+      first backbone block to the last (MicroDiT: (0.5, 1.0) and (0.5, 4.0)); None: uniform widths.
+
+    Everything else (config, keys, forward, pipelines, LoRA) is :class:`PixArtTransformer`'s.
+    """
+
+    _no_split_modules = ["PixArtBlock", "PatchEmbed"]
+
+    def __init__(self, *args, **kwargs):
+        micro = {name: kwargs.pop(name, default) for name, default in MICRODIT_DEFAULTS.items()}
+        _validate(micro)
+        self._micro = micro  # read by _block_options while PixArtTransformer builds the blocks
+        super().__init__(*args, **kwargs)
+        self.register_to_config(**micro)
+        cfg = self.config
+        self.patch_mixer = nn.ModuleList(
+            [
+                PixArtBlock(
+                    self.inner_dim,
+                    cfg.num_attention_heads,
+                    cfg.attention_head_dim,
+                    cross_attention_dim=cfg.cross_attention_dim,
+                    dropout=cfg.dropout,
+                    activation_fn=cfg.activation_fn,
+                    attention_bias=cfg.attention_bias,
+                    norm_elementwise_affine=cfg.norm_elementwise_affine,
+                    norm_eps=cfg.norm_eps,
+                    feed_forward=self._moe(index, 4 * self.inner_dim),
+                )  # fmt: skip
+                for index in range(cfg.patch_mixer_layers)
+            ]
+        )
+
+    # ----- construction -------------------------------------------------------------------------------------
+    def _block_options(self, index: int) -> dict:
+        micro, heads = self._micro, self.config.num_attention_heads
+        options = super()._block_options(index)
+        depth = self.config.num_layers
+        inner = 4 * self.inner_dim
+        if micro["attention_multipliers"] is not None:
+            options["attention_heads"] = max(
+                1, round(_linear_at(micro["attention_multipliers"], index, depth) * heads)
+            )
+        if micro["ffn_multipliers"] is not None:
+            inner = max(1, round(_linear_at(micro["ffn_multipliers"], index, depth) * self.inner_dim))
+        options["feed_forward"] = self._moe(index, inner, last=depth - 1) or FeedForward(
+            self.inner_dim, dropout=self.config.dropout, activation_fn=self.config.activation_fn, inner_dim=inner
+        )
+        return options
+
+    def _moe(self, index: int, inner_dim: int, last: int | None = None) -> ExpertChoiceFeedForward | None:
+        """An expert-choice MoE for block ``index`` (never block ``last``), or None for a dense MLP there."""
+        micro = self._micro
+        if micro["num_experts"] is None or (index + 1) % micro["experts_every_n"] or index == last:
+            return None
+        return ExpertChoiceFeedForward(self.inner_dim, micro["num_experts"], micro["expert_capacity"], inner_dim)
+
+    # ----- forward pieces -----------------------------------------------------------------------------------
+    def _mix_and_mask(self, x, keep_indices, context, t6, cross_mask_for, grid):
+        """Patch-mixer on all tokens then masking (deferred), or masking then the mixer (naive)."""
+        if keep_indices is not None:
+            self._check_maskable(keep_indices, x.shape[1])
+        naive = keep_indices is not None and not self.config.deferred_masking
+        if naive:
+            x, grid = gather_tokens(x, keep_indices), None  # (B, K, D)
+        cross_mask = cross_mask_for(x.shape[1])
+        for block in self.patch_mixer:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, t6, None, cross_mask, grid)
+            else:
+                x = block(x, context, t6, None, cross_mask, grid)  # (B, N or K, D)
+        if keep_indices is None or naive:
+            return x, grid
+        return gather_tokens(x, keep_indices), None  # (B, K, D)
+
+    def routing_stats(self) -> dict[str, float]:
+        """Expert utilisation of the last forward, averaged over the MoE layers: ``token_coverage`` (share of tokens
+        taken by at least one expert), ``experts_per_token`` and ``max_experts_per_token``; {} without experts."""
+        stats = [m.routing_stats() for m in self.modules() if isinstance(m, ExpertChoiceFeedForward)]
+        stats = [s for s in stats if s]
+        if not stats:
+            return {}
+        return {key: float(np.mean([s[key] for s in stats])) for key in stats[0]}
+
+
+def _linear_at(bounds, index: int, depth: int) -> float:
+    low, high = bounds
+    return low if depth == 1 else low + (high - low) * index / (depth - 1)
+
+
+def _validate(micro: dict) -> None:
+    if micro["patch_mixer_layers"] < 0:
+        raise ValueError(f"patch_mixer_layers must be >= 0, got {micro['patch_mixer_layers']}.")
+    if micro["experts_every_n"] < 1:
+        raise ValueError(f"experts_every_n must be >= 1, got {micro['experts_every_n']}.")
+    for name in ("attention_multipliers", "ffn_multipliers"):
+        value = micro[name]
+        if value is not None and (len(value) != 2 or min(value) <= 0):
+            raise ValueError(f"{name} must be two positive numbers (first block, last block), got {value!r}.")
+
+
+# diffusers reads a class's config fields (and their defaults) from the signature of its __init__.
+MicroDiTTransformer.__init__.__signature__ = inspect.signature(PixArtTransformer.__init__).replace(
+    parameters=[
+        *inspect.signature(PixArtTransformer.__init__).parameters.values(),
+        *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in MICRODIT_DEFAULTS.items()),
+    ]
+)
