@@ -126,20 +126,37 @@ class PixArtBlock(nn.Module):
         masks in kernel format."""
         batch = hidden_states.shape[0]
         modulation = self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
-
-        # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
-        # Without autograd the residual stream is updated in place (see residual()).
-        attn_out = self.attn1(
-            modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, grid=grid
+        return modulated_sublayers(
+            self, hidden_states, modulation, encoder_hidden_states, attention_mask, encoder_attention_mask, grid=grid
         )
-        hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
-        del attn_out
 
-        if self.attn2 is not None:
-            cross_out = self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
-            hidden_states = residual(hidden_states, cross_out)
-            del cross_out
 
-        ff_out = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
-        return residual(hidden_states, ff_out, gate_mlp)
+def modulated_sublayers(
+    block: nn.Module,
+    hidden_states: torch.Tensor,
+    modulation: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    encoder_attention_mask: torch.Tensor | None,
+    **self_attention_kwargs,
+) -> torch.Tensor:
+    """The body shared by PixArt-style blocks: adaLN-modulated, gated self-attention (``block.attn1``, given
+    ``self_attention_kwargs`` such as ``grid`` or ``rotary``), un-gated cross-attention (``block.attn2``, if any) and
+    a gated feed-forward (``block.ff``); ``modulation`` (B, 6, D) holds shift/scale/gate of both gated sublayers."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
+
+    # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
+    # Without autograd the residual stream is updated in place (see residual()).
+    attn_out = block.attn1(
+        modulate(block.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, **self_attention_kwargs
+    )
+    hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
+    del attn_out
+
+    if block.attn2 is not None:
+        cross_out = block.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
+        hidden_states = residual(hidden_states, cross_out)
+        del cross_out
+
+    ff_out = block.ff(modulate(block.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
+    return residual(hidden_states, ff_out, gate_mlp)

@@ -18,7 +18,7 @@ from torch import nn
 from ..attention import DiTAttention
 from ..attention.ops import keep_mask_to_bias
 from ..attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
-from ..blocks import residual
+from ..blocks import modulated_sublayers
 from ..embeddings import CaptionProjection, TimestepEmbedding, timestep_sinusoid
 from ..linear import Linear
 from ..normalization import modulate
@@ -124,21 +124,10 @@ class FiTBlock(nn.Module):
         """``hidden_states`` (B, N, D); ``cond`` the SiLU-activated condition (B, D); ``shared_modulation`` (B, 6D);
         masks in kernel format; ``rotary`` the tables of the N tokens."""
         modulation = (shared_modulation + self.adaln_lora(cond)).unflatten(1, (6, -1))  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
-
-        attn_out = self.attn1(
-            modulate(self.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, rotary=rotary
-        )  # (B, N, D)
-        hidden_states = residual(hidden_states, attn_out, gate_msa)
-        del attn_out
-
-        if self.attn2 is not None:
-            cross_out = self.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
-            hidden_states = residual(hidden_states, cross_out)
-            del cross_out
-
-        ff_out = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
-        return residual(hidden_states, ff_out, gate_mlp)
+        return modulated_sublayers(
+            self, hidden_states, modulation, encoder_hidden_states, attention_mask, encoder_attention_mask,
+            rotary=rotary,
+        )  # fmt: skip
 
 
 class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
