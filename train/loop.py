@@ -273,9 +273,8 @@ class Trainer:
         networks = {}
         if masked:
             keep_indices, networks["loss_mask"] = self.masking.draw(draws["mask"])
-        if sizes is not None:  # the loss ignores padding (times a token-masking loss mask, were there one)
-            pad_mask = padding_mask(sizes.to(device), *latents.shape[-2:])  # (B, 1, H, W)
-            networks["loss_mask"] = pad_mask * networks["loss_mask"] if "loss_mask" in networks else pad_mask
+        if sizes is not None:  # the loss ignores padding (token masking is refused with mixed sizes)
+            networks["loss_mask"] = padding_mask(sizes.to(device), *latents.shape[-2:])  # (B, 1, H, W)
         if self.objective.uses_teacher:
             networks["teacher_fn"] = functools.partial(model_fn, model=self.teacher)
         if self.objective.uses_target:

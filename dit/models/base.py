@@ -10,6 +10,7 @@ from diffusers.utils import logging
 from ..attention import DiTAttention, resolve_backend
 from ..attention.backends import AttentionBackend, get_backend
 from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+from ..normalization import modulate
 
 logger = logging.get_logger(__name__)
 
@@ -46,6 +47,19 @@ class BackboneMixin:
                 module.backend = backend
         self._resolved_backend = (key, backend)
         return backend
+
+    # ----- shared forward pieces ---------------------------------------------------------------------------
+    def _run_block(self, block: torch.nn.Module, *inputs) -> torch.Tensor:
+        """``block(*inputs)``, through gradient checkpointing when it is enabled and gradients are needed."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *inputs)
+        return block(*inputs)
+
+    def _output_head(self, hidden_states: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The adaLN output head: ``proj_out`` of ``norm_out`` modulated by ``scale_shift_table`` + the condition
+        embedding ``emb`` (B, D): (B, N, D) -> (B, N, p*p*C)."""
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        return self.proj_out(modulate(self.norm_out(hidden_states), shift, scale))
 
     # ----- weight inheritance ----------------------------------------------------------------------------
     #: Config values a model converted by :meth:`from_pixart` gets unless the caller overrides them.

@@ -193,10 +193,7 @@ class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
 
     def run_block(self, j: int, control: torch.Tensor, *block_inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Control block ``j`` (gradient-checkpointed when enabled): (next control state, unscaled residual)."""
-        block = self.controlnet_blocks[j]
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, control, *block_inputs)
-        return block(control, *block_inputs)
+        return self._run_block(self.controlnet_blocks[j], control, *block_inputs)
 
 
 def _check_backbone(transformer: nn.Module) -> None:

@@ -21,7 +21,6 @@ from ..attention.rope import RotaryEmbedding, get_extrapolation, rotary_embeddin
 from ..blocks import modulated_sublayers
 from ..embeddings import CaptionProjection, TimestepEmbedding, timestep_sinusoid
 from ..linear import Linear
-from ..normalization import modulate
 from ..packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .base import BackboneMixin
 from .pixart_transformer import _text_tokens
@@ -341,16 +340,12 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 2. Blocks
         block_inputs = (context, cond, shared, self_mask, cross_mask, rotary)
         for index, block in enumerate(self.transformer_blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, *block_inputs)
-            else:
-                x = block(x, *block_inputs)
+            x = self._run_block(block, x, *block_inputs)  # (B, L, D)
             if block_controls is not None:
                 x = block_controls(index, x, *block_inputs)  # (B, L, D)
 
         # 3. Output head, back to each sample's place on the canvas
-        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, p*p*C)
+        x = self._output_head(x, emb)  # (B, L, p*p*C)
         output = unpatchify(unpack(x, layout), layout.grid, p)  # (B, C, H, W), zeros outside valid regions
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 

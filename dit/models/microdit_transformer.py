@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
-import torch
 
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
 from diffusers.models.modeling_utils import ModelMixin
@@ -111,10 +110,7 @@ class MicroDiTTransformer(PixArtTransformer):
             x, grid = gather_tokens(x, keep_indices), None  # (B, K, D)
         cross_mask = cross_mask_for(x.shape[1])
         for block in self.patch_mixer:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, context, t6, None, cross_mask, grid)
-            else:
-                x = block(x, context, t6, None, cross_mask, grid)  # (B, N or K, D)
+            x = self._run_block(block, x, context, t6, None, cross_mask, grid)  # (B, N or K, D)
         if keep_indices is None or naive:
             return x, grid
         return gather_tokens(x, keep_indices), None  # (B, K, D)

@@ -20,7 +20,7 @@ from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
 from ..linear import Linear
 from ..masking import gather_tokens, scatter_tokens
-from ..normalization import AdaLayerNormSingle, modulate
+from ..normalization import AdaLayerNormSingle
 from .base import BackboneMixin
 
 __all__ = ["ModelMixin", "PixArtTransformer"]
@@ -252,16 +252,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         cross_mask = cross_mask_for(x.shape[1])
         self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, x.shape[1])
         for index, block in enumerate(self.transformer_blocks):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, context, t6, self_mask, cross_mask, grid)
-            else:
-                x = block(x, context, t6, self_mask, cross_mask, grid)
+            x = self._run_block(block, x, context, t6, self_mask, cross_mask, grid)  # (B, N, D)
             if block_controls is not None:
                 x = block_controls(index, x, context, t6, self_mask, cross_mask, grid)  # (B, N, D)
 
         # 3. Output head and unpatchify
-        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, K, p*p*C)
+        x = self._output_head(x, emb)  # (B, K, p*p*C)
         if keep_indices is not None:
             x = scatter_tokens(x, keep_indices, n_all)  # (B, N, p*p*C), zeros at the masked patches
         h, w, c = height // p, width // p, self.out_channels
