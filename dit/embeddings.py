@@ -40,6 +40,27 @@ def sincos_2d(embed_dim: int, height: int, width: int, base_size: int, interpola
     return table.float()  # (h*w, D)
 
 
+def fractional_sincos(
+    positions: torch.Tensor, sizes: torch.Tensor, base_grid: tuple[int, int], embed_dim: int
+) -> torch.Tensor:
+    """Per-token 2D sin-cos of each token's place as a fraction of its own image, on the ``base_grid`` scale.
+
+    ``positions`` (B, L, 2) integer (row, col) of each token, ``sizes`` (B, 2) each sample's grid (h, w): the token
+    at row ``i`` of an ``h``-row image sits at ``i * base_h / h``, so every size and aspect ratio spans the training
+    grid's range (PixArt's position interpolation, one scale per axis). Channels as :func:`sincos_2d` (column half,
+    then row half); for a square ``base_grid`` this equals ``sincos_2d(embed_dim, h, w, base_grid[0], 1)`` token for
+    token. Returns (B, L, embed_dim) float32.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"The position embedding width must be divisible by 4, got {embed_dim}.")
+    base = torch.tensor(base_grid, dtype=torch.float32, device=positions.device)  # (2,)
+    cells = sizes.to(positions.device, torch.float32) / base  # (B, 2) image patches per base-grid patch
+    coords = positions.float() / cells[:, None, :]  # (B, L, 2) rows, cols on the base grid's scale
+    rows = sincos_1d(embed_dim // 2, coords[..., 0])  # (B*L, D/2)
+    cols = sincos_1d(embed_dim // 2, coords[..., 1])  # (B*L, D/2)
+    return torch.cat([cols, rows], dim=1).float().reshape(*positions.shape[:2], embed_dim)  # (B, L, D)
+
+
 class PatchEmbed(nn.Module):
     """``p x p`` convolution to tokens plus the 2D sin-cos position table of the actual grid.
 

@@ -40,11 +40,14 @@ class RotaryEmbedding:
         sin: (B, N, 1, D) sines.
         logit_scale: (B, 1, 1, 1) factor on the attention logits (YaRN temperature and/or the resolution-aware
             attention scale), applied to the queries; None: 1.
+        sizes: (B, 2) grid (h, w) in patches of each sample the tokens came from (host tensor), for hooks that
+            must lay other inputs out like the tokens (a ControlNet's control latent); None: not recorded.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     logit_scale: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
 
 
 # ----- frequencies --------------------------------------------------------------------------------------------
@@ -229,4 +232,4 @@ def rotary_embedding(
         scale = attention_logit_scale(sizes[:, 0] * sizes[:, 1], train_grid[0] * train_grid[1])  # (B,)
         factor = scale if factor is None else factor * scale
     factor = None if factor is None else factor.to(cos.device, dtype)[:, None, None, None]  # (B, 1, 1, 1)
-    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor)
+    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor, sizes)

@@ -74,7 +74,8 @@ class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
 
     Args:
         transformer_class: name of the base backbone class in :mod:`dit.models` (``PixArtTransformer``,
-            ``LiTTransformer``, ...), used with ``transformer_config`` to build blocks of the right structure.
+            ``LiTTransformer``, ``MicroDiTTransformer``, ``FiTTransformer``), used with ``transformer_config`` to
+            build blocks of the right structure. The base embeds the control latent (its ``control_tokens``).
         transformer_config: the base model's config (attention variants per block included).
         positions: base block indices whose copies the adapter holds, ascending; the copy of block ``p`` feeds
             base block ``p + 1``. PixArt-δ: ``0..12``.
@@ -200,7 +201,7 @@ def _check_backbone(transformer: nn.Module) -> None:
     if not hasattr(transformer, "transformer_blocks") or not _has_block_loop(type(transformer)):
         raise TypeError(
             f"{type(transformer).__name__} is not a toolkit backbone with a block loop (block_controls); ControlNet "
-            "adapters run on dit backbones (PixArtTransformer, LiTTransformer, ...)."
+            "adapters run on dit backbones (PixArtTransformer, LiTTransformer, MicroDiTTransformer, FiTTransformer)."
         )
 
 
@@ -275,25 +276,18 @@ class _ControlRun:
         self.index = {p: j for j, p in enumerate(adapter.positions)}
         self.control: torch.Tensor | None = None
 
-    def _start(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Base block 0's output plus the embedded control latent (B, N, D)."""
-        patch = self.transformer.config.patch_size
-        size, expected = tuple(self.cond.shape[-2:]), (grid[0] * patch, grid[1] * patch)
-        if size != expected:
-            raise ValueError(
-                f"The control latent is {size[0]}x{size[1]}; the model's latents are {expected[0]}x{expected[1]}. "
-                "Control images must have the size of the generated image."
-            )
+    def _start(self, hidden_states: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+        """Base block 0's output plus the control latent embedded by the base (B, N, D)."""
         cond, batch = self.cond, hidden_states.shape[0]
         if cond.shape[0] not in (1, batch):
             raise ValueError(f"{cond.shape[0]} control latents were given for a batch of {batch}.")
-        embedded = self.transformer.pos_embed(cond.to(hidden_states.dtype))  # (B or 1, N, D)
+        embedded = self.transformer.control_tokens(cond.to(hidden_states.dtype), block_inputs)  # (B or 1, N, D)
         return hidden_states + self.adapter.before_proj(embedded)  # (B, N, D)
 
     def __call__(self, index: int, hidden_states: torch.Tensor, *block_inputs) -> torch.Tensor | None:
         """The scaled residual for the input of base block ``index + 1`` (None where this adapter has no block)."""
         if index == 0:
-            self.control = self._start(hidden_states, block_inputs[-1])
+            self.control = self._start(hidden_states, block_inputs)
         j = self.index.get(index)
         if j is None:
             return None

@@ -19,11 +19,11 @@ from ..attention import DiTAttention
 from ..attention.ops import keep_mask_to_bias
 from ..attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
 from ..blocks import modulated_sublayers
-from ..embeddings import CaptionProjection, TimestepEmbedding, timestep_sinusoid
+from ..embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
 from ..linear import Linear
 from ..packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .base import BackboneMixin
-from .pixart_transformer import _text_tokens
+from .pixart_transformer import _check_control_size, _text_tokens
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]
 
@@ -167,6 +167,11 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_theta: RoPE base.
         rope_extrapolation: ``none``, ``pi``, ``ntk``, ``vision_ntk``, ``yarn`` or ``vision_yarn``.
         attention_logit_scale: multiply logits by ``max(1, log(tokens) / log(train tokens))`` per sample.
+        absolute_position: ``none`` (FiT: RoPE is the only position signal) or ``fractional``: add to each token the
+            2D sin-cos of its place as a fraction of its own image, on the ``train_grid`` scale
+            (:func:`dit.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
+            captions that place things ("on the left"), which relative RoPE alone cannot anchor. Parameter-free,
+            defined at every size, so it needs no extrapolation.
     """
 
     _supports_gradient_checkpointing = True
@@ -201,10 +206,13 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_theta: float = 10000.0,
         rope_extrapolation: str = "none",
         attention_logit_scale: bool = False,
+        absolute_position: str = "none",
     ):
         super().__init__()
         inner_dim = num_attention_heads * attention_head_dim
         _validate_config(attention_head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation)
+        if absolute_position not in ("none", "fractional"):
+            raise ValueError(f"absolute_position must be 'none' or 'fractional', got {absolute_position!r}.")
         self.inner_dim = inner_dim
         self.out_channels = in_channels if out_channels is None else out_channels
         side = sample_size // patch_size
@@ -318,8 +326,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         backend = self._attention_backend(hidden_states.device)
 
         # 1. Input: each sample's patches packed into one padded sequence, and the per-token position terms
-        x = self.x_embedder(pack(patchify(hidden_states, p), layout))  # (B, L, D)
-        x = x * layout.keep[..., None].to(x.dtype)  # padding tokens start at zero
+        x = self._embed(hidden_states, layout)  # (B, L, D)
         length, dtype = x.shape[1], x.dtype
         emb = self._condition(timestep, class_labels, batch, dtype, x.device)  # (B, D)
         cond = F.silu(emb)  # (B, D)
@@ -348,6 +355,26 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = self._output_head(x, emb)  # (B, L, p*p*C)
         output = unpatchify(unpack(x, layout), layout.grid, p)  # (B, C, H, W), zeros outside valid regions
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _embed(self, latents: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Latents (B, C, H, W) laid out by ``layout`` -> tokens (B, L, D), zero at padding."""
+        x = self.x_embedder(pack(patchify(latents, self.config.patch_size), layout))  # (B, L, D)
+        if self.config.absolute_position == "fractional":
+            x = x + fractional_sincos(layout.positions, layout.sizes, self.train_grid, self.inner_dim).to(x.dtype)
+        return x * layout.keep[..., None].to(x.dtype)  # (B, L, D)
+
+    def control_tokens(self, controlnet_cond: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+        """A ControlNet's control latent (B, C, H, W) as tokens like the latents: this model's patch embedding
+        (and absolute position, if any), (B, N, D). The batch must be of one size (no padding): ``block_inputs``
+        are block 0's, the rotary embedding last, which records each sample's grid."""
+        sizes, p = block_inputs[-1].sizes, self.config.patch_size
+        if sizes is None or (sizes != sizes[:1]).any():
+            raise ValueError(
+                "ControlNet on FiTTransformer takes batches of one image size; this batch mixes "
+                f"{sorted({tuple(s) for s in sizes.tolist()}) if sizes is not None else 'unrecorded'} (patch grids)."
+            )
+        _check_control_size(controlnet_cond, (int(sizes[0, 0]) * p, int(sizes[0, 1]) * p))
+        return self._embed(controlnet_cond, self._layout(controlnet_cond, None))  # (B, N, D)
 
     def _condition(self, timestep, class_labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
         """Timestep embedding plus the class embedding (null class when no labels are given): (B, D)."""

@@ -265,6 +265,13 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         output = x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
+    def control_tokens(self, controlnet_cond: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+        """A ControlNet's control latent (B, C, H, W) as tokens like the latents (PixArt-δ: this model's patch
+        embedding with its position table): (B, N, D). ``block_inputs`` are block 0's, the token grid last."""
+        grid, p = block_inputs[-1], self.config.patch_size
+        _check_control_size(controlnet_cond, (grid[0] * p, grid[1] * p))
+        return self.pos_embed(controlnet_cond)  # (B, N, D)
+
     def _mix_and_mask(self, x, keep_indices, context, t6, cross_mask_for, grid):
         """Tokens (B, N, D) -> the tokens the blocks run on and their grid (None once tokens are dropped).
 
@@ -337,6 +344,16 @@ def _validate_config(
         )
     if null_caption_length is not None and caption_channels is None:
         raise ValueError("null_caption_length needs caption_channels (the null caption lives in caption space).")
+
+
+def _check_control_size(controlnet_cond: torch.Tensor, expected: tuple[int, int]) -> None:
+    """Raise a ValueError naming both sizes unless the control latent is ``expected`` (H, W)."""
+    size = tuple(controlnet_cond.shape[-2:])
+    if size != tuple(expected):
+        raise ValueError(
+            f"The control latent is {size[0]}x{size[1]}; the model's latents are {expected[0]}x{expected[1]}. "
+            "Control images must have the size of the generated image."
+        )
 
 
 def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from dit import ControlNetAdapter, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
 from dit.checkpoint import CheckpointKeyError
 from dit.models.controlnet import block_controls
-from tests.tiny import ALPHA, SIGMA, added_cond, randomize_
+from dit.packing import token_layout
+from tests.tiny import ALPHA, FIT, SIGMA, added_cond, randomize_
 
 BACKBONES = {
     "alpha": (PixArtTransformer, {**ALPHA, "num_layers": 4}),
@@ -17,6 +18,7 @@ BACKBONES = {
     "sigma-kv2": (PixArtTransformer, {**SIGMA, "num_layers": 4, "kv_compress_ratio": 2}),
     "lit": (LiTTransformer, {**SIGMA, "num_layers": 4}),
     "microdit": (MicroDiTTransformer, {**SIGMA, "num_layers": 4, "patch_mixer_layers": 1, "num_experts": 2}),
+    "fit": (FiTTransformer, {**FIT, "num_layers": 4, "absolute_position": "fractional"}),
 }
 SHAPES = {"square": (8, 8), "wide": (6, 10)}
 
@@ -211,6 +213,32 @@ def test_adapter_follows_the_base_attention_backend():
         math = _run(base, adapter, x, text, t, cond, **kwargs)
     assert adapter.controlnet_blocks[0].transformer_block.attn2.backend.name == "math"
     assert (sdpa - math).abs().max() <= 1e-5
+
+
+def test_fit_control_is_embedded_like_the_latents_and_needs_one_size():
+    """On FiT the control latent goes through the base's own patch embedding and fractional position: the loop
+    written out, then a mixed-size batch is refused by name."""
+    base = _base("fit")
+    adapter = _randomize_projections(ControlNetAdapter.from_transformer(base, num_blocks=1))
+    x, text, t, cond, kwargs = _inputs("fit", (6, 10))
+    seen = {}
+    base.transformer_blocks[0].register_forward_pre_hook(lambda m, args: seen.update(inputs=args[1:]))
+    base.norm_out.register_forward_pre_hook(lambda m, args: seen.update(final=args[0].clone()))
+    layout = token_layout(torch.tensor([[3, 5], [3, 5]]), (3, 5))
+    with torch.no_grad():
+        _run(base, adapter, x, text, t, cond, **kwargs)
+        inputs = seen["inputs"]
+        h = base.transformer_blocks[0](base._embed(x, layout), *inputs)
+        c = adapter.controlnet_blocks[0].transformer_block(h + adapter.before_proj(base._embed(cond, layout)), *inputs)
+        h = h + adapter.controlnet_blocks[0].after_proj(c)
+        for block in base.transformer_blocks[1:]:
+            h = block(h, *inputs)
+    torch.testing.assert_close(seen["final"], h, rtol=1e-5, atol=1e-6)
+    padded = dict(kwargs, image_sizes=torch.tensor([[6, 10], [4, 4]]))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"one image size; this batch mixes \[\(2, 2\), \(3, 5\)\]"):
+        _run(base, adapter, x, text, t, cond, **padded)
+    with torch.no_grad(), pytest.raises(ValueError, match="control latent is 6x8; the model's latents are 6x10"):
+        _run(base, adapter, x, text, t, cond[..., :8], **kwargs)
 
 
 def test_matches_the_pixart_delta_loop_written_out():

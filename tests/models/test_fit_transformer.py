@@ -5,6 +5,7 @@ import torch
 
 from dit import FiTTransformer
 from dit.attention.rope import EXTRAPOLATIONS
+from dit.embeddings import sincos_2d
 from tests.tiny import FIT, randomize_
 
 
@@ -64,12 +65,14 @@ def test_full_and_tiny_sample_in_one_batch(masked):
 
 
 @pytest.mark.parametrize(
-    "method, logit_scale", [("none", False), ("vision_yarn", True)], ids=["plain", "vision-yarn+scale"]
+    "method, logit_scale, absolute",
+    [("none", False, "none"), ("vision_yarn", True, "none"), ("none", False, "fractional")],
+    ids=["plain", "vision-yarn+scale", "fractional-position"],
 )
 @pytest.mark.parametrize("own", [(6, 10), (10, 4)], ids=["wide", "tall"])
-def test_a_sample_ignores_the_rest_of_its_batch(method, logit_scale, own):
+def test_a_sample_ignores_the_rest_of_its_batch(method, logit_scale, absolute, own):
     """A sample's output does not change when the other samples change size or content (fp32, 1e-5)."""
-    model = _model(rope_extrapolation=method, attention_logit_scale=logit_scale)
+    model = _model(rope_extrapolation=method, attention_logit_scale=logit_scale, absolute_position=absolute)
     alone, _ = _canvas([own], seed=3)
     t, text = torch.tensor([321.0]), _text(1, seed=5)
     with torch.no_grad():
@@ -134,6 +137,34 @@ def test_unknown_extrapolation_is_named():
         _model().set_extrapolation("dynamic")
     with pytest.raises(ValueError, match="vision_yarn"):
         FiTTransformer(**FIT, rope_extrapolation="dynamic")
+
+
+# ----- absolute position ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [[(8, 8)], [(8, 12), (4, 6)], [(12, 4), (2, 16)]], ids=["square", "wide", "tall"])
+def test_fractional_position_is_added_to_each_real_token(sizes):
+    """With a zero patch embedding, block 0 sees exactly each sample's own fractional table at its real tokens."""
+    model = _model(absolute_position="fractional", train_grid=[4, 4])
+    torch.nn.init.zeros_(model.x_embedder.weight)
+    torch.nn.init.zeros_(model.x_embedder.bias)
+    seen = []
+    model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    latents, image_sizes = _canvas(sizes)
+    with torch.no_grad():
+        _run(model, latents, image_sizes)
+    for i, (h, w) in enumerate(sizes):
+        table = sincos_2d(16, h // 2, w // 2, base_size=4, interpolation_scale=1)  # (h*w, D), row-major
+        torch.testing.assert_close(seen[0][i, : len(table)], table)
+        assert torch.count_nonzero(seen[0][i, len(table) :]) == 0  # padding stays zero
+
+
+def test_fractional_position_changes_the_output_and_is_named():
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        plain = _run(_model(), latents)
+        placed = _run(_model(absolute_position="fractional"), latents)
+    assert not torch.allclose(plain, placed)
+    with pytest.raises(ValueError, match=r"absolute_position must be 'none' or 'fractional', got 'learned'"):
+        FiTTransformer(**FIT, absolute_position="learned")
 
 
 # ----- bad input ---------------------------------------------------------------------------------------------

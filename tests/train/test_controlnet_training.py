@@ -143,3 +143,28 @@ def test_two_processes_match_one(features, base, tmp_path):
     Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
     two = launch_two_processes(overrides, tmp_path / "two", port=29534)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-5)
+
+
+def test_a_fit_base_trains_a_control_adapter(features, tmp_path):
+    """ControlNet on the flow backbone: the loop trains FiT's adapter (one size per batch) and the base stays put."""
+    from dit import FiTTransformer
+    from tests.train.test_mixed_sizes import FIT_KWARGS
+
+    torch.manual_seed(0)
+    config = _config(features, tmp_path / "unused", tmp_path / "run", "model.cls=FiTTransformer",
+                     f"model.kwargs={FIT_KWARGS}", "objective.name=flow", "controlnet.num_blocks=1")  # fmt: skip
+    fit = randomize_(FiTTransformer(**config.model.kwargs), std=0.05)
+    fit.save_pretrained(tmp_path / "fit")
+    config.model.pretrained = str(tmp_path / "fit")
+    trainer = Trainer(config)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {k: v.clone() for k, v in model.controlnet.state_dict().items()}
+    losses = trainer.train()
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    for name, value in model.transformer.state_dict().items():
+        assert torch.equal(value, fit.state_dict()[name]), name
+    after = model.controlnet.state_dict()
+    assert not torch.equal(before["before_proj.weight"], after["before_proj.weight"])
+    assert ControlNetAdapter.from_pretrained(
+        tmp_path / "run" / "checkpoints" / "checkpoint-2" / "model"
+    ).positions == [0]
