@@ -96,5 +96,5 @@ def test_cli_generate_lcm_uses_the_shipped_student(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     scenes = prompt_suite(8)["one_object"]
     images = pipeline_generator(student, steps=2, guidance_scale=1.0)([caption(s) for s in scenes], 0)
-    # bench/results/lcm_quality_cpu.json: 2 steps score 82% one-object on 60 prompts (the teacher at 20: 95%)
+    # bench/results/lcm_quality_cpu.json: 2 and 4 steps score 95% one-object on 60 prompts (the teacher at 20: 95%)
     assert sum(score(image, scene)["prompt"] for image, scene in zip(images, scenes)) >= 5
