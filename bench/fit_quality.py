@@ -258,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/fit_quality")
     parser.add_argument("--images", type=int, default=20000, help="mixed-size training scenes")
-    parser.add_argument("--steps", type=int, default=3300)
+    parser.add_argument("--steps", type=int, default=6600)
     parser.add_argument("--measure", type=int, default=0, help="only train this many steps and print the rate")
     parser.add_argument("--n", type=int, default=30, help="one-object prompts per (size, method)")
     parser.add_argument("--n-guidance", type=int, default=30, help="prompts per guidance scale when choosing it")
