@@ -191,7 +191,7 @@ def evaluate(pipe, args) -> dict:
     from dit.microshapes.suite import prompt_suite
     from dit.pipelines.resolution import flow_shift_mu
 
-    model, suite = pipe.transformer, prompt_suite(args.n)
+    model, suite = pipe.transformer, prompt_suite(args.n, seed=args.suite_seed)
     # metric -> (scenes, scoring function): generation from noise per group, and denoising from t0 (one-object)
     metrics = {g: (suite[g], score_prompts) for g in args.groups.split(",")}
     for start in args.denoise_from:
@@ -268,6 +268,9 @@ def main() -> None:
     parser.add_argument(
         "--denoise-from", type=float, nargs="*", default=[0.7, 0.85], help="also score denoising from t0"
     )
+    parser.add_argument(
+        "--suite-seed", type=int, default=1234, help="seed of the scored prompts (a replicate: another)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fit_quality_cpu.json"))
     parser.add_argument("overrides", nargs="*", help="trainer key=value overrides")
@@ -305,6 +308,7 @@ def main() -> None:
         },
         "evaluation": {
             "n_per_size_and_method": args.n,
+            "suite_seed": args.suite_seed,
             "groups": args.groups,
             "seconds": round(evaluation_s, 1),
             "note": f"n = {args.n} one-object prompts per (size, method) to fit the CPU time; one "
