@@ -308,6 +308,9 @@ class Trainer:
         tmp = checkpointing.temporary_path(self.root, self.step, clear=acc.is_main_process)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
+        # save_state ends without a barrier: every process must have written its RNG state into tmp before the main
+        # process renames tmp into place (a rank still writing into the moved folder crashed two-process runs).
+        acc.wait_for_everyone()
         final = None
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)

@@ -97,6 +97,24 @@ def test_checkpoint_layout_and_limit(features, tmp_path):
     )
 
 
+def test_every_process_finishes_saving_before_the_checkpoint_is_renamed(features, tmp_path, monkeypatch):
+    """accelerate's save_state ends without a barrier; the main process may only publish (rename the folder every
+    rank writes its RNG state into) after all ranks are past it, or a slower rank writes into a moved folder."""
+    from dit.train import checkpointing as checkpointing_module
+
+    trainer, calls = Trainer(_config(features, tmp_path)), []
+
+    def recorded(name, fn):
+        return lambda *args, **kwargs: calls.append(name) or fn(*args, **kwargs)
+
+    for name in ("save_state", "wait_for_everyone"):
+        monkeypatch.setattr(trainer.accelerator, name, recorded(name, getattr(trainer.accelerator, name)))
+    monkeypatch.setattr(checkpointing_module, "publish", recorded("publish", checkpointing_module.publish))
+    trainer.save_checkpoint()
+    assert calls.index("publish") > calls.index("save_state") + 1
+    assert "wait_for_everyone" in calls[calls.index("save_state") : calls.index("publish")]
+
+
 def test_interrupted_save_leaves_previous_checkpoint(features, tmp_path, monkeypatch):
     trainer = Trainer(_config(features, tmp_path))
     original = PixArtTransformer.save_pretrained
