@@ -10,6 +10,7 @@ from diffusers.utils import logging
 from ..attention import DiTAttention, resolve_backend
 from ..attention.backends import AttentionBackend, get_backend
 from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+from ..linear import Linear
 from ..normalization import modulate
 
 logger = logging.get_logger(__name__)
@@ -54,6 +55,12 @@ class BackboneMixin:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *inputs)
         return block(*inputs)
+
+    def _build_output_head(self, dim: int, out_features: int) -> None:
+        """The adaLN output head's modules (``norm_out``, ``scale_shift_table``, ``proj_out``: diffusers' keys)."""
+        self.norm_out = torch.nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = torch.nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj_out = Linear(dim, out_features)
 
     def _output_head(self, hidden_states: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The adaLN output head: ``proj_out`` of ``norm_out`` modulated by ``scale_shift_table`` + the condition

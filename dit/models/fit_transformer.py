@@ -243,9 +243,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
                 for _ in range(num_layers)
             ]
         )
-        self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
-        self.proj_out = Linear(inner_dim, patch_size * patch_size * self.out_channels)
+        self._build_output_head(inner_dim, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -367,11 +365,11 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         """A ControlNet's control latent (B, C, H, W) as tokens like the latents: this model's patch embedding
         (and absolute position, if any), (B, N, D). The batch must be of one size (no padding): ``block_inputs``
         are block 0's, the rotary embedding last, which records each sample's grid."""
-        sizes, p = block_inputs[-1].sizes, self.config.patch_size
-        if sizes is None or (sizes != sizes[:1]).any():
+        sizes, p = block_inputs[-1].sizes, self.config.patch_size  # (B, 2), recorded by rotary_embedding
+        if (sizes != sizes[:1]).any():
             raise ValueError(
                 "ControlNet on FiTTransformer takes batches of one image size; this batch mixes "
-                f"{sorted({tuple(s) for s in sizes.tolist()}) if sizes is not None else 'unrecorded'} (patch grids)."
+                f"{sorted({tuple(s) for s in sizes.tolist()})} (patch grids)."
             )
         _check_control_size(controlnet_cond, (int(sizes[0, 0]) * p, int(sizes[0, 1]) * p))
         return self._embed(controlnet_cond, self._layout(controlnet_cond, None))  # (B, N, D)

@@ -18,7 +18,6 @@ from torch import nn
 from ..attention.ops import keep_mask_to_bias, trim_padded_keys
 from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
-from ..linear import Linear
 from ..masking import gather_tokens, scatter_tokens
 from ..normalization import AdaLayerNormSingle
 from .base import BackboneMixin
@@ -144,9 +143,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                 for index in range(num_layers)
             ]
         )
-        self.norm_out = nn.LayerNorm(inner_dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, inner_dim) / inner_dim**0.5)
-        self.proj_out = Linear(inner_dim, patch_size * patch_size * self.out_channels)
+        self._build_output_head(inner_dim, patch_size * patch_size * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions, time_cond_proj_dim)
         self.caption_projection = None
         if caption_channels is not None:
