@@ -24,17 +24,24 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (M, D)
 
 
-def sincos_2d(embed_dim: int, height: int, width: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+def sincos_2d(
+    embed_dim: int,
+    height: int,
+    width: int,
+    base_size: int,
+    interpolation_scale: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """PixArt's 2D sin-cos table for an ``height x width`` patch grid -> (height*width, embed_dim), float32.
 
     Coordinates are normalised by the grid (``arange(n) / (n / base_size) / interpolation_scale``), so any
     grid, square or not, is an interpolation of the training grid. The first half of the channels encodes
-    the column, the second half the row, as in PixArt and diffusers.
+    the column, the second half the row, as in PixArt and diffusers. Computed on ``device`` (default: the CPU).
     """
     if embed_dim % 4:
         raise ValueError(f"The position embedding width must be divisible by 4, got {embed_dim}.")
-    rows = torch.arange(height, dtype=torch.float32) / (height / base_size) / interpolation_scale  # (h,)
-    cols = torch.arange(width, dtype=torch.float32) / (width / base_size) / interpolation_scale  # (w,)
+    rows = torch.arange(height, dtype=torch.float32, device=device) / (height / base_size) / interpolation_scale
+    cols = torch.arange(width, dtype=torch.float32, device=device) / (width / base_size) / interpolation_scale
     grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
     table = torch.cat([sincos_1d(embed_dim // 2, grid_cols), sincos_1d(embed_dim // 2, grid_rows)], dim=1)
     return table.float()  # (h*w, D)
@@ -98,8 +105,14 @@ class PatchEmbed(nn.Module):
         """The (1, h*w, D) table of an ``height x width`` patch grid in ``dtype``, from the cache when possible.
 
         Computed in float64/float32 as PixArt does, then stored in ``dtype``: fp32 inputs get diffusers' exact
-        sums, half-precision inputs skip an fp32 intermediate as large as the tokens.
+        sums, half-precision inputs skip an fp32 intermediate as large as the tokens. Inside a compiled graph the
+        table is computed on ``device`` instead (no cache to guard on, no host copy; the compiler may fold it).
         """
+        if torch.compiler.is_compiling():
+            embed_dim = self.proj.out_channels
+            return sincos_2d(embed_dim, height, width, self.base_size, self.interpolation_scale, device).to(dtype)[
+                None
+            ]
         key = (height, width, device, dtype)
         table = self._cache.get(key)
         if table is None:

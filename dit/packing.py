@@ -2,8 +2,8 @@
 
 A batch of latents of different sizes arrives as one canvas ``(B, C, H, W)``, each sample zero-padded at the
 bottom/right, with its own size. Each sample's valid region is cut into ``p x p`` patches in row-major order and
-becomes the first ``h * w`` tokens of its row of a ``(B, L, p*p*C)`` sequence, ``L`` the longest sample's token
-count; the rest of the row is padding. :class:`TokenLayout` records where every token came from, its ``(row, col)``
+becomes the first ``h * w`` tokens of its row of a ``(B, L, p*p*C)`` sequence, ``L`` fixed by the canvas (its token
+count, or the model's ``max_tokens`` when that is smaller); the rest of the row is padding. :class:`TokenLayout` records where every token came from, its ``(row, col)``
 position and whether it is real, so the model can build key masks and rotary tables and write the output back.
 """
 
@@ -20,12 +20,17 @@ from .masking import gather_tokens, scatter_tokens
 class TokenLayout:
     """Where every token of a padded batch sits.
 
+    Every field is built from tensor ops on the tokens' device and from static shapes: no read on the host, and the
+    sequence length depends on the canvas (and ``max_tokens``), not on the samples, so a compiled graph or a cuDNN
+    plan is reused across batches.
+
     Args:
-        sizes: (B, 2) grid (h, w) of each sample, in patches (host tensor).
+        sizes: (B, 2) grid (h, w) of each sample, in patches, on the tokens' device.
         grid: (h, w) of the padded canvas, in patches.
         positions: (B, L, 2) (row, col) of each token; (0, 0) at padding.
         keep: (B, L) True at real tokens.
         index: (B, L) row-major canvas index of each token; ``h * w`` of the canvas (a slot past the end) at padding.
+        padded: whether attention needs a key mask (the samples were given their own sizes).
     """
 
     sizes: torch.Tensor
@@ -33,25 +38,31 @@ class TokenLayout:
     positions: torch.Tensor
     keep: torch.Tensor
     index: torch.Tensor
-
-    @property
-    def padded(self) -> bool:
-        """Whether any sample is shorter than the sequence (then attention needs a key mask)."""
-        counts = self.sizes[:, 0] * self.sizes[:, 1]
-        return bool((counts < self.keep.shape[1]).any())
+    padded: bool = True
 
 
-def token_layout(sizes: torch.Tensor, grid: tuple[int, int], device: torch.device | str = "cpu") -> TokenLayout:
-    """The layout of samples with grids ``sizes`` (B, 2) (h, w, in patches) on a canvas ``grid`` (h, w)."""
-    sizes = sizes.to("cpu", torch.long)
-    length = int((sizes[:, 0] * sizes[:, 1]).max())
+def token_layout(
+    sizes: torch.Tensor,
+    grid: tuple[int, int],
+    device: torch.device | str | None = None,
+    length: int | None = None,
+    padded: bool = True,
+) -> TokenLayout:
+    """The layout of samples with grids ``sizes`` (B, 2) (h, w, in patches) on a canvas ``grid`` (h, w).
+
+    ``length`` is the tokens per row (default: the canvas's ``h * w``); it must hold every sample's ``h * w``, which
+    is not checked here (that would read ``sizes`` on the host). ``sizes`` are moved without a blocking copy.
+    """
+    device = sizes.device if device is None else torch.device(device)
+    sizes = sizes.to(device, torch.long, non_blocking=True)  # (B, 2)
+    length = grid[0] * grid[1] if length is None else length
     slots = torch.arange(length, device=device)[None]  # (1, L)
-    height, width = (sizes[:, i : i + 1].to(device) for i in (0, 1))  # (B, 1) each
+    height, width = sizes[:, 0:1], sizes[:, 1:2]  # (B, 1) each
     keep = slots < height * width  # (B, L)
     rows = torch.where(keep, slots // width, 0)  # (B, L)
     cols = torch.where(keep, slots % width, 0)  # (B, L)
     index = torch.where(keep, rows * grid[1] + cols, grid[0] * grid[1])  # (B, L)
-    return TokenLayout(sizes, grid, torch.stack([rows, cols], dim=-1), keep, index)
+    return TokenLayout(sizes, grid, torch.stack([rows, cols], dim=-1), keep, index, padded)
 
 
 def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:

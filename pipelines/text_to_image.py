@@ -15,6 +15,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_time
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..embeddings import guidance_scale_embedding
+from ..text_padding import trim_text_padding
 from .resolution import flow_match_scheduler, flow_shift_mu, sampling_size
 
 PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -286,6 +287,7 @@ class TextToImagePipeline(DiffusionPipeline):
         )  # fmt: skip
         if guided:
             embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
+        embeds, mask = trim_text_padding(embeds, mask)  # once per call: a few fixed key lengths, exact
         batch = neg_embeds.shape[0] if guided else embeds.shape[0]
 
         mu = flow_shift_mu(self.scheduler, (sample_h // multiple) * (sample_w // multiple))

@@ -50,3 +50,74 @@ def added_cond(batch: int, height: int = 64, width: int = 64) -> dict[str, torch
         "resolution": torch.tensor([[float(height), float(width)]]).repeat(batch, 1),
         "aspect_ratio": torch.tensor([[height / width]]).repeat(batch, 1),
     }
+
+
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Parity in fp32: ``max |actual - expected| <= tolerance * max(1, max |expected|)``.
+
+    The tolerance is scaled by the output's magnitude because rounding differences grow with the largest values
+    through a network: our modulation and gated residuals are fused multiply-adds (``addcmul``, one rounding)
+    where diffusers multiplies and adds (two), which on AVX-512 CPUs moves outputs of magnitude ~10 by ~1.3e-5
+    (measured: 0.9-1.9e-6 with diffusers' order of operations, up to 1.26e-5 with ours). A wrong formula misses
+    by orders of magnitude more.
+    """
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(1.0, expected.abs().max().item())
+    difference = (actual - expected).abs().max().item()
+    assert difference <= tolerance * scale, f"max |diff| {difference:.3g} > {tolerance:g} x {scale:.3g}"
+
+
+# ----- one forward of every backbone variant, for compile, sync and placement checks ------------------------------
+FORWARD_VARIANTS = ["alpha-mask", "sigma-mask", "sigma-kv", "lit", "fit-mixed", "microdit-masked"]
+
+
+def variant_model(name: str) -> torch.nn.Module:
+    """A tiny model of backbone variant ``name`` (see :data:`FORWARD_VARIANTS`), fp32, on the CPU."""
+    from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer
+
+    torch.manual_seed(0)
+    if name == "alpha-mask":
+        return PixArtTransformer(**ALPHA).eval()
+    if name == "sigma-mask":
+        return PixArtTransformer(**SIGMA).eval()
+    if name == "sigma-kv":
+        return PixArtTransformer(**SIGMA, kv_compress_ratio=2, kv_compress_layers=[0, 1]).eval()
+    if name == "lit":
+        return LiTTransformer(**SIGMA).eval()
+    if name == "fit-mixed":
+        return FiTTransformer(**FIT).eval()
+    if name == "microdit-masked":
+        return MicroDiTTransformer(**SIGMA, num_experts=2, patch_mixer_layers=1).train()
+    raise KeyError(name)
+
+
+def variant_inputs(name: str, device: torch.device | str = "cpu", text_length: int = 12, real: int = 7) -> dict:
+    """Keyword inputs of one forward of ``name``: batch 2, a non-square 8x12 latent, text of ``text_length`` tokens
+    of which ``real`` (and 3) are kept. Per-sample image sizes stay host data (a CPU tensor), as the trainer has them."""
+    from dit.masking import keep_indices_from_scores, kept_count
+
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.zeros(2, text_length, dtype=torch.long)
+    mask[0, :3], mask[1, :real] = 1, 1
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 8, 12, generator=gen),
+        "encoder_hidden_states": torch.randn(2, text_length, 32, generator=gen),
+        "timestep": torch.tensor([10.0, 500.0]),
+        "encoder_attention_mask": mask,
+    }
+    if name == "alpha-mask":
+        inputs["added_cond_kwargs"] = added_cond(2, 64, 96)
+    if name == "microdit-masked":
+        inputs["keep_indices"] = keep_indices_from_scores(torch.rand(2, 24, generator=gen), kept_count(24, 0.5))
+    inputs = _to_device(inputs, device)
+    if name == "fit-mixed":
+        inputs["image_sizes"] = torch.tensor([[8, 4], [4, 12]])
+    return inputs
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value

@@ -167,7 +167,9 @@ class TrainConfig:
     resume: str | None = None
     log_every: int = 10
     report_to: str = "tensorboard"
+    # regional torch.compile of the backbone's repeated blocks (fullgraph: a graph break is an error)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "aot_eager" compiles fast, for checks)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 

@@ -21,6 +21,7 @@ import copy
 import torch
 
 from .config import ConfigError, LCMConfig
+from .ema import lerp_toward_, trainable_names
 from .objectives import ModelFn, Objective, _broadcast, mean_per_sample
 
 
@@ -127,14 +128,13 @@ class TargetNetwork:
     def __init__(self, model: torch.nn.Module, decay: float, device: torch.device | str | None = None):
         self.decay = decay
         self.module = copy.deepcopy(model).requires_grad_(False).to(device)
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.names = trainable_names(model)
         self._params = dict(self.module.named_parameters())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
-        for name in self.names:
-            self._params[name].lerp_(params[name].detach().to(self._params[name].dtype), 1.0 - self.decay)
+        lerp_toward_([self._params[n] for n in self.names], [params[n] for n in self.names], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "params": {n: self._params[n].detach().clone() for n in self.names}}

@@ -8,8 +8,35 @@ from collections.abc import Iterator
 import torch
 
 
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that train (the ones an EMA follows)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def lerp_toward_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
+    """``target += weight * (source - target)`` for every pair, as one fused multi-tensor op (``_foreach_lerp_``).
+
+    Sources are cast to their target's dtype when they differ (fp32 shadows of bf16 weights); a target on another
+    device than its source is an error that names both, never a silent copy.
+    """
+    if not targets:
+        return
+    for target, source in zip(targets, sources):
+        if target.device != source.device:
+            raise RuntimeError(
+                f"An EMA tensor is on {target.device} and the parameter it follows on {source.device}; build the "
+                "EMA after the model is placed (accelerator.prepare) or move it with to()."
+            )
+    sources = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for t, s in zip(targets, sources)]
+    torch._foreach_lerp_(targets, sources, weight)
+
+
 class EMA:
     """fp32 shadow copies of the trainable parameters, ``shadow = decay * shadow + (1 - decay) * param``.
+
+    Shadows live where the parameters live; build the EMA from the placed model (after ``accelerator.prepare``), or
+    move it with :meth:`to`. The update is one fused multi-tensor lerp, not a Python loop of small kernels.
 
     Args:
         model: the (unwrapped) model whose trainable parameters are followed.
@@ -18,37 +45,46 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.names = trainable_names(model)
         params = dict(model.named_parameters())
         self.shadow = {n: params[n].detach().float().clone() for n in self.names}
 
+    def _params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        params = dict(model.named_parameters())
+        return [params[n] for n in self.names]
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name in self.names:
-            self.shadow[name].lerp_(params[name].detach().float(), 1.0 - self.decay)
+        lerp_toward_(list(self.shadow.values()), self._params(model), 1.0 - self.decay)
+
+    def to(self, device: torch.device | str) -> EMA:
+        """Move the shadows (fp32 stays fp32)."""
+        self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
+        return self
 
     @contextlib.contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Temporarily load the EMA weights into ``model`` (to sample or save it), then restore."""
-        params = dict(model.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.names}
+        params = self._params(model)
+        backup = [p.detach().clone() for p in params]
         with torch.no_grad():
-            for name in self.names:
-                params[name].copy_(self.shadow[name])
+            torch._foreach_copy_(params, [self.shadow[n] for n in self.names])
         try:
             yield model
         finally:
             with torch.no_grad():
-                for name in self.names:
-                    params[name].copy_(backup[name])
+                torch._foreach_copy_(params, backup)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load saved shadows into the present ones: they keep their device (a checkpoint read onto the CPU lands
+        on the model's device) and stay fp32."""
         missing = set(self.names) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}.")
         self.decay = state["decay"]
-        self.shadow = {n: state["shadow"][n].float().clone() for n in self.names}
+        with torch.no_grad():
+            for name in self.names:
+                self.shadow[name].copy_(state["shadow"][name])

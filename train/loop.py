@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from dit.embeddings import guidance_scale_embedding
+from dit.models.base import compile_repeated_blocks
+from dit.text_padding import trimmed_text_length
 
 from . import checkpointing
 from .config import ConfigError, TrainConfig, to_yaml
@@ -110,7 +112,7 @@ def sample_draws(
         draws["guidance"].append(torch.rand((), generator=gen))
         if token_mask:
             draws["mask"].append(torch.rand(latent_shape[-2:], generator=gen))
-    return {name: torch.stack(values).to(device) for name, values in draws.items() if values}
+    return {name: torch.stack(values).to(device, non_blocking=True) for name, values in draws.items() if values}
 
 
 class Trainer:
@@ -132,7 +134,8 @@ class Trainer:
         set_seed(config.seed)  # the initial weights; every later draw comes from sample_draws
         self.model = build_model(config)
         if config.compile:
-            self.model.compile()  # in place: parameter names (EMA, checkpoints) stay as they are
+            # regional and in place: parameter names (EMA, checkpoints) stay; a graph break is an error
+            compile_repeated_blocks(self.model, fullgraph=True, backend=config.compile_backend)
         self.objective = build_objective(config.objective)
         self.teacher = _teacher(config.objective.distill_teacher, self.accelerator.device)
         self.masking = build_masking(config, self.model, self.objective)
@@ -147,13 +150,22 @@ class Trainer:
         world = self.accelerator.num_processes
         buckets = self.dataset.buckets(mixed=config.data.mixed_sizes)
         self.plan = BatchPlan(buckets, config.data.batch_size * world, config.seed)
-        self.null_caption = self._null_caption(self.model) if config.data.caption_dropout > 0 else None
-        self.uncond_caption = self._null_caption(self.teacher) if self.objective.uses_target else None
-        self.target = self._target_network()
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # everything kept beside the model is made from the placed model, or moved to its device, here, once
+        self.objective.to(self.accelerator.device)
+        null_caption = self._null_caption(self.model) if config.data.caption_dropout > 0 else None
+        uncond_caption = self._null_caption(self.teacher) if self.objective.uses_target else None
+        # the text of every batch is trimmed to a few fixed lengths, never below what a substituted caption keeps
+        masks = [c[1] for c in (null_caption, uncond_caption) if c is not None and c[1] is not None]
+        self.min_text_length = max((trimmed_text_length(m[None]) for m in masks), default=0)
+        self.null_caption, self.uncond_caption = (
+            _to_device(c, self.accelerator.device) for c in (null_caption, uncond_caption)
+        )
+        self.target = self._target_network()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.ema = EMA(unwrapped, config.ema_decay) if config.ema_decay is not None else None
         self.accelerator.register_for_checkpointing(self.scheduler)
         if self.ema is not None:
             self.accelerator.register_for_checkpointing(self.ema)
@@ -190,6 +202,7 @@ class Trainer:
         """The unconditional caption (caption dropout, a teacher's CFG branch): ``model``'s learned null caption,
         else the extracted empty caption (``None`` mask: keep the prompt's mask, as PixArt's inference does)."""
         length = self.dataset[0]["text_embeds"].shape[0]
+        model = self.accelerator.unwrap_model(model)
         if hasattr(model, "y_embedding"):
             return model.null_caption(1, length)[0].detach(), None
         path = Path(self.config.data.path) / NULL_CAPTION_FILE
@@ -207,16 +220,17 @@ class Trainer:
             return None
         from .consistency import TargetNetwork
 
-        embedded = getattr(self.model.config, "time_cond_proj_dim", None) is not None
+        model = self.accelerator.unwrap_model(self.model)
+        embedded = getattr(model.config, "time_cond_proj_dim", None) is not None
         if embedded != self.objective.guidance_embedded:
             raise ConfigError(
                 "objective.lcm.guidance_range (guidance as an input) and the student's time_cond_proj_dim go "
                 f"together; here guidance_range={self.config.objective.lcm.guidance_range} and "
-                f"time_cond_proj_dim={getattr(self.model.config, 'time_cond_proj_dim', None)} (set both, or neither "
+                f"time_cond_proj_dim={getattr(model.config, 'time_cond_proj_dim', None)} (set both, or neither "
                 "for a fixed guidance scale)."
             )
         decay = self.config.objective.lcm.target_ema
-        return None if decay is None else TargetNetwork(self.model, decay, self.accelerator.device)
+        return None if decay is None else TargetNetwork(model, decay, self.accelerator.device)
 
     # ----- one step -----------------------------------------------------------------------------------------
     def _batches(self, start_micro: int, count: int):
@@ -234,7 +248,7 @@ class Trainer:
         device = self.accelerator.device
         share = self.config.data.batch_size
         first = self.accelerator.process_index * share
-        latents = batch["latent_mean"].to(device)
+        latents = batch["latent_mean"].to(device, non_blocking=True)
         masked = self.masking is not None and self.masking.active(self.step)
         positions = list(range(first, first + share))
         sizes = batch.get("image_sizes")  # (B, 2) with data.mixed_sizes: each sample's latent size on the canvas
@@ -243,8 +257,10 @@ class Trainer:
         if sizes is not None:  # drawn at the largest size and cropped: a sample's noise ignores its batch's canvas
             draws.update({k: draws[k][..., : latents.shape[-2], : latents.shape[-1]] for k in ("noise", "eps")})
         if batch["latent_std"] is not None and self.config.data.sample_posterior:
-            latents = latents + batch["latent_std"].to(device) * draws["eps"]
-        text, mask = batch["text_embeds"].to(device), batch["text_mask"].to(device)
+            latents = latents + batch["latent_std"].to(device, non_blocking=True) * draws["eps"]
+        length = max(trimmed_text_length(batch["text_mask"]), self.min_text_length)  # on the host: a few lengths
+        text = batch["text_embeds"][:, :length].to(device, non_blocking=True)  # (B, L', C)
+        mask = batch["text_mask"][:, :length].to(device, non_blocking=True)  # (B, L')
         control = batch.get("control_latent") if self.config.controlnet.enabled else None  # (B, C, h, w)
         if self.null_caption is not None:
             drop = draws["coin"] < self.config.data.caption_dropout  # (B,)
@@ -261,7 +277,7 @@ class Trainer:
             if guidance is not None:  # an LCM student's guidance input (LCM's w = g - 1)
                 extra["timestep_cond"] = guidance_scale_embedding(guidance - 1, guidance_dim).to(noisy.dtype)
             if control is not None and model is self.model:  # a ControlNet run's control latents
-                extra["controlnet_cond"] = control.to(device)
+                extra["controlnet_cond"] = control.to(device, non_blocking=True)
             if masked and model is self.model:  # a masked step: the student sees its kept tokens only
                 extra["keep_indices"] = keep_indices
             if sizes is not None and model is self.model:  # a padded mixed-size batch
@@ -274,7 +290,7 @@ class Trainer:
         if masked:
             keep_indices, networks["loss_mask"] = self.masking.draw(draws["mask"])
         if sizes is not None:  # the loss ignores padding (token masking is refused with mixed sizes)
-            networks["loss_mask"] = padding_mask(sizes.to(device), *latents.shape[-2:])  # (B, 1, H, W)
+            networks["loss_mask"] = padding_mask(sizes.to(device, non_blocking=True), *latents.shape[-2:])
         if self.objective.uses_teacher:
             networks["teacher_fn"] = functools.partial(model_fn, model=self.teacher)
         if self.objective.uses_target:
@@ -293,13 +309,15 @@ class Trainer:
                 loss, per_sample = self._loss(next(batches), micro)
                 self.accelerator.backward(loss / accumulate)
             losses.append(self.accelerator.gather(per_sample).float().mean())
-        grad_norm = None
+        figures = [torch.stack(losses).mean()]
         if self.config.optim.grad_clip is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip))
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            figures.append(torch.as_tensor(grad_norm, device=figures[0].device).float())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(torch.stack(losses).mean()), grad_norm
+        values = torch.stack(figures).tolist()  # the step's one read on the host (loss and gradient norm together)
+        return values[0], (values[1] if len(values) > 1 else None)
 
     # ----- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -431,13 +449,21 @@ def _tracker(report_to: str) -> str | None:
     return "tensorboard"
 
 
+def _to_device(caption: tuple | None, device: torch.device) -> tuple | None:
+    """A ``(features, mask or None)`` caption on ``device`` (once, at setup: no step copies it)."""
+    return None if caption is None else tuple(None if t is None else t.to(device) for t in caption)
+
+
 def _with_caption(text, mask, caption, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``text``/``mask`` (B, L, C)/(B, L) with ``caption`` = (L, C) features and an (L,) mask or None (keep the
-    prompt's mask) substituted where ``where`` (B,) is true."""
+    """``text``/``mask`` (B, L, C)/(B, L) with ``caption`` = (L0 >= L, C) features and an (L0,) mask or None (keep
+    the prompt's mask) substituted where ``where`` (B,) is true. The batch's text was trimmed to ``L`` on the host
+    (:func:`~dit.text_padding.trim_text_padding`); the caption is cut to match, which is exact when its mask keeps
+    no token past ``L`` (an empty caption keeps one) and, with no mask of its own, always."""
     null_text, null_mask = caption
-    text = torch.where(where[:, None, None], null_text.to(text.device, text.dtype), text)
+    length = text.shape[1]
+    text = torch.where(where[:, None, None], null_text[:length].to(text.dtype), text)
     if null_mask is not None:
-        mask = torch.where(where[:, None], null_mask.to(mask.device, mask.dtype), mask)
+        mask = torch.where(where[:, None], null_mask[:length].to(mask.dtype), mask)
     return text, mask
 
 
@@ -446,6 +472,6 @@ def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | 
     if not getattr(model, "use_additional_conditions", False):
         return {"resolution": None, "aspect_ratio": None}
     batch, height, width = latents.shape[0], latents.shape[-2] * 8, latents.shape[-1] * 8
-    resolution = torch.tensor([[height, width]], dtype=latents.dtype, device=latents.device).repeat(batch, 1)
-    aspect = torch.tensor([[height / width]], dtype=latents.dtype, device=latents.device).repeat(batch, 1)
-    return {"resolution": resolution, "aspect_ratio": aspect}
+    like = {"dtype": latents.dtype, "device": latents.device}  # filled on the device: no host-to-device copy
+    resolution = torch.cat([torch.full((batch, 1), height, **like), torch.full((batch, 1), width, **like)], dim=1)
+    return {"resolution": resolution, "aspect_ratio": torch.full((batch, 1), height / width, **like)}

@@ -45,6 +45,16 @@ class Objective:
     def __init__(self, config: ObjectiveConfig):
         self.config = config
 
+    def to(self, device: torch.device | str) -> Objective:
+        """Move the objective's tensors (noise schedule, solver grid; those of a wrapped base objective too) to
+        ``device`` once, so that no training step copies them from the host."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, Objective):
+                value.to(device)
+        return self
+
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -3,4 +3,4 @@
 from .backends import BACKENDS, AttentionBackend, get_backend, resolve_backend
 from .kv_compress import KVCompress
 from .module import DiTAttention
-from .ops import keep_mask_to_bias, math_attention, relu_linear_attention, sdpa_attention, trim_padded_keys
+from .ops import keep_mask_to_bias, math_attention, relu_linear_attention, sdpa_attention

@@ -32,24 +32,6 @@ def keep_mask_to_bias(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]  # (B, 1, 1, Lk)
 
 
-def trim_padded_keys(keep: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-    """How many leading key positions matter, and the keep-mask still needed over them.
-
-    Positions after the last kept key of every sample get zero attention weight, so dropping them is exact.
-    Returns ``(length, keep[:, :length] or None when every remaining key is kept)``. A sample with no kept key
-    at all attends uniformly to everything under PixArt's finite bias; that batch is left untrimmed so the
-    result stays identical.
-    """
-    if bool(keep.all()):
-        return keep.shape[1], None
-    if not bool(keep.any(dim=1).all()):
-        return keep.shape[1], keep
-    positions = torch.arange(1, keep.shape[1] + 1, device=keep.device)  # (Lk,)
-    length = int((keep * positions).amax())
-    keep = keep[:, :length]
-    return length, (None if bool(keep.all()) else keep)
-
-
 def math_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

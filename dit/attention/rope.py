@@ -40,22 +40,24 @@ class RotaryEmbedding:
         sin: (B, N, 1, D) sines.
         logit_scale: (B, 1, 1, 1) factor on the attention logits (YaRN temperature and/or the resolution-aware
             attention scale), applied to the queries; None: 1.
-        sizes: (B, 2) grid (h, w) in patches of each sample the tokens came from (host tensor), for hooks that
-            must lay other inputs out like the tokens (a ControlNet's control latent); None: not recorded.
+        sizes: (B, 2) grid (h, w) in patches of each sample the tokens came from (on the tokens' device), for hooks
+            that must lay other inputs out like the tokens (a ControlNet's control latent); None: not recorded.
+        grid: (h, w) in patches of the canvas the samples were laid out on; None: not recorded.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     logit_scale: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
 
 # ----- frequencies --------------------------------------------------------------------------------------------
-def axis_frequencies(dim: int, theta: float = 10000.0) -> torch.Tensor:
+def axis_frequencies(dim: int, theta: float = 10000.0, device: torch.device | None = None) -> torch.Tensor:
     """The ``dim // 2`` frequencies of one axis with ``dim`` channels: ``1 / theta^(arange(0, dim, 2) / dim)``, fp64."""
     if dim % 2:
         raise ValueError(f"A rotary axis needs an even number of channels, got {dim}.")
-    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)  # (dim/2,)
 
 
 def ntk_theta(theta: float, scale: torch.Tensor, dim: int) -> torch.Tensor:
@@ -69,7 +71,12 @@ def yarn_correction_dim(rotations: float, dim: int, theta: float, train_len: int
 
 
 def yarn_ramp(
-    dim: int, theta: float, train_len: int, beta_fast: float = YARN_BETA_FAST, beta_slow: float = YARN_BETA_SLOW
+    dim: int,
+    theta: float,
+    train_len: int,
+    beta_fast: float = YARN_BETA_FAST,
+    beta_slow: float = YARN_BETA_SLOW,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """YaRN's blend ``g`` (dim/2,): 1 keeps a frequency (fast, many turns in training), 0 interpolates it by ``s``.
 
@@ -80,7 +87,7 @@ def yarn_ramp(
     high = min(math.ceil(yarn_correction_dim(beta_slow, dim, theta, train_len)), dim - 1)
     if low == high:
         high += 0.001  # no zero division
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # (dim/2,)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)  # (dim/2,)
     return 1 - ramp
 
 
@@ -103,21 +110,21 @@ def attention_logit_scale(test_tokens: torch.Tensor, train_tokens: int) -> torch
 
 # ----- extrapolation methods: one axis, per-sample scale (B,) -> frequencies (B, dim/2) ---------------------------
 def _none(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.Tensor:
-    return axis_frequencies(dim, theta).expand(scale.shape[0], -1)
+    return axis_frequencies(dim, theta, scale.device).expand(scale.shape[0], -1)
 
 
 def _pi(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.Tensor:
-    return axis_frequencies(dim, theta)[None] / scale.double()[:, None]
+    return axis_frequencies(dim, theta, scale.device)[None] / scale.double()[:, None]
 
 
 def _ntk(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.Tensor:
-    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim  # (dim/2,)
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=scale.device) / dim  # (dim/2,)
     return 1.0 / ntk_theta(theta, scale, dim)[:, None] ** exponents[None]
 
 
 def _yarn(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.Tensor:
-    base = axis_frequencies(dim, theta)[None]  # (1, dim/2)
-    keep = yarn_ramp(dim, theta, train_len)[None]  # (1, dim/2)
+    base = axis_frequencies(dim, theta, scale.device)[None]  # (1, dim/2)
+    keep = yarn_ramp(dim, theta, train_len, device=scale.device)[None]  # (1, dim/2)
     return (1 - keep) * base / scale.double()[:, None] + keep * base  # (B, dim/2)
 
 
@@ -190,8 +197,8 @@ def rotary_tables(positions: torch.Tensor, freqs_h: torch.Tensor, freqs_w: torch
     Channel layout ``[h-part | w-part]``, each frequency repeated for its interleaved channel pair.
     """
     pos = positions.double()  # (B, N, 2)
-    angles_h = pos[..., 0, None] * freqs_h.to(pos.device)[:, None, :]  # (B, N, F)
-    angles_w = pos[..., 1, None] * freqs_w.to(pos.device)[:, None, :]  # (B, N, F)
+    angles_h = pos[..., 0, None] * freqs_h[:, None, :]  # (B, N, F)
+    angles_w = pos[..., 1, None] * freqs_w[:, None, :]  # (B, N, F)
     angles = torch.cat([angles_h, angles_w], dim=-1).repeat_interleave(2, dim=-1)  # (B, N, 4F)
     return angles.cos().float()[:, :, None], angles.sin().float()[:, :, None]  # (B, N, 1, D)
 
@@ -216,20 +223,22 @@ def rotary_embedding(
     logit_scale: bool = False,
     theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
+    grid: tuple[int, int] | None = None,
 ) -> RotaryEmbedding:
     """Everything attention needs for tokens at ``positions`` (B, N, 2) of images ``sizes`` (B, 2) (h, w, patches).
 
     ``logit_scale`` switches on :func:`attention_logit_scale` with ``train_tokens = h_train * w_train``; it
     multiplies with YaRN's temperature ``mscale^2``. Angles are computed in fp64 and the tables stored in ``dtype``
     (the model's, so no block casts them again); the logit scale is None when it is 1 for every sample by
-    construction (no YaRN, no attention scale).
+    construction (no YaRN, no attention scale). Everything is computed on ``positions``' device, with no host read;
+    ``grid`` (the canvas, in patches) is recorded for hooks.
     """
-    sizes = sizes.cpu()  # a few numbers; the frequencies are computed on the host
+    sizes = sizes.to(positions.device, non_blocking=True)  # (B, 2)
     freqs_h, freqs_w, mscale = extrapolated_frequencies(sizes, head_dim, train_grid, method, theta)
     cos, sin = rotary_tables(positions, freqs_h, freqs_w)  # (B, N, 1, D)
     factor = None if mscale is None else mscale**2  # (B,)
     if logit_scale:
         scale = attention_logit_scale(sizes[:, 0] * sizes[:, 1], train_grid[0] * train_grid[1])  # (B,)
         factor = scale if factor is None else factor * scale
-    factor = None if factor is None else factor.to(cos.device, dtype)[:, None, None, None]  # (B, 1, 1, 1)
-    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor, sizes)
+    factor = None if factor is None else factor.to(dtype)[:, None, None, None]  # (B, 1, 1, 1)
+    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor, sizes, grid)

@@ -27,25 +27,37 @@ class BackboneMixin:
 
     # ----- attention backend -------------------------------------------------------------------------
     def set_attention_backend(self, backend: str) -> None:
-        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference) or ``xformers`` (CUDA)."""
+        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference) or ``xformers`` (CUDA).
+
+        Every attention module gets the kernel now, so the forward reads a fixed attribute (nothing a compiled graph
+        would see change); only ``xformers`` is resolved per device at the first forward (SDPA where it cannot run).
+        """
         name = BACKEND_ALIASES.get(backend, backend)
         get_backend(name)  # unknown names fail here, with the list of known ones
         self._attention_backend_name = name
         self._resolved_backend = None
+        if name != "xformers":
+            self._push_backend(get_backend(name))
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
         """Called by diffusers' ``enable_xformers_memory_efficient_attention()``."""
         self.set_attention_backend("xformers" if valid else "sdpa")
 
+    def _push_backend(self, backend: AttentionBackend) -> None:
+        for module in self.modules():
+            if isinstance(module, DiTAttention):
+                module.backend = backend
+
     def _attention_backend(self, device: torch.device) -> AttentionBackend:
-        """The backend for this forward, pushed to every attention module when it changes."""
+        """The backend for this forward. ``sdpa`` and ``math`` run anywhere and were pushed to the modules when set;
+        ``xformers`` is resolved for ``device`` (and pushed) when the device changes."""
+        if self._attention_backend_name != "xformers":
+            return get_backend(self._attention_backend_name)
         key = (self._attention_backend_name, device)
         if self._resolved_backend is not None and self._resolved_backend[0] == key:
             return self._resolved_backend[1]
         backend = resolve_backend(self._attention_backend_name, device)
-        for module in self.modules():
-            if isinstance(module, DiTAttention):
-                module.backend = backend
+        self._push_backend(backend)
         self._resolved_backend = (key, backend)
         return backend
 
@@ -154,3 +166,21 @@ def _refuse_pickle_only_folder(path: str, subfolder: str | None) -> None:
             f"{folder!r} holds only pickle weights ({', '.join(sorted(pickles))}), which can execute code when "
             "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust their source."
         )
+
+
+def compile_repeated_blocks(module: torch.nn.Module, **compile_kwargs) -> int:
+    """Compile, in place, every repeated block inside ``module`` (regional compilation, as diffusers'
+    ``ModelMixin.compile_repeated_blocks``): the block classes are those any submodule names in
+    ``_repeated_blocks``, so a ControlNet run (base and adapter) or a trainer's wrapper is covered too.
+
+    All blocks of one class share one compiled graph; parameter names and state dicts are unchanged. Keyword
+    arguments go to ``torch.compile`` (``fullgraph=True`` turns any graph break into an error). Returns the number of
+    blocks compiled; a module with none is an error.
+    """
+    names = {name for sub in module.modules() for name in getattr(sub, "_repeated_blocks", ())}
+    blocks = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} holds no repeated block to compile (no _repeated_blocks found).")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)

@@ -83,6 +83,8 @@ class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ControlNetBlock"]
+    #: The base backbone blocks each ControlNet block wraps, compiled by ``compile_repeated_blocks``.
+    _repeated_blocks = ["PixArtBlock", "FiTBlock"]
 
     @register_to_config
     def __init__(

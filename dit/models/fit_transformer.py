@@ -176,6 +176,8 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["FiTBlock"]
+    #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
+    _repeated_blocks = ["FiTBlock"]
     _skip_layerwise_casting_patterns = ["x_embedder", "norm", "timestep_embedder", "class_embedder"]
     #: What the backbone predicts: ``flow`` (rectified-flow velocity), so pipelines default to a flow scheduler.
     prediction_type = "flow"
@@ -339,7 +341,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
             self_mask = backend.adapt_mask(keep_mask_to_bias(layout.keep, dtype), heads, length)
         rotary = rotary_embedding(
             layout.positions, layout.sizes, cfg.attention_head_dim, self.train_grid, cfg.rope_extrapolation,
-            cfg.attention_logit_scale, cfg.rope_theta, dtype,
+            cfg.attention_logit_scale, cfg.rope_theta, dtype, grid=layout.grid,
         )  # fmt: skip
 
         # 2. Blocks
@@ -363,15 +365,19 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def control_tokens(self, controlnet_cond: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
         """A ControlNet's control latent (B, C, H, W) as tokens like the latents: this model's patch embedding
-        (and absolute position, if any), (B, N, D). The batch must be of one size (no padding): ``block_inputs``
-        are block 0's, the rotary embedding last, which records each sample's grid."""
-        sizes, p = block_inputs[-1].sizes, self.config.patch_size  # (B, 2), recorded by rotary_embedding
-        if (sizes != sizes[:1]).any():
-            raise ValueError(
-                "ControlNet on FiTTransformer takes batches of one image size; this batch mixes "
-                f"{sorted({tuple(s) for s in sizes.tolist()})} (patch grids)."
-            )
-        _check_control_size(controlnet_cond, (int(sizes[0, 0]) * p, int(sizes[0, 1]) * p))
+        (and absolute position, if any), (B, N, D). Every sample must fill the canvas: ``block_inputs`` are block
+        0's (text, condition, modulation, self mask, cross mask, rotary embedding); a self mask means the batch came
+        with ``image_sizes``, which are then read on the host and must all equal the canvas."""
+        rotary, p = block_inputs[-1], self.config.patch_size
+        grid = rotary.grid
+        if block_inputs[3] is not None:
+            sizes = sorted({tuple(s) for s in rotary.sizes.tolist()})
+            if sizes != [tuple(grid)]:
+                raise ValueError(
+                    "ControlNet on FiTTransformer takes batches of one image size that fills the canvas; this batch "
+                    f"mixes {sizes} (patch grids) on a {grid[0]}x{grid[1]} canvas."
+                )
+        _check_control_size(controlnet_cond, (grid[0] * p, grid[1] * p))
         return self._embed(controlnet_cond, self._layout(controlnet_cond, None))  # (B, N, D)
 
     def _condition(self, timestep, class_labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -387,32 +393,50 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch)  # (B,)
         return emb + self.class_embedder(labels).to(dtype)
 
-    def _layout(self, hidden_states: torch.Tensor, image_sizes: torch.Tensor | None) -> TokenLayout:
-        """Check the canvas and per-sample sizes and lay the samples out as tokens."""
+    def _layout(self, hidden_states: torch.Tensor, image_sizes) -> TokenLayout:
+        """Check the canvas and per-sample sizes and lay the samples out as tokens.
+
+        The sequence length comes from the canvas alone (capped at ``max_tokens`` without extrapolation), so it is
+        the same for every batch on one canvas. The sizes are checked on the host in eager mode: keep them on the
+        CPU (as the trainer does) and the check costs no device sync; compiled graphs skip it.
+        """
         if hidden_states.ndim != 4:
             raise ValueError(
                 f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
             )
         batch, _, height, width = hidden_states.shape
-        p = self.config.patch_size
+        p, device = self.config.patch_size, hidden_states.device
         if height % p or width % p:
             raise ValueError(f"Latent size {height}x{width} is not divisible by the patch size {p}.")
-        sizes = torch.tensor([[height, width]] * batch) if image_sizes is None else _as_sizes(image_sizes, batch)
-        for h, w in sizes.tolist():
-            if h % p or w % p or not (0 < h <= height and 0 < w <= width):
+        grid = (height // p, width // p)
+        if image_sizes is None:
+            self._check_token_counts([grid])
+            full = torch.full((batch, 2), grid[0], dtype=torch.long, device=device)  # (B, 2): no host copy
+            full[:, 1] = grid[1]
+            return token_layout(full, grid, padded=False)
+        sizes = _as_sizes(image_sizes, batch)
+        if not torch.compiler.is_compiling():
+            self._check_sizes(sizes.tolist(), (height, width))
+        length = grid[0] * grid[1]
+        if self.config.rope_extrapolation == "none":
+            length = min(length, self.max_tokens)
+        return token_layout(sizes // p, grid, device, length)
+
+    def _check_sizes(self, sizes: list[list[int]], canvas: tuple[int, int]) -> None:
+        p = self.config.patch_size
+        for h, w in sizes:
+            if h % p or w % p or not (0 < h <= canvas[0] and 0 < w <= canvas[1]):
                 raise ValueError(
-                    f"Image size {h}x{w} must be positive, fit the {height}x{width} canvas and divide into "
+                    f"Image size {h}x{w} must be positive, fit the {canvas[0]}x{canvas[1]} canvas and divide into "
                     f"{p}x{p} patches."
                 )
-        grid_sizes = sizes // p  # (B, 2), patches
-        self._check_token_count(grid_sizes)
-        return token_layout(grid_sizes, (height // p, width // p), hidden_states.device)
+        self._check_token_counts([(h // p, w // p) for h, w in sizes])
 
-    def _check_token_count(self, grid_sizes: torch.Tensor) -> None:
+    def _check_token_counts(self, grids: list[tuple[int, int]]) -> None:
         if self.config.rope_extrapolation != "none":
             return
         p = self.config.patch_size
-        for h, w in grid_sizes.tolist():
+        for h, w in grids:
             if h * w > self.max_tokens:
                 raise ValueError(
                     f"Image size {h * p}x{w * p} (latent) is {h * w} tokens, more than max_tokens={self.max_tokens}. "
@@ -444,11 +468,12 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
 
 
-def _as_sizes(image_sizes: torch.Tensor, batch: int) -> torch.Tensor:
-    sizes = torch.as_tensor(image_sizes).to("cpu", torch.long)
+def _as_sizes(image_sizes, batch: int) -> torch.Tensor:
+    """``image_sizes`` (a (B, 2) tensor on any device, or a sequence of (h, w) pairs) as a long tensor."""
+    sizes = image_sizes if isinstance(image_sizes, torch.Tensor) else torch.tensor(image_sizes)
     if sizes.shape != (batch, 2):
         raise ValueError(f"image_sizes must be (batch={batch}, 2) latent (height, width), got {tuple(sizes.shape)}.")
-    return sizes
+    return sizes.long()
 
 
 def _validate_config(head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation) -> None:

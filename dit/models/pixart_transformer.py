@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..attention.ops import keep_mask_to_bias, trim_padded_keys
+from ..attention.ops import keep_mask_to_bias
 from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
 from ..masking import gather_tokens, scatter_tokens
@@ -31,9 +31,10 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
     Config fields, forward signature and state-dict keys are those of diffusers' ``PixArtTransformer2DModel``,
     so diffusers-format folders (also with ``_class_name`` ``Transformer2DModel``) load strictly, and the model
     drops into ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``. Beyond diffusers: LoRA through
-    ``PeftAdapterMixin``, any latent H×W with a cached position table, text padding trimmed from cross-attention,
-    masks converted once per forward, PixArt's learned null caption (``y_embedding``) kept when the config
-    sets ``null_caption_length``, and token masking for micro-budget training (``keep_indices`` in ``forward``).
+    ``PeftAdapterMixin``, any latent H×W with a cached position table, masks converted once per forward, no tensor
+    read on the host (``torch.compile(fullgraph=True)`` works), PixArt's learned null caption (``y_embedding``)
+    kept when the config sets ``null_caption_length``, and token masking for micro-budget training
+    (``keep_indices`` in ``forward``).
 
     Args:
         num_attention_heads: heads per attention layer.
@@ -70,6 +71,8 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["PixArtBlock", "PatchEmbed"]
+    #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
+    _repeated_blocks = ["PixArtBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single"]
 
     @register_to_config
@@ -354,12 +357,14 @@ def _check_control_size(controlnet_cond: torch.Tensor, expected: tuple[int, int]
 
 
 def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A keep-mask (B, L) or additive bias (B, 1, L) -> additive bias (B, 1, 1, L), or None if nothing is masked."""
+    """A keep-mask (B, L) or additive bias (B, 1, L) -> additive bias (B, 1, 1, L); None stays None.
+
+    Pure tensor ops, no read on the host: a mask that keeps everything still becomes a (zero) bias.
+    """
     if mask is None:
         return None
     if mask.ndim == 2:
-        keep = mask.bool()
-        return None if bool(keep.all()) else keep_mask_to_bias(keep, dtype)
+        return keep_mask_to_bias(mask.bool(), dtype)
     if mask.ndim == 3:
         return mask.to(dtype)[:, None]  # (B, 1, 1, L)
     raise ValueError(f"A mask must be (batch, tokens) or a bias (batch, 1, tokens), got shape {tuple(mask.shape)}.")
@@ -368,13 +373,10 @@ def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
 def _text_tokens(
     encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Drop trailing text padding (exact: padded keys get zero weight) and build the remaining bias once."""
-    if encoder_hidden_states is None or mask is None or mask.ndim != 2:
-        return encoder_hidden_states, _as_bias(mask, dtype)
-    if mask.shape != encoder_hidden_states.shape[:2]:
+    """The text tokens and their bias, built once per forward. Padding is not trimmed here (that needs a read on
+    the host): pipelines and the trainer trim it beforehand (:func:`dit.text_padding.trim_text_padding`)."""
+    if encoder_hidden_states is not None and mask is not None and mask.shape[-1] != encoder_hidden_states.shape[1]:
         raise ValueError(
             f"encoder_attention_mask has shape {tuple(mask.shape)}; expected {tuple(encoder_hidden_states.shape[:2])}."
         )
-    length, keep = trim_padded_keys(mask.bool())
-    context = encoder_hidden_states[:, :length]  # (B, L', C)
-    return context, (None if keep is None else keep_mask_to_bias(keep, dtype))
+    return encoder_hidden_states, _as_bias(mask, dtype)

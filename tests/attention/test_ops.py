@@ -6,28 +6,8 @@ from dit.attention.ops import (
     keep_mask_to_bias,
     math_attention,
     sdpa_attention,
-    trim_padded_keys,
     xformers_bias,
 )
-
-
-@pytest.mark.parametrize(
-    "rows, length, still_masked",
-    [
-        ([[1, 1, 0, 0], [1, 0, 0, 0]], 2, True),  # trailing padding dropped, ragged prefix kept as a mask
-        ([[1, 1, 1, 0], [1, 1, 1, 0]], 3, False),  # equal prompts: no mask left at all
-        ([[1, 1, 1, 1], [1, 1, 1, 1]], 4, False),
-        ([[0, 1, 0, 0], [1, 0, 1, 0]], 3, True),  # holes stay masked
-        ([[0, 0, 0, 0], [1, 0, 0, 0]], 4, True),  # an empty prompt: nothing trimmed
-    ],
-)
-def test_trim_padded_keys(rows, length, still_masked):
-    keep = torch.tensor(rows, dtype=torch.bool)
-    n, mask = trim_padded_keys(keep)
-    assert n == length
-    assert (mask is not None) == still_masked
-    if mask is not None:
-        assert torch.equal(mask, keep[:, :n])
 
 
 def test_bias_is_per_sample_not_per_head():

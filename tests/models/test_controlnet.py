@@ -235,7 +235,12 @@ def test_fit_control_is_embedded_like_the_latents_and_needs_one_size():
             h = block(h, *inputs)
     torch.testing.assert_close(seen["final"], h, rtol=1e-5, atol=1e-6)
     padded = dict(kwargs, image_sizes=torch.tensor([[6, 10], [4, 4]]))
-    with torch.no_grad(), pytest.raises(ValueError, match=r"one image size; this batch mixes \[\(2, 2\), \(3, 5\)\]"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            ValueError, match=r"one image size that fills the canvas; this batch mixes \[\(2, 2\), \(3, 5\)\]"
+        ),
+    ):
         _run(base, adapter, x, text, t, cond, **padded)
     with torch.no_grad(), pytest.raises(ValueError, match="control latent is 6x8; the model's latents are 6x10"):
         _run(base, adapter, x, text, t, cond[..., :8], **kwargs)

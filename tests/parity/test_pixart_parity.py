@@ -1,4 +1,5 @@
-"""Our PixArtTransformer against diffusers' PixArtTransformer2DModel: same weights, fp32, CPU, max |diff| <= 1e-5."""
+"""Our PixArtTransformer against diffusers' PixArtTransformer2DModel: same weights, fp32, CPU, max |diff| <= 1e-5 of the
+output's magnitude (:func:`tests.tiny.assert_fp32_close`)."""
 
 import json
 
@@ -7,7 +8,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from dit import PixArtTransformer
-from tests.tiny import CONFIGS, added_cond, diffusers_and_ours
+from tests.tiny import CONFIGS, added_cond, assert_fp32_close, diffusers_and_ours
 
 SHAPES = {"square": (8, 8), "wide": (6, 14), "tall": (12, 4), "unseen-large": (16, 16)}
 
@@ -35,7 +36,7 @@ def test_forward_matches_diffusers(variant, shape, masked):
         expected = reference(latents, text, timestep, added_cond_kwargs=added, encoder_attention_mask=mask).sample
         actual = ours(latents, text, timestep, added_cond_kwargs=added, encoder_attention_mask=mask).sample
     assert actual.shape == (batch, config["out_channels"], *shape)
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert_fp32_close(actual, expected)
 
 
 @pytest.mark.parametrize("variant", CONFIGS.keys())
@@ -50,7 +51,7 @@ def test_trailing_padding_matches_diffusers(variant):
     with torch.no_grad():
         expected = reference(latents, text, torch.tensor([10, 900]), added, encoder_attention_mask=mask).sample
         actual = ours(latents, text, torch.tensor([10, 900]), added, encoder_attention_mask=mask).sample
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert_fp32_close(actual, expected)
 
 
 def test_bias_masks_and_image_mask_match_diffusers():
@@ -65,7 +66,7 @@ def test_bias_masks_and_image_mask_match_diffusers():
         kwargs = dict(encoder_attention_mask=text_bias, attention_mask=image_mask)
         expected = reference(latents, text, torch.tensor([3, 500]), **kwargs).sample
         actual = ours(latents, text, torch.tensor([3, 500]), **kwargs).sample
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert_fp32_close(actual, expected)
 
 
 def test_fully_masked_prompt_matches_diffusers():
@@ -78,7 +79,7 @@ def test_fully_masked_prompt_matches_diffusers():
     with torch.no_grad():
         expected = reference(latents, text, torch.tensor([3, 500]), encoder_attention_mask=mask).sample
         actual = ours(latents, text, torch.tensor([3, 500]), encoder_attention_mask=mask).sample
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert_fp32_close(actual, expected)
 
 
 @pytest.mark.parametrize("class_name", ["PixArtTransformer2DModel", "Transformer2DModel"])
@@ -97,7 +98,7 @@ def test_diffusers_folder_loads_strictly(tmp_path, class_name):
     with torch.no_grad():
         expected = reference(latents, text, torch.tensor([1, 2]), added_cond(2)).sample
         actual = ours(latents, text, torch.tensor([1, 2]), added_cond(2)).sample
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert_fp32_close(actual, expected)
 
 
 def test_our_folder_loads_in_diffusers(tmp_path):
