@@ -2,8 +2,9 @@
 
 PixArt-XL-shaped blocks (16 heads x 72, 4096-wide T5 captions) with fewer layers, batch 2, 512px and 1024px
 latents, fp32 and bf16 (weights cast, not autocast), for an α config (micro-conditions, 120-token text with 40
-real) and a Σ config (300-token padding, a 20-token prompt). Runs alternate and flip order; medians are
-compared. Peak memory is the forward's peak resident memory above its start in a fresh process on CPU
+real) and a Σ config (300-token padding, a 20-token prompt). Each model gets the text as its pipeline passes it:
+diffusers the full padding, ours the padding trimmed to a 64-multiple on the host (``trim_text_padding``, once per
+pipeline call; exact). Runs alternate and flip order; medians are compared. Peak memory is the forward's peak resident memory above its start in a fresh process on CPU
 (``max_memory_allocated`` on CUDA). Writes ``bench/results/backbone_forward_<device>.json``.
 
     python bench/backbone_forward.py                       # CPU, everything
@@ -13,6 +14,7 @@ compared. Peak memory is the forward's peak resident memory above its start in a
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -48,7 +50,10 @@ def build(variant: str, layers: int, dtype: torch.dtype, device: str):
     return reference.to(device, dtype), ours.to(device, dtype), config
 
 
-def inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str) -> dict:
+def inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str, trimmed: bool = False) -> dict:
+    """One forward's inputs; ``trimmed``: the text as our pipeline passes it (padding cut to a 64-multiple)."""
+    from dit.text_padding import trim_text_padding
+
     spec = VARIANTS[variant]
     gen = torch.Generator().manual_seed(1)
     latent = size // 8
@@ -66,6 +71,9 @@ def inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str)
             "resolution": torch.tensor([[size, size]] * batch, dtype=dtype, device=device),
             "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device),
         }
+    if trimmed:
+        text, mask = trim_text_padding(kwargs["encoder_hidden_states"], kwargs["encoder_attention_mask"])
+        kwargs.update(encoder_hidden_states=text, encoder_attention_mask=mask)
     return kwargs
 
 
@@ -96,7 +104,7 @@ def memory_probe(which: str, variant: str, size: int, dtype: str, layers: int, b
     reference, ours, _ = build(variant, layers, DTYPES[dtype], device)
     model = reference if which == "diffusers" else ours
     del reference, ours
-    kwargs = inputs(variant, size, batch, DTYPES[dtype], device)
+    kwargs = inputs(variant, size, batch, DTYPES[dtype], device, trimmed=which == "ours")
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -126,13 +134,15 @@ def measure_memory(which, variant, size, dtype, args) -> int:
 def bench_case(variant: str, size: int, dtype: str, args, peaks: dict) -> dict:
     reference, ours, config = build(variant, args.layers, DTYPES[dtype], args.device)
     kwargs = inputs(variant, size, args.batch, DTYPES[dtype], args.device)
-    diff = (run(ours, kwargs).float() - run(reference, kwargs).float()).abs().max().item()
-    models = {"diffusers": reference, "ours": ours}
-    timing = alternate({name: (lambda m=m: run(m, kwargs)) for name, m in models.items()}, args.device, args.runs)
-    del models, reference, ours
+    ours_kwargs = inputs(variant, size, args.batch, DTYPES[dtype], args.device, trimmed=True)
+    diff = (run(ours, ours_kwargs).float() - run(reference, kwargs).float()).abs().max().item()
+    calls = {"diffusers": functools.partial(run, reference, kwargs), "ours": functools.partial(run, ours, ours_kwargs)}
+    timing = alternate(calls, args.device, args.runs)
+    del calls, reference, ours
     gc.collect()
     flops = forward_flops(config, args.batch, size, VARIANTS[variant]["text_tokens"])
     case = {"variant": variant, "size_px": size, "dtype": dtype, "text_tokens": VARIANTS[variant]["text_tokens"],
+            "ours_text_tokens": ours_kwargs["encoder_hidden_states"].shape[1],
             "real_text_tokens": VARIANTS[variant]["real_tokens"], "forward_gflop": round(flops / 1e9, 2),
             "max_abs_diff": diff}  # fmt: skip
     for name in ("diffusers", "ours"):

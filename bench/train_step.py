@@ -30,28 +30,32 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
 TEXT_TOKENS = 300
 
 
-def write_features(folder: Path, batch: int, latent: int) -> None:
+def write_features(folder: Path, batch: int, latent: int, text_tokens: int = TEXT_TOKENS, width: int = 4096) -> None:
+    """``batch * 4`` samples: random latents, ``text_tokens``-token captions with 20-60 real tokens (fewer when
+    ``text_tokens`` is smaller)."""
     gen = torch.Generator().manual_seed(0)
     n = batch * 4
-    mask = torch.zeros(n, TEXT_TOKENS, dtype=torch.long)
+    mask = torch.zeros(n, text_tokens, dtype=torch.long)
     for i in range(n):
-        mask[i, : 20 + (i * 13) % 41] = 1
+        mask[i, : min(text_tokens, 20 + (i * 13) % 41)] = 1
     save_file({"latent_mean": torch.randn(n, 4, latent, latent, generator=gen),
-               "text_embeds": torch.randn(n, TEXT_TOKENS, 4096, generator=gen), "text_mask": mask},
+               "text_embeds": torch.randn(n, text_tokens, width, generator=gen), "text_mask": mask},
               folder / "shard-000.safetensors")  # fmt: skip
 
 
-def build(args, folder: Path):
-    """Our trainer and a diffusers model + optimizer with the same initial weights."""
+def build(args, folder: Path, model_config: dict = XL, ema_decay: float | None = None):
+    """Our trainer (``ema_decay``: its EMA, off by default) and a diffusers model + optimizer with the same initial
+    weights, ``model_config`` with ``args.layers`` blocks at ``args.size`` px."""
     from diffusers import PixArtTransformer2DModel
 
     from dit.train import Trainer, load_config
 
-    overrides = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0", "ema_decay=null",
+    overrides = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0",
+                 f"ema_decay={'null' if ema_decay is None else ema_decay}", "report_to=none",
                  "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
                  f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}"]  # fmt: skip
     config = load_config(None, overrides)
-    config.model.kwargs = {**XL, "num_layers": args.layers, "sample_size": args.size // 8}
+    config.model.kwargs = {**model_config, "num_layers": args.layers, "sample_size": args.size // 8}
     trainer = Trainer(config)
     torch.manual_seed(0)
     reference = PixArtTransformer2DModel(**config.model.kwargs).to(trainer.accelerator.device).train()
@@ -78,9 +82,17 @@ def reference_step(reference, optimizer, batch: dict, device: str, dtype: str) -
     optimizer.zero_grad(set_to_none=True)
 
 
+def reference_batch(trainer, size: int) -> dict:
+    """``size`` samples with the full text padding, as diffusers' training scripts feed PixArt (our loop trims it)."""
+    from dit.train.data import collate
+
+    samples = [trainer.dataset[i] for i in range(size)]
+    return collate(samples, min_text_length=samples[0]["text_mask"].shape[0])
+
+
 def step_functions(trainer, reference, optimizer, args):
     batches = trainer._batches(0, 10_000)
-    batch = next(trainer._batches(0, 1))
+    batch = reference_batch(trainer, args.batch)
     device = str(trainer.accelerator.device.type)
     return {
         "diffusers": lambda: reference_step(reference, optimizer, batch, device, args.dtype),

@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from dit.text_padding import trimmed_text_length
+
 from .config import ConfigError
 
 REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
@@ -83,13 +85,20 @@ class FeatureDataset(Dataset):
         return sample
 
 
-def collate(samples: list[dict], pad: bool = False) -> dict[str, torch.Tensor]:
+def collate(samples: list[dict], pad: bool = False, min_text_length: int = 0) -> dict[str, torch.Tensor]:
     """Stack samples into a batch. ``pad``: samples may differ in latent size; latents (and ``latent_std`` and the
     optional latents) are zero-padded at the bottom/right to the largest height and width in the batch, and
-    ``image_sizes`` (B, 2) holds each sample's latent (height, width)."""
+    ``image_sizes`` (B, 2) holds each sample's latent (height, width).
+
+    The text is cut to the batch's :func:`~dit.text_padding.trimmed_text_length` (a multiple of 64, exact), never
+    below ``min_text_length`` (what a caption substituted later keeps), before it is stacked: the backbone then sees
+    a few fixed key lengths, and no padding is copied."""
     stack = _padded_stack if pad else torch.stack
     batch = {"latent_mean": stack([s["latent_mean"] for s in samples])}
-    batch.update({k: torch.stack([s[k] for s in samples]) for k in REQUIRED_KEYS if k != "latent_mean"})
+    masks = torch.stack([s["text_mask"] for s in samples])  # (B, L)
+    length = min(masks.shape[1], max(trimmed_text_length(masks), min_text_length))
+    batch["text_mask"] = masks[:, :length]
+    batch["text_embeds"] = torch.stack([s["text_embeds"][:length] for s in samples])  # (B, L', C)
     stds = [s["latent_std"] for s in samples]
     batch["latent_std"] = None if any(s is None for s in stds) else stack(stds)
     for key in OPTIONAL_KEYS:

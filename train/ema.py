@@ -7,6 +7,21 @@ from collections.abc import Iterator
 
 import torch
 
+try:  # FSDP2 (accelerate with torch >= 2.6) turns parameters into DTensor shards
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # an older torch: no parameter is ever a DTensor
+    DTensor = distribute_tensor = None
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 parameter, or a shadow made from one)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's part of each tensor: a DTensor's local shard (a view: writes reach the DTensor), else itself."""
+    return [t.to_local() if is_sharded(t) else t for t in tensors]
+
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
     """Names of the parameters that train (the ones an EMA follows)."""
@@ -36,7 +51,9 @@ class EMA:
     """fp32 shadow copies of the trainable parameters, ``shadow = decay * shadow + (1 - decay) * param``.
 
     Shadows live where the parameters live; build the EMA from the placed model (after ``accelerator.prepare``), or
-    move it with :meth:`to`. The update is one fused multi-tensor lerp, not a Python loop of small kernels.
+    move it with :meth:`to`. The update is one fused multi-tensor lerp, not a Python loop of small kernels. Under
+    FSDP2 the parameters are DTensor shards, and so are the shadows made from them: each process keeps and updates
+    its own shard, and :meth:`state_dict` / :meth:`load_state_dict` gather and re-shard them.
 
     Args:
         model: the (unwrapped) model whose trainable parameters are followed.
@@ -65,10 +82,10 @@ class EMA:
     @contextlib.contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Temporarily load the EMA weights into ``model`` (to sample or save it), then restore."""
-        params = self._params(model)
+        params = _local(self._params(model))  # FSDP2: each process swaps its own shard (no DTensor foreach copy)
         backup = [p.detach().clone() for p in params]
         with torch.no_grad():
-            torch._foreach_copy_(params, [self.shadow[n] for n in self.names])
+            torch._foreach_copy_(params, _local([self.shadow[n] for n in self.names]))
         try:
             yield model
         finally:
@@ -76,15 +93,25 @@ class EMA:
                 torch._foreach_copy_(params, backup)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+        """The decay and the shadows; sharded (FSDP2) shadows are gathered into full CPU tensors, a collective that
+        every process must call (accelerate's ``save_state`` does, then the main process writes the result), so the
+        saved state is the same whatever the process count."""
+        shadow = {n: t.full_tensor().cpu() if is_sharded(t) else t for n, t in self.shadow.items()}
+        return {"decay": self.decay, "shadow": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         """Load saved shadows into the present ones: they keep their device (a checkpoint read onto the CPU lands
-        on the model's device) and stay fp32."""
+        on the model's device) and stay fp32. A sharded (FSDP2) shadow takes its own shard of the saved full tensor
+        (every process calls this, as accelerate's ``load_state`` does)."""
         missing = set(self.names) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}.")
         self.decay = state["decay"]
         with torch.no_grad():
             for name in self.names:
-                self.shadow[name].copy_(state["shadow"][name])
+                target, saved = self.shadow[name], state["shadow"][name]
+                if is_sharded(target):  # every process holds the full tensor; rank 0's copy is scattered
+                    saved = distribute_tensor(
+                        saved.to(target.device, target.dtype), target.device_mesh, target.placements
+                    )
+                target.copy_(saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -30,7 +31,7 @@ from .data import (
     collate,
     padding_mask,
 )
-from .ema import EMA
+from .ema import EMA, is_sharded
 from .masking import build_masking
 from .objectives import build_objective
 from .validation import Validator
@@ -152,6 +153,10 @@ class Trainer:
         self.plan = BatchPlan(buckets, config.data.batch_size * world, config.seed)
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.sharded = _check_engine(self.accelerator, config)
+        # FSDP2 shards the model in place: the main process keeps a weightless copy to write full diffusers folders
+        keep_twin = self.sharded and self.accelerator.is_main_process
+        self.twin = copy.deepcopy(self.model).to("meta") if keep_twin else None
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # everything kept beside the model is made from the placed model, or moved to its device, here, once
         self.objective.to(self.accelerator.device)
@@ -186,7 +191,10 @@ class Trainer:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        fused = self.accelerator.device.type == "cuda"  # one kernel for the whole update instead of a few per group
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+        )
 
     def _lr_lambda(self, step: int) -> float:
         cfg = self.config.optim
@@ -204,7 +212,8 @@ class Trainer:
         length = self.dataset[0]["text_embeds"].shape[0]
         model = self.accelerator.unwrap_model(model)
         if hasattr(model, "y_embedding"):
-            return model.null_caption(1, length)[0].detach(), None
+            caption = model.null_caption(1, length)[0].detach()
+            return (caption.full_tensor() if is_sharded(caption) else caption), None  # FSDP2: gathered once
         path = Path(self.config.data.path) / NULL_CAPTION_FILE
         if not path.is_file():
             raise ConfigError(
@@ -237,7 +246,7 @@ class Trainer:
         sampler = PlannedBatches(
             self.plan, start_micro, self.accelerator.process_index, self.accelerator.num_processes, count
         )
-        collate_fn = functools.partial(collate, pad=self.config.data.mixed_sizes)
+        collate_fn = functools.partial(collate, pad=self.config.data.mixed_sizes, min_text_length=self.min_text_length)
         return iter(
             torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.config.data.num_workers
@@ -258,9 +267,8 @@ class Trainer:
             draws.update({k: draws[k][..., : latents.shape[-2], : latents.shape[-1]] for k in ("noise", "eps")})
         if batch["latent_std"] is not None and self.config.data.sample_posterior:
             latents = latents + batch["latent_std"].to(device, non_blocking=True) * draws["eps"]
-        length = max(trimmed_text_length(batch["text_mask"]), self.min_text_length)  # on the host: a few lengths
-        text = batch["text_embeds"][:, :length].to(device, non_blocking=True)  # (B, L', C)
-        mask = batch["text_mask"][:, :length].to(device, non_blocking=True)  # (B, L')
+        text = batch["text_embeds"].to(device, non_blocking=True)  # (B, L', C): trimmed by collate
+        mask = batch["text_mask"].to(device, non_blocking=True)  # (B, L')
         control = batch.get("control_latent") if self.config.controlnet.enabled else None  # (B, C, h, w)
         if self.null_caption is not None:
             drop = draws["coin"] < self.config.data.caption_dropout  # (B,)
@@ -312,6 +320,8 @@ class Trainer:
         figures = [torch.stack(losses).mean()]
         if self.config.optim.grad_clip is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            if is_sharded(grad_norm):  # FSDP2: a DTensor of per-shard partial norms, reduced on the device
+                grad_norm = grad_norm.full_tensor()
             figures.append(torch.as_tensor(grad_norm, device=figures[0].device).float())
         self.optimizer.step()
         self.scheduler.step()
@@ -329,18 +339,38 @@ class Trainer:
         # save_state ends without a barrier: every process must have written its RNG state into tmp before the main
         # process renames tmp into place (a rank still writing into the moved folder crashed two-process runs).
         acc.wait_for_everyone()
+        if self.sharded:
+            self._save_gathered(tmp)
         final = None
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
-            save_model(model, tmp / "model")
-            if self.ema is not None:
-                with self.ema.swapped_in(model):
-                    save_model(model, tmp / "model_ema")
+            if not self.sharded:
+                save_model(model, tmp / "model")
+                if self.ema is not None:
+                    with self.ema.swapped_in(model):
+                        save_model(model, tmp / "model_ema")
             (tmp / "config.yaml").write_text(to_yaml(self.config))
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
             final = checkpointing.publish(self.root, tmp, self.step, self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
         return final or checkpointing.checkpoint_dir(self.root) / f"checkpoint-{self.step}"
+
+    def _save_gathered(self, tmp: Path) -> None:
+        """FSDP2: ``model`` and ``model_ema`` gathered from the shards on every rank (collectives), written by the
+        main process through its weightless copy of the model."""
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        folders = {"model": contextlib.nullcontext()}
+        if self.ema is not None:
+            folders["model_ema"] = self.ema.swapped_in(model)
+        for name, context in folders.items():
+            with context:
+                state = acc.get_state_dict(self.model)  # full, on the main process's CPU; empty elsewhere
+            if self.twin is not None:
+                self.twin.load_state_dict(state, assign=True)
+                save_model(self.twin, tmp / name)
+        if self.twin is not None:
+            self.twin.to("meta")  # drops the gathered weights
 
     def resume(self, resume: str) -> None:
         path = checkpointing.resolve(resume, self.root)
@@ -429,6 +459,33 @@ class Trainer:
         if "tensorboard" in [t.name for t in acc.trackers]:
             acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, self.step, dataformats="HWC")
         return path
+
+
+def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
+    """Whether the model will be sharded (FSDP2); refuses what the sharded engines cannot run, and gives DeepSpeed
+    the per-process batch size that no prepared dataloader tells it."""
+    kind = accelerator.distributed_type
+    sharded = getattr(accelerator, "is_fsdp2", False)
+    if kind == DistributedType.FSDP and not sharded:
+        raise ConfigError("FSDP version 1 is not supported; set fsdp_version: 2 (configs/accelerate/fsdp2.yaml).")
+    if sharded and config.validation.every:
+        raise ConfigError(
+            "validation.every: sampling runs on the main process alone, which an FSDP2-sharded model cannot; set "
+            "validation.every=0 and sample the checkpoints' model_ema folders."
+        )
+    if sharded and config.objective.distill == "lcm":
+        raise ConfigError(
+            "objective.distill=lcm: the target network and the lcm folder need the whole student on one process; "
+            "run LCM distillation with DDP (configs/accelerate/multi_gpu.yaml)."
+        )
+    if kind == DistributedType.DEEPSPEED:
+        if config.gradient_accumulation_steps != 1:
+            raise ConfigError(
+                "gradient_accumulation_steps: under DeepSpeed the engine steps inside backward; keep it at 1 (and "
+                "gradient_accumulation_steps: 1 in the accelerate config's deepspeed_config)."
+            )
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+    return sharded
 
 
 def _tracker(report_to: str) -> str | None:

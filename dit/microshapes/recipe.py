@@ -1,17 +1,23 @@
 """The MicroShapes recipe: data, autoencoder, features, DiT training, and the assembled pipeline folder.
 
-    python -m dit.microshapes.recipe --out runs/microshapes [--config configs/microshapes.yaml]
+    python -m dit.microshapes.recipe --out runs/microshapes [--config configs/microshapes.yaml] [--device cuda]
 
-Every stage runs on a 2-core CPU: the world is rendered in memory, a small ``AutoencoderKL`` (2x down, 8 latent
-channels) is trained on it, a 2-layer T5 encoder with a word-level tokenizer is trained to read the captions into
-per-object slots (``text_encoder.py``) and then frozen, features go to safetensors shards, and the toolkit's trainer
-trains a small PixArt transformer on them.
+Every stage runs on a 2-core CPU (45 minutes) or on one GPU (``--device``; CUDA when available): the world is
+rendered in memory, a small ``AutoencoderKL`` (2x down, 8 latent channels) is trained on it, a 2-layer T5 encoder
+with a word-level tokenizer is trained to read the captions into per-object slots (``text_encoder.py``) and then
+frozen, features go to safetensors shards, and the toolkit's trainer trains a small PixArt transformer on them.
 The result is a diffusers-format pipeline folder (safetensors only) plus ``recipe_report.json`` with stage times.
+
+Images are rendered and random draws made on the CPU whatever the device, so a seed gives the same batches and noise
+everywhere (and, on the CPU, the same weights as before devices existed). On CUDA the encoders train in fp32 with TF32
+matmuls, and the DiT in its config's ``mixed_precision``. The DiT trains where the trainer puts it: CUDA when
+available, whatever ``device`` says.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -25,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..tiny import WORDS, tiny_t5, tiny_tokenizer
 from .evaluator import PALETTE as _PALETTE
-from .text_encoder import train_text_encoder
+from .text_encoder import LOG_EVERY, placed, resolve_device, to_device, train_text_encoder
 from .world import caption, paraphrase, random_scene, render
 
 # 2x down, 8 latent channels; no mid-block attention (flat-colour scenes do not need it). Round trips of ground
@@ -42,6 +48,7 @@ N_IMAGES, VAE_STEPS = 20000, 2400
 # with the trained one 23 times in 25 (same DiT budget).
 T5_CONFIG = dict(d_model=64, num_layers=2, d_kv=16, d_ff=128, num_buckets=16, dropout_rate=0.0)
 TEXT_ENCODER_STEPS = 400
+FEATURE_BATCH = {"cpu": 256, "cuda": 2048}  # images per encoding batch; both divide the 4096-sample shards
 PALETTE_TEMPERATURE = 0.05  # of squared distance in [-1, 1] units, for the palette classification loss
 
 
@@ -58,13 +65,25 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def palette_loss(recon: torch.Tensor, target: torch.Tensor, temperature: float = PALETTE_TEMPERATURE) -> torch.Tensor:
+def palette_tensor(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The evaluator's palette in [-1, 1]: (K, 3)."""
+    return torch.tensor(_PALETTE, dtype=dtype).to(device) / 127.5 - 1.0
+
+
+def palette_loss(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = PALETTE_TEMPERATURE,
+    palette: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of each reconstructed pixel's soft nearest-palette class against the target pixel's class.
 
     The evaluator reads pixels by their nearest palette colour, so this is the reconstruction error it sees; L1 alone
     leaves blurred outlines whose in-between colours (pink between red and white) form spurious components.
+    ``palette`` is :func:`palette_tensor` on ``recon``'s device, made once by a training loop (built here if None).
     """
-    palette = torch.tensor(_PALETTE, dtype=recon.dtype, device=recon.device) / 127.5 - 1.0  # (K, 3)
+    if palette is None:
+        palette = palette_tensor(recon.dtype, recon.device)  # (K, 3)
     distance = ((recon.unsqueeze(1) - palette[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
     labels = ((target.unsqueeze(1) - palette[None, :, :, None, None]) ** 2).sum(2).argmin(1)  # (B, H, W)
     return torch.nn.functional.cross_entropy(-distance / temperature, labels)
@@ -78,27 +97,40 @@ def train_vae(
     kl_weight: float = 1e-6,
     palette_weight: float = 0.5,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ):
-    """A small AutoencoderKL: L1 + palette-classification loss and a light KL term; returns it with its scaling
-    factor set so latents have unit standard deviation."""
+    """A small AutoencoderKL trained on ``device``: L1 + palette-classification loss and a light KL term; returns it
+    (on ``device``) with its scaling factor set so latents have unit standard deviation.
+
+    ``images`` are moved to ``device`` once; batch indices and posterior noise are drawn from a CPU generator, as
+    before, and copied over without blocking, so a seed picks the same batches and noise on every device.
+    """
+    device = resolve_device(device)
+    images = images.to(device)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG).train()
+    vae = AutoencoderKL(**VAE_CONFIG).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
+    palette = palette_tensor(device=device)
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="vae"):
-        batch = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        batch = images[to_device(torch.randint(0, len(images), (batch_size,), generator=gen), device)]
         posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        # posterior.sample(generator=gen), with the CPU draw copied without blocking
+        noise = to_device(torch.randn(posterior.mean.shape, generator=gen), device)  # (B, C, h, w)
+        recon = vae.decode(posterior.mean + posterior.std * noise).sample
         loss = (recon - batch).abs().mean() + kl_weight * posterior.kl().mean()
-        loss = loss + palette_weight * palette_loss(recon, batch)
+        loss = loss + palette_weight * palette_loss(recon, batch, palette=palette)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        if step % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
@@ -108,33 +140,49 @@ def train_vae(
     return vae
 
 
-def autoencoder_ceiling(vae, n: int = 60) -> dict:
-    """The evaluator's report on ground-truth images passed through ``vae`` (encode mean, decode): the best a model
-    generating in this latent space can score."""
+def autoencoder_ceiling(vae, n: int = 60, device: str | torch.device | None = None) -> dict:
+    """The evaluator's report on ground-truth images passed through ``vae`` (encode mean, decode) on ``device``: the
+    best a model generating in this latent space can score. ``vae`` is left on the device it came on."""
     from .suite import evaluate, prompt_suite
 
+    device = resolve_device(device)
     scenes = {caption(s): s for group in prompt_suite(n).values() for s in group}
 
     @torch.no_grad()
     def generate(prompts: list[str], seed: int) -> list[np.ndarray]:
-        batch = to_tensor(np.stack([render(scenes[p]) for p in prompts]))  # (B, 3, H, W)
+        batch = to_tensor(np.stack([render(scenes[p]) for p in prompts])).to(device)  # (B, 3, H, W)
         recon = vae.decode(vae.encode(batch).latent_dist.mean).sample  # (B, 3, H, W)
-        return list(((recon.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
+        return list(((recon.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
 
-    return evaluate(generate, n=n)
+    with placed(device, vae):
+        return evaluate(generate, n=n)
 
 
 def write_features(
-    out: Path, images: torch.Tensor, captions: list[str], tokenizer, text_encoder, vae, max_length: int
+    out: Path,
+    images: torch.Tensor,
+    captions: list[str],
+    tokenizer,
+    text_encoder,
+    vae,
+    max_length: int,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
 ) -> None:
+    """Feature shards of ``images`` and ``captions``, encoded on ``device`` in batches of ``batch_size`` (default
+    :data:`FEATURE_BATCH` of the device); the encoders are left on the device they came on."""
     from dit.train.extract import FeatureWriter
 
+    device = resolve_device(device)
+    batch_size = batch_size or FEATURE_BATCH.get(device.type, FEATURE_BATCH["cuda"])
     out.mkdir(parents=True, exist_ok=True)
-    writer = FeatureWriter(out, tokenizer, text_encoder, vae, max_length, shard_size=4096, rank=0)
-    for start in tqdm(range(0, len(images), 256), desc="features"):
-        writer.add((images.shape[-2], images.shape[-1]), images[start : start + 256], captions[start : start + 256])
-    writer.flush()
-    writer.write_null_caption()
+    with placed(device, text_encoder, vae):
+        writer = FeatureWriter(out, tokenizer, text_encoder, vae, max_length, shard_size=4096, rank=0)
+        for start in tqdm(range(0, len(images), batch_size), desc="features"):
+            batch = images[start : start + batch_size].to(device)  # (B, 3, H, W); a no-op once on the device
+            writer.add((images.shape[-2], images.shape[-1]), batch, captions[start : start + batch_size])
+        writer.flush()
+        writer.write_null_caption()
 
 
 def assemble(
@@ -152,27 +200,46 @@ def assemble(
         save_sampling_defaults(folder, *sampling)
 
 
-def _encoders(root: Path, n_images: int, vae_steps: int, times: dict, info: dict) -> tuple:
-    """Stages 1-4: data, autoencoder, text encoder, features; saves the encoders under ``root/encoders``."""
+def _encoders(root: Path, n_images: int, vae_steps: int, times: dict, info: dict, device: torch.device) -> tuple:
+    """Stages 1-4: data, autoencoder, text encoder, features, computed on ``device``; saves the encoders under
+    ``root/encoders`` and returns them on ``device``. Every stage ends by reading a result back, so its time is its
+    device work too."""
     started = time.perf_counter()
     images, captions = make_dataset(n_images)
+    images = images.to(device)  # once: the autoencoder's batches and the features are cut from it there
     times["data_s"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    vae = train_vae(images, vae_steps)
+    vae = train_vae(images, vae_steps, device=device)
     times["vae_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tokenizer, text_encoder = tiny_tokenizer(WORDS, max_length=24), tiny_t5(**T5_CONFIG)
-    info["text_encoder_accuracy"] = train_text_encoder(tokenizer, text_encoder, steps=TEXT_ENCODER_STEPS)
+    tokenizer, text_encoder = tiny_tokenizer(WORDS, max_length=24), tiny_t5(**T5_CONFIG).to(device)
+    info["text_encoder_accuracy"] = train_text_encoder(
+        tokenizer, text_encoder, steps=TEXT_ENCODER_STEPS, device=device
+    )
     times["text_encoder_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for name, part in (("tokenizer", tokenizer), ("text_encoder", text_encoder), ("vae", vae)):
         part.save_pretrained(root / "encoders" / name)  # validation and later stages load them from here
-    write_features(root / "features", images, captions, tokenizer, text_encoder, vae, max_length=24)
+    write_features(root / "features", images, captions, tokenizer, text_encoder, vae, max_length=24, device=device)
     times["features_s"] = time.perf_counter() - t0
     return tokenizer, text_encoder, vae
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device):
+    """TF32 matmuls on CUDA for the block (the encoders' fp32 training and the DiT's), restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _load_encoders(root: Path) -> tuple:
@@ -186,24 +253,46 @@ def _load_encoders(root: Path) -> tuple:
 
 
 def run(
-    out: str, config_path: str, n_images: int, vae_steps: int, overrides: list[str], reuse_encoders: bool = False
+    out: str,
+    config_path: str,
+    n_images: int,
+    vae_steps: int,
+    overrides: list[str],
+    reuse_encoders: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict:
-    """Run the whole recipe into ``out``; with ``reuse_encoders`` the data, autoencoder and features of an earlier
-    run in ``out`` are kept (and so are their recorded stage times) and only the DiT is trained again."""
+    """Run the whole recipe into ``out`` on ``device`` (default: CUDA when available, else the CPU); with
+    ``reuse_encoders`` the data, autoencoder and features of an earlier run in ``out`` are kept (and so are their
+    recorded stage times and ``encoder_device``) and only the DiT is trained again."""
+    device = resolve_device(device)
+    with _tf32(device):
+        return _run(Path(out), config_path, n_images, vae_steps, overrides, reuse_encoders, device)
+
+
+def _run(
+    root: Path,
+    config_path: str,
+    n_images: int,
+    vae_steps: int,
+    overrides: list[str],
+    reuse_encoders: bool,
+    device: torch.device,
+) -> dict:
     import dit
     from dit.train import Trainer, load_config
 
-    root, started = Path(out), time.perf_counter()
+    started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     stage_file = root / "encoder_stages.json"
     if reuse_encoders:
         tokenizer, text_encoder, vae = _load_encoders(root)
-        encoder_report = json.loads(stage_file.read_text())
+        encoder_report = {"encoder_device": "cpu", **json.loads(stage_file.read_text())}  # older runs: all on CPU
     else:
         times, info = {}, {}
-        tokenizer, text_encoder, vae = _encoders(root, n_images, vae_steps, times, info)
+        tokenizer, text_encoder, vae = _encoders(root, n_images, vae_steps, times, info, device)
         encoder_report = {"stages": times, "n_images": n_images, "vae_steps": vae_steps, **info}
-        encoder_report["autoencoder_ceiling"] = autoencoder_ceiling(vae.eval())
+        encoder_report["autoencoder_ceiling"] = autoencoder_ceiling(vae.eval(), device=device)
+        encoder_report["encoder_device"] = str(device)
         stage_file.write_text(json.dumps(encoder_report, indent=2))
 
     t0 = time.perf_counter()
@@ -224,8 +313,9 @@ def run(
              sampling)  # fmt: skip
     times = {**encoder_report["stages"], "dit_s": time.perf_counter() - t0}
     times["total_s"] = sum(times.values())
-    report = {**encoder_report, "stages": times, "config": config_path, "overrides": overrides,
-              "reused_encoders": reuse_encoders, "this_run_s": time.perf_counter() - started}  # fmt: skip
+    report = {**encoder_report, "stages": times, "device": str(device), "config": config_path,
+              "overrides": overrides, "reused_encoders": reuse_encoders,
+              "this_run_s": time.perf_counter() - started}  # fmt: skip
     (root / "recipe_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -237,10 +327,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=N_IMAGES)
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     parser.add_argument("--reuse-encoders", action="store_true", help="keep an earlier run's data, VAE and features")
+    parser.add_argument("--device", help="where the stages compute (default: cuda when available, else cpu)")
     parser.add_argument("--ship", action="store_true", help="replace the package's default model with the result")
     parser.add_argument("overrides", nargs="*", help="trainer key=value overrides")
     args = parser.parse_args()
-    report = run(args.out, args.config, args.images, args.vae_steps, args.overrides, args.reuse_encoders)
+    report = run(args.out, args.config, args.images, args.vae_steps, args.overrides, args.reuse_encoders, args.device)
     print(json.dumps(report, indent=2))
     if args.ship:
         print(f"shipped to {ship(Path(args.out) / 'pipeline')}")

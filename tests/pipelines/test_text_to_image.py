@@ -149,3 +149,38 @@ def test_samples_with_other_diffusers_schedulers(scheduler):
     pipe.scheduler = getattr(diffusers, scheduler)()
     first, again = _run(pipe, num_inference_steps=2), _run(pipe, num_inference_steps=2)
     assert first.shape == (1, 16, 16, 3) and np.isfinite(first).all() and np.array_equal(first, again)
+
+
+def test_compiled_transformer_gives_the_same_images_with_no_graph_break():
+    """Regional compilation of the blocks (fullgraph): the same images as eager, and no recompilation per step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe = _ours()
+    expected = _run(pipe)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    assert pipe.compile_transformer(backend=backend) == SIGMA["num_layers"]
+    actual = _run(pipe)
+    again = _run(pipe)
+    assert np.abs(actual - expected).max() <= 1e-5 and np.array_equal(actual, again)
+    assert 1 <= len(graphs) <= 2  # one graph for every block and step (a second if shapes go dynamic)
+    torch._dynamo.reset()
+
+
+def test_cli_generate_compile_flag(tmp_path, monkeypatch):
+    calls = []
+    original = TextToImagePipeline.compile_transformer
+
+    def recording(self, **kwargs):
+        calls.append(kwargs)
+        return original(self, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(TextToImagePipeline, "compile_transformer", recording)
+    out = tmp_path / "out.png"
+    assert cli_main(["generate", PROMPT, "-o", str(out), "--steps", "2", "--compile", "--device", "cpu"]) == 0
+    assert calls == [{}] and Image.open(out).size[0] > 0

@@ -224,3 +224,17 @@ def test_sample_posterior_false_trains_on_the_latent_mean(tmp_path):
         config = _config(folder, tmp_path / f"run{scale}", "data.sample_posterior=false", "max_steps=1")
         losses.append(Trainer(config).train()[0])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_compiled_blocks_train_like_eager_and_save_plain_names(features, tmp_path):
+    """compile: true compiles the repeated blocks in place (fullgraph): the same losses, the same checkpoint keys."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    common = ["max_steps=2", "checkpoint_every=2", "report_to=none"]
+    eager = Trainer(_config(features, tmp_path / "eager", *common)).train()
+    compiled = Trainer(_config(features, tmp_path / "compiled", *common, "compile=true", "compile_backend=aot_eager"))
+    torch.testing.assert_close(torch.tensor(compiled.train()), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    saved = PixArtTransformer.from_pretrained(tmp_path / "compiled" / "checkpoints" / "checkpoint-2" / "model")
+    assert set(saved.state_dict()) == set(PixArtTransformer(**saved.config).state_dict())
+    torch._dynamo.reset()
