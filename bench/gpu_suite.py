@@ -1,4 +1,8 @@
-"""The GPU benchmark suite: one command on one H100 or H200, about 8 minutes, JSON under bench/results/.
+"""The GPU benchmark suite: one command on one H100 or H200 (sized for about 8 minutes), JSON under bench/results/.
+
+On the lent machines, which have no diffusers and no network: ``bash bench/gpu_session.sh [options]`` (see its
+header), in two calls if one would pass the 10-minute limit: ``--parts forward,train``, then
+``--parts pytest,microshapes,lcm,recipe``.
 
 Parts (all by default, in this order; ``--parts`` picks some):
 

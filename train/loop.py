@@ -249,7 +249,11 @@ class Trainer:
         collate_fn = functools.partial(collate, pad=self.config.data.mixed_sizes, min_text_length=self.min_text_length)
         return iter(
             torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.config.data.num_workers
+                self.dataset,
+                batch_sampler=sampler,
+                collate_fn=collate_fn,
+                num_workers=self.config.data.num_workers,
+                pin_memory=self.accelerator.device.type == "cuda",  # page-locked: copies to the GPU overlap compute
             )
         )
 
