@@ -84,7 +84,7 @@ def train(name: str, out: Path, overrides: list[str]):
     from dit.train import Trainer, load_config
 
     started = time.perf_counter()
-    trainer = Trainer(load_config(CONFIG, [f"output_dir={out / name}", *overrides]))
+    trainer = Trainer(load_config(CONFIG, [f"output_dir={out / name}", "overwrite=true", *overrides]))
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.ema is not None:

@@ -72,7 +72,7 @@ def train(work: Path, steps: int, overrides: list[str], out: str = "train") -> d
     record_file = run / "fit_quality_train.json"
     if record_file.is_file() and json.loads(record_file.read_text())["steps"] == steps:
         return json.loads(record_file.read_text())
-    config = load_config(CONFIG, [f"data.path={work / 'features'}", f"output_dir={run}", f"max_steps={steps}",
+    config = load_config(CONFIG, [f"data.path={work / 'features'}", f"output_dir={run}", "overwrite=true", f"max_steps={steps}",
                                   *overrides])  # fmt: skip
     trainer = Trainer(config)
     started = time.perf_counter()

@@ -172,9 +172,9 @@ def recipe_part(args) -> dict:
         out = Path(tmp) / "microshapes"
         if args.tiny:
             overrides = ["max_steps=2", "checkpoint_every=2", "validation.every=0", "data.batch_size=4"]
-            report = recipe.run(str(out), str(ROOT / "configs/microshapes.yaml"), 16, 2, overrides, device=args.device)
+            report = recipe.run(str(out), recipe.DEFAULT_CONFIG, 16, 2, overrides, device=args.device)
         else:
-            report = recipe.run(str(out), str(ROOT / "configs/microshapes.yaml"), recipe.N_IMAGES, recipe.VAE_STEPS, [],
+            report = recipe.run(str(out), recipe.DEFAULT_CONFIG, recipe.N_IMAGES, recipe.VAE_STEPS, [],
                                 device=args.device)  # fmt: skip
         pipe = TextToImagePipeline.from_pretrained(out / "pipeline").to(args.device)
         pipe.set_progress_bar_config(disable=True)

@@ -30,7 +30,7 @@ def train(name: str, out: Path, features: str, overrides: list[str]):
     """Train one variant and return its final model (EMA weights when kept) and the wall time."""
     from dit.train import Trainer, load_config
 
-    paths = [f"data.path={features}", f"output_dir={out / name}", "validation.every=0"]
+    paths = [f"data.path={features}", f"output_dir={out / name}", "overwrite=true", "validation.every=0"]
     started = time.perf_counter()
     trainer = Trainer(load_config(CONFIG, [*paths, *overrides]))
     trainer.train()

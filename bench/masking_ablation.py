@@ -51,7 +51,13 @@ TARGETS = (
 def _trainer(recipe: Path, out: Path, overrides: list[str]):
     from dit.train import Trainer, load_config
 
-    paths = [f"data.path={recipe / 'features'}", f"output_dir={out}", "max_steps=100000", "masking.unmasked_steps=0"]
+    paths = [
+        f"data.path={recipe / 'features'}",
+        f"output_dir={out}",
+        "overwrite=true",
+        "max_steps=100000",
+        "masking.unmasked_steps=0",
+    ]
     return Trainer(load_config(CONFIG, [*paths, *overrides]))
 
 
@@ -95,7 +101,7 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
     from dit.train import Trainer, load_config
 
     torch.set_num_threads(1)
-    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"output_dir={out / 'train'}", f"max_steps={steps}",
+    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
                  f"masking.unmasked_steps={unmasked_steps}", f"checkpoint_every={steps}"]  # fmt: skip
     started = time.perf_counter()
     trainer = Trainer(load_config(CONFIG, overrides))

@@ -38,14 +38,14 @@ def main() -> None:
     parser.add_argument("--json", help="default: microshapes_<device>.json")
     args, overrides = parser.parse_known_args()
 
-    from dit.microshapes.recipe import N_IMAGES, VAE_STEPS, run
+    from dit.microshapes.recipe import DEFAULT_CONFIG, N_IMAGES, VAE_STEPS, run
     from dit.microshapes.suite import evaluate, pipeline_generator
     from dit.pipelines import TextToImagePipeline
     from dit.pipelines.defaults import sampling_defaults
 
     root = Path(args.from_run or args.out)
     if args.from_run is None:
-        run(args.out, "configs/microshapes.yaml", N_IMAGES, VAE_STEPS, overrides, device=args.device)
+        run(args.out, DEFAULT_CONFIG, N_IMAGES, VAE_STEPS, overrides, device=args.device)
     recipe = json.loads((root / "recipe_report.json").read_text())
     device = torch.device(recipe.get("device", "cpu")).type
     if args.device is not None and torch.device(args.device).type != device:

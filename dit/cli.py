@@ -34,84 +34,198 @@ def print_report(report: dict, path: str | None = None) -> None:
     print(text)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _fail(error) -> int:
+    """Print ``error`` as ``error: ...`` on stderr (no traceback); the exit code of a bad value or folder."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """The sampling options given on the command line, checked before the model loads; a bad one raises a
+    ``SamplingValueError`` that names the option, the value and the allowed range."""
+    from functools import partial
+
+    from dit.pipelines import checks
+
+    options = {
+        "--steps": (args.steps, checks.check_num_inference_steps),
+        "--guidance": (args.guidance, checks.check_guidance_scale),
+        "--height": (args.height, partial(checks.check_image_side, "height")),
+        "--width": (args.width, partial(checks.check_image_side, "width")),
+        "--num-images": (getattr(args, "num_images", None), checks.check_num_images_per_prompt),
+    }
+    for flag, (value, check) in options.items():
+        if value is None:
+            continue
+        try:
+            check(value)
+        except checks.SamplingValueError as error:
+            raise checks.SamplingValueError(f"{flag}: {error}") from None
+
+
+def _model_folder(model: Path | None) -> Path:
+    """The pipeline folder to load: the shipped model when ``model`` is None, else ``model`` or, for a training run
+    folder, the ``pipeline/`` inside it (said on stderr, so stdout keeps only results)."""
+    from dit.pipelines.loading import pipeline_folder
+
+    if model is None:
+        if not (default_model() / "model_index.json").is_file():
+            raise FileNotFoundError(f"no default model in this install ({default_model()}); pass --model PATH.")
+        return default_model()
+    folder = pipeline_folder(model)
+    if folder != Path(model):
+        print(f"model: {folder} (the pipeline of the run folder {model})", file=sys.stderr)
+    return folder
+
+
+def _load_pipeline(folder: Path, lcm: Path | None, dtype: str, device: str):
+    """The pipeline in ``folder`` (with the LCM student of ``lcm``), strict, in ``dtype`` on ``device``."""
     import torch
 
     from dit.pipelines import TextToImagePipeline, load_lcm
-    from dit.pipelines.defaults import sampling_defaults
-    from dit.pipelines.lcm import lcm_defaults
 
-    if args.model is None:
-        args.model = default_model()
-        if not (args.model / "model_index.json").is_file():
-            print(f"error: no default model in this install ({args.model}); pass --model PATH.", file=sys.stderr)
-            return 2
-    lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
-    defaults = sampling_defaults(args.model)
-    if lcm is not None:
-        try:
-            defaults = lcm_defaults(lcm)
-        except FileNotFoundError as error:
-            print(f"error: {error} (train one with objective.distill=lcm).", file=sys.stderr)
-            return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    pipe = TextToImagePipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe = TextToImagePipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[dtype]))
     if lcm is not None:
         load_lcm(pipe, lcm)
-    pipe = pipe.to(device)
+    return pipe.to(device)
+
+
+def _check_lcm_guidance(pipe, defaults: dict, guidance: float | None) -> None:
+    """``--guidance`` with an LCM student whose guidance is baked in (distilled at a fixed scale: its lcm_config.json
+    records guidance_scale 1.0 and the transformer has no guidance embedding) is an error: it samples without a CFG
+    batch, so a scale <= 1 changes nothing and one > 1 stacks CFG on the distilled guidance."""
+    baked_in = not pipe.guidance_embedded and float(defaults.get("guidance_scale", 1.0)) == 1.0
+    if guidance is None or not baked_in or guidance == 1.0:
+        return
+    raise ValueError(
+        f"--guidance {guidance:g} does not apply to this LCM student: its guidance is baked in (distilled at a fixed "
+        "scale; lcm_config.json records guidance_scale 1.0, no CFG batch), so a scale below 1 has no effect and one "
+        "above 1 stacks CFG on the distilled guidance. Leave --guidance out, or distil a guidance-embedding student "
+        "(objective.lcm.guidance_range with a time_cond_proj_dim)."
+    )
+
+
+def output_paths(output: str | Path, count: int) -> list[Path]:
+    """Where ``dit generate`` writes ``count`` images: ``output`` for one, else ``STEM-0.png``, ``STEM-1.png``, ...
+    beside it (prompt by prompt, ``--num-images`` each)."""
+    output = Path(output)
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix or '.png'}") for k in range(count)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dit.pipelines.checks import SamplingValueError
+
+    try:
+        _check_sampling_args(args)
+        folder = _model_folder(args.model)
+        lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
+        defaults = _defaults(folder, lcm)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = _load_pipeline(folder, lcm, args.dtype, device)
+        if lcm is not None:
+            _check_lcm_guidance(pipe, defaults, args.guidance)
+    except (ValueError, KeyError, OSError) as error:
+        return _fail(error)
     if args.compile:
         pipe.compile_transformer()
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    image = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps or defaults["num_inference_steps"],
-        guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
-        height=args.height,
-        width=args.width,
-        generator=generator,
-    ).images[0]
-    image.save(args.output)
-    print(f"saved {args.output} ({image.width}x{image.height})")
+    paths = output_paths(args.output, len(args.prompt) * args.num_images)
+    generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for k in range(len(paths))]
+    try:
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=defaults["num_inference_steps"] if args.steps is None else args.steps,
+            guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
+            num_images_per_prompt=args.num_images,
+            height=args.height,
+            width=args.width,
+            generator=generators,
+        ).images
+    except SamplingValueError as error:
+        return _fail(error)
+    for path, image, prompt in zip(paths, images, [p for p in args.prompt for _ in range(args.num_images)]):
+        image.save(path)
+        print(f"saved {path} ({image.width}x{image.height}): {prompt}")
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from dit.microshapes.suite import evaluate, pipeline_generator
-    from dit.pipelines import TextToImagePipeline
+def _defaults(folder: Path, lcm: Path | None) -> dict:
+    """The sampling defaults: the LCM folder's when sampling with a student, else the pipeline folder's."""
     from dit.pipelines.defaults import sampling_defaults
+
+    if lcm is None:
+        return sampling_defaults(folder)
+    from dit.pipelines.lcm import lcm_defaults
+
+    try:
+        return lcm_defaults(lcm)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error} (train one with objective.distill=lcm).") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dit.microshapes.suite import evaluate, pipeline_generator
 
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        print(f"error: --size must look like 64x64, got {args.size!r}", file=sys.stderr)
-        return 2
+        return _fail(f"--size must look like 64x64, got {args.size!r}")
+    args.width, args.height = width, height
+    try:
+        _check_sampling_args(args)
+        _check_counts(n=args.n, batch_size=args.batch_size)
+        folder = _model_folder(args.model)
+        defaults = _defaults(folder, None)
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    import torch
+
+    from dit.pipelines import TextToImagePipeline
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = sampling_defaults(args.model)
-    args.steps = args.steps or defaults["num_inference_steps"]
+    args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
     args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
-    pipe = TextToImagePipeline.from_pretrained(args.model).to(device)
+    try:
+        pipe = TextToImagePipeline.from_pretrained(folder).to(device)
+    except (ValueError, KeyError, OSError) as error:
+        return _fail(error)
     pipe.set_progress_bar_config(disable=True)
     generate = pipeline_generator(pipe, args.steps, args.guidance, height, width)
-    report = evaluate(generate, n=args.n, batch_size=args.batch_size)
+    report = evaluate(generate, n=args.n, batch_size=args.batch_size, progress=not args.no_progress)
     report["settings"] = {"model": str(args.model), "steps": args.steps, "guidance_scale": args.guidance,
                           "size": f"{width}x{height}", "n": args.n, "device": device}  # fmt: skip
     print_report(report, args.json)
     return 0
 
 
+def _check_counts(**counts) -> None:
+    """Each of ``counts`` (``--n``, ``--batch-size``) is >= 1."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit", description="Diffusion-transformer toolkit.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="+", help="one or several prompts")
     gen.add_argument(
-        "--model", type=Path, help="diffusers-format pipeline folder (default: the shipped MicroShapes model)"
+        "--model",
+        type=Path,
+        help="diffusers-format pipeline folder, or a training run folder (its pipeline/) "
+        "(default: the shipped MicroShapes model)",
     )
-    gen.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png)")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png); several images "
+                     "go to OUT-0.png, OUT-1.png, ... (prompt by prompt)")  # fmt: skip
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20; with --lcm the "
                      "student's, 4)")  # fmt: skip
@@ -122,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lcm-folder", type=Path, help="an LCM folder written by the trainer (implies --lcm)")
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="image k is drawn with seed SEED + k (default: 0)")
     gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks first "
@@ -130,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     ev = commands.add_parser("eval", help="prompt-adherence evaluation: dit eval microshapes --model PATH")
     ev.add_argument("world", choices=["microshapes"])
-    ev.add_argument("--model", required=True, help="diffusers-format pipeline folder")
+    ev.add_argument("--model", required=True, type=Path, help="diffusers-format pipeline folder, or a training run "
+                    "folder (its pipeline/)")  # fmt: skip
     ev.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 20)")
     ev.add_argument("--guidance", type=float, help="guidance scale (default: the model's, else 4.5)")
     ev.add_argument("--n", type=int, default=60, help="one-object prompts (half as many two-object and held-out)")
@@ -138,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=10)
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--json", help="write the report here too")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar over the prompts (on stderr)")
     ev.set_defaults(func=_evaluate)
     add_relevance_parser(commands)
     commands.add_parser("train", help="train with accelerate: dit train --config configs/NAME.yaml [key=value ...]")
     commands.add_parser(
-        "extract", help="pre-extract T5 features and VAE latents: dit extract DATA --pipeline P --out D"
+        "extract",
+        help="pre-extract T5 features and VAE latents (resumable; --control for ControlNet): "
+        "dit extract DATA --pipeline P --out D",
     )
     return parser
 

@@ -1,5 +1,21 @@
-"""Pipelines (imported as ``dit.pipelines``)."""
+"""Pipelines (imported as ``dit.pipelines``).
 
-from .controlnet import ControlNetPipeline
-from .lcm import load_lcm, save_lcm
-from .text_to_image import TextToImagePipeline
+The pipeline classes load on first use, so ``dit.pipelines.checks`` (the sampling-value checks) imports without
+diffusers' pipelines (``dit generate`` checks its arguments before that import).
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ControlNetPipeline": ".controlnet",
+    "TextToImagePipeline": ".text_to_image",
+    "load_lcm": ".lcm",
+    "save_lcm": ".lcm",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

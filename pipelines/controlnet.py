@@ -11,6 +11,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from ..models.controlnet import ControlNetAdapter, MultiControlNetAdapter, adapter_list, block_controls
+from .checks import check_image_side, check_prompt
 from .text_to_image import TextToImagePipeline
 
 ControlImage = PIL.Image.Image | np.ndarray | torch.Tensor | list
@@ -64,6 +65,19 @@ def _per_adapter(value, count: int, name: str) -> list:
             raise ValueError(f"{name} has {len(value)} entries for {count} ControlNet adapters.")
         return list(value)
     return [value] * count
+
+
+def _check_control_counts(images: list[torch.Tensor], prompts: int) -> None:
+    """Each adapter's control is one image (for every prompt) or one image per prompt; anything else is an error
+    (two images for one prompt would otherwise control the CFG batch's two halves differently)."""
+    for k, image in enumerate(images):
+        if image.shape[0] not in (1, prompts):
+            which = f"control_image[{k}]" if len(images) > 1 else "control_image"
+            raise ValueError(
+                f"{which} has {image.shape[0]} images; pass one, or one per prompt ({prompts} prompt"
+                f"{'s' if prompts > 1 else ''} here), for each ControlNet adapter ({len(images)} here); with several "
+                "adapters, control_image is a list with one entry per adapter."
+            )
 
 
 class ControlNetPipeline(TextToImagePipeline):
@@ -130,9 +144,12 @@ class ControlNetPipeline(TextToImagePipeline):
         """
         if control_image is None:
             raise ValueError("ControlNetPipeline needs control_image (use TextToImagePipeline without control).")
+        check_image_side("height", kwargs.get("height"))
+        check_image_side("width", kwargs.get("width"))
         count = len(self.adapters)
         images = [control_image] if count == 1 else _per_adapter(control_image, count, "control_image")
         images = [control_tensor(image) for image in images]
+        _check_control_counts(images, check_prompt(prompt, kwargs.get("prompt_embeds")))
         kwargs["height"], kwargs["width"] = self._output_size(images, kwargs.get("height"), kwargs.get("width"))
         scales = _per_adapter(controlnet_conditioning_scale, count, "controlnet_conditioning_scale")
         starts = _per_adapter(control_guidance_start, count, "control_guidance_start")
@@ -148,7 +165,7 @@ class ControlNetPipeline(TextToImagePipeline):
     def _output_size(images: list[torch.Tensor], height: int | None, width: int | None) -> tuple[int, int]:
         """The requested size, or the control images' size; every control image must have it."""
         size = tuple(images[0].shape[-2:])
-        height, width = height or size[0], width or size[1]
+        height, width = size[0] if height is None else height, size[1] if width is None else width
         for image in images:
             if tuple(image.shape[-2:]) != (height, width):
                 raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .loading import check_scheduler
 from .text_to_image import TextToImagePipeline
 
 LCM_CONFIG = "lcm_config.json"
@@ -56,7 +57,9 @@ def _scheduler(folder: Path):
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
         raise ValueError(f"{folder}: {config.get('_class_name')!r} is not a diffusers scheduler.")
-    return cls.from_pretrained(folder)
+    scheduler = cls.from_pretrained(folder)
+    check_scheduler(scheduler)
+    return scheduler
 
 
 def save_lcm(

@@ -15,6 +15,8 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
+from .checks import SamplingValueError
+
 #: training resolution in pixels (``sample_size * vae_scale_factor``) -> PixArt's aspect-ratio bins for it.
 #: Keyed by pixels, not by latent side as diffusers does: the same for PixArt's 8x VAEs, and a model with another
 #: VAE factor (the 2x MicroShapes model: sample_size 32 = 64 px) is not sent to the 256-px bins.
@@ -41,14 +43,14 @@ def sampling_size(height: int, width: int, resolution: int | None, multiple: int
     Without: the size itself, which must then divide into patches.
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got {height}x{width}.")
+        raise SamplingValueError(f"height and width must be positive, got {height}x{width}.")
     if binning:
         bins = ASPECT_RATIO_BINS.get(resolution)
         if bins is not None:
             return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
         return nearest_multiple(height, multiple), nearest_multiple(width, multiple)
     if height % multiple or width % multiple:
-        raise ValueError(
+        raise SamplingValueError(
             f"Image size {height}x{width} does not divide into patches: height and width must be multiples of "
             f"{multiple} (VAE factor x patch size). Pass use_resolution_binning=True to snap to the nearest valid size."
         )

@@ -12,12 +12,28 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.image_processor import PixArtImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..embeddings import guidance_scale_embedding
 from ..models.base import compile_repeated_blocks
 from ..text_padding import trim_text_padding
+from .checks import (
+    MAX_IMAGE_TOKENS,
+    SamplingValueError,
+    check_eta,
+    check_guidance_scale,
+    check_image_side,
+    check_image_tokens,
+    check_latents,
+    check_num_images_per_prompt,
+    check_num_inference_steps,
+    check_prompt,
+)
+from .loading import check_scheduler, local_folder, strict_components
 from .resolution import flow_match_scheduler, flow_shift_mu, sampling_size
+
+logger = logging.get_logger(__name__)
 
 PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -40,20 +56,42 @@ class TextToImagePipeline(DiffusionPipeline):
     Flexible-resolution backbones (FiT) sample any size that divides into patches, without PixArt's aspect-ratio
     bins. A flow-matching scheduler with ``use_dynamic_shifting`` gets ``mu`` from the image token count at every
     call (:func:`~dit.pipelines.resolution.flow_shift_mu`), so the timestep shift follows the resolution.
+
+    Every sampling argument is checked before any work starts (:mod:`dit.pipelines.checks`): a bad value is a
+    ``ValueError`` naming it and its allowed range. Sizes are capped at 16384 px per side and ``max_image_tokens``
+    image tokens (raise it on the instance for a device with the memory).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    #: Largest number of image tokens per image a call accepts (see :data:`dit.pipelines.checks.MAX_IMAGE_TOKENS`).
+    max_image_tokens: int = MAX_IMAGE_TOKENS
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
         super().__init__()
         scheduler = scheduler if scheduler is not None else default_scheduler(transformer)
+        check_scheduler(scheduler)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, strict: bool = True, **kwargs):
+        """diffusers' ``DiffusionPipeline.from_pretrained``, strict by default: a component whose checkpoint misses
+        a key of the model, or holds one the model does not have, is a
+        :class:`~dit.checkpoint.CheckpointKeyError` listing them (diffusers would only warn and leave those weights
+        random), and a scheduler ``prediction_type`` its class does not implement is a ``ValueError``.
+
+        ``strict=False`` loads as diffusers does. With ``device_map``, diffusers places the components itself and
+        only the toolkit's own models (always strict) are checked.
+        """
+        if not strict or kwargs.get("device_map") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = local_folder(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(folder, **{**strict_components(folder, kwargs), **kwargs})
 
     # ----- text ---------------------------------------------------------------------------------------
     def _encode_text(
@@ -131,12 +169,7 @@ class TextToImagePipeline(DiffusionPipeline):
         self, batch: int, height: int, width: int, dtype, device, generator, latents=None
     ) -> torch.Tensor:
         """Initial noise (B, C, H/f, W/f) scaled by the scheduler's ``init_noise_sigma`` (1 for flow matching)."""
-        shape = (
-            batch,
-            self.transformer.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
+        shape = self.latent_shape(batch, height, width)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators were given for a batch of {batch} images.")
         if latents is None:
@@ -144,6 +177,51 @@ class TextToImagePipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}.")
         return latents.to(device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The latents' shape (B, C, H/f, W/f) for ``batch`` images of ``height`` x ``width`` pixels."""
+        f = self.vae_scale_factor
+        return (batch, self.transformer.config.in_channels, height // f, width // f)
+
+    # ----- checks and sizes ---------------------------------------------------------------------------
+    def check_inputs(
+        self, prompt, prompt_embeds, num_inference_steps, timesteps, sigmas, guidance_scale, eta,
+        num_images_per_prompt, height, width, output_type, tensor_inputs,
+    ) -> None:  # fmt: skip
+        """Check every call argument that needs no model work, one check per value (:mod:`dit.pipelines.checks`)."""
+        check_prompt(prompt, prompt_embeds)
+        check_num_inference_steps(num_inference_steps, timesteps, sigmas)
+        check_guidance_scale(guidance_scale)
+        check_eta(eta)
+        check_num_images_per_prompt(num_images_per_prompt)
+        check_image_side("height", height)
+        check_image_side("width", width)
+        _check_outputs(output_type, tensor_inputs, self._callback_tensor_inputs)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the model takes as they are: multiples of the VAE factor times the patch size."""
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    def sampling_sizes(self, height: int | None, width: int | None, binning: bool) -> tuple[int, int, int, int]:
+        """(height, width) asked (None: the model's training size) and (height, width) sampled at.
+
+        With ``binning`` a size is snapped (PixArt's aspect-ratio bins, or the nearest multiple of
+        :attr:`size_multiple`) and the image resized back to the size asked; without, a size the model cannot take
+        is an error naming the multiple. More than :attr:`max_image_tokens` image tokens is an error.
+        """
+        default = self.transformer.config.sample_size * self.vae_scale_factor
+        height, width = default if height is None else height, default if width is None else width
+        multiple = self.size_multiple
+        resolution = None if getattr(self.transformer, "native_resolution", False) else default  # FiT: no bins
+        sample_h, sample_w = sampling_size(height, width, resolution, multiple, binning)
+        check_image_tokens(sample_h, sample_w, multiple, self.max_image_tokens)
+        if height % multiple or width % multiple:
+            logger.warning(
+                "%dx%d (WxH) is not a multiple of %d (VAE factor x patch size): sampling at %dx%d and resizing to "
+                "the size asked.", width, height, multiple, sample_w, sample_h,
+            )  # fmt: skip
+        return height, width, sample_h, sample_w
 
     def _added_cond_kwargs(self, height: int, width: int, batch: int, dtype, device) -> dict[str, torch.Tensor | None]:
         if not getattr(self.transformer, "use_additional_conditions", False):
@@ -276,25 +354,22 @@ class TextToImagePipeline(DiffusionPipeline):
         ``use_null_caption`` chooses the learned null caption as the unconditional branch (default: when the
         transformer has one and no negative prompt is given). ``callback_on_step_end(pipe, i, t, tensors)`` gets
         the tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
+
+        Raises a ``ValueError`` (:class:`~dit.pipelines.checks.SamplingValueError`) naming the value and its allowed
+        range, before any work, for: ``guidance_scale`` not finite or < 0; ``num_inference_steps`` < 1; ``height`` /
+        ``width`` < 1, above 16384 px or (without binning) no multiple of :attr:`size_multiple`; more image tokens
+        than :attr:`max_image_tokens`; ``latents`` of another shape or not finite; ``num_images_per_prompt`` < 1;
+        ``prompt`` neither a string nor a non-empty list of strings; ``eta`` outside [0, 1].
         """
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Pass either prompt or prompt_embeds.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"Unknown output_type {output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in {self._callback_tensor_inputs}."
-            )
-        config = self.transformer.config
-        multiple = self.vae_scale_factor * config.patch_size
-        height = height or config.sample_size * self.vae_scale_factor
-        width = width or config.sample_size * self.vae_scale_factor
-        resolution = config.sample_size * self.vae_scale_factor
-        if getattr(self.transformer, "native_resolution", False):  # trained at native sizes: no PixArt bins
-            resolution = None
-        sample_h, sample_w = sampling_size(height, width, resolution, multiple, use_resolution_binning)
+        self.check_inputs(
+            prompt, prompt_embeds, num_inference_steps, timesteps, sigmas, guidance_scale, eta,
+            num_images_per_prompt, height, width, output_type, tensor_inputs,
+        )  # fmt: skip
+        height, width, sample_h, sample_w = self.sampling_sizes(height, width, use_resolution_binning)
+        prompts = check_prompt(prompt, prompt_embeds)
+        check_latents(latents, self.latent_shape(prompts * num_images_per_prompt, sample_h, sample_w))
+        multiple = self.size_multiple
         device = self._execution_device
 
         guided = guidance_scale > 1.0 and not self.guidance_embedded
@@ -343,6 +418,15 @@ def default_scheduler(transformer) -> Any:
     if getattr(transformer, "prediction_type", None) == "flow":
         return flow_match_scheduler(transformer.train_tokens)
     return DPMSolverMultistepScheduler()
+
+
+def _check_outputs(output_type: str, tensor_inputs: list[str], allowed_tensors: list[str]) -> None:
+    """``output_type`` is one the pipeline writes; the callback asks only for tensors it hands out."""
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise SamplingValueError(f"Unknown output_type {output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
+    unknown = set(tensor_inputs) - set(allowed_tensors)
+    if unknown:
+        raise SamplingValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in {allowed_tensors}.")
 
 
 def _lora_file(path: str | os.PathLike) -> str:

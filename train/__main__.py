@@ -8,14 +8,24 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import load_config
-    from .loop import Trainer
+    """Parse the arguments and train; a configuration or run-folder error prints one line and returns non-zero."""
+    from .checkpointing import CheckpointError, NoSpaceLeft, RunLocked
+    from .config import ConfigError, load_config
+    from .data import ShardError
+    from .loop import Trainer, TrainingDiverged
 
     parser = argparse.ArgumentParser(prog="dit train", description="Train a backbone with accelerate.")
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 max_steps=100")
     args = parser.parse_args(argv)
-    Trainer(load_config(args.config, args.overrides)).train()
+    try:
+        Trainer(load_config(args.config, args.overrides)).train()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (RunLocked, NoSpaceLeft, CheckpointError, ShardError, TrainingDiverged, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -165,6 +166,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     resume: str | None = None
+    # true: a non-empty output_dir's previous run (checkpoints, metrics, pipeline, ...) is deleted first; false: refused
+    overwrite: bool = False
     log_every: int = 10
     report_to: str = "tensorboard"
     # regional torch.compile of the backbone's repeated blocks (fullgraph: a graph break is an error)
@@ -274,7 +277,89 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = data or {}
     for override in overrides:
         apply_override(data, override)
-    return from_dict(TrainConfig, data)
+    return validate(from_dict(TrainConfig, data))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``low``/``high`` bounds (None: unbounded), each closed unless ``*_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+FRACTION, DECAY = Range(0, 1), Range(0, 1, high_open=True)
+
+#: Allowed ranges of numeric keys (null stays allowed where the type is optional); tuples are checked per element.
+RANGES: dict[str, Range] = {
+    "max_steps": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
+    "checkpoints_total_limit": AT_LEAST_1, "log_every": AT_LEAST_1, "ema_decay": DECAY,
+    "data.batch_size": AT_LEAST_1, "data.num_workers": NON_NEGATIVE, "data.caption_dropout": FRACTION,
+    "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.betas": DECAY, "optim.eps": POSITIVE,
+    "optim.warmup_steps": NON_NEGATIVE, "optim.grad_clip": POSITIVE,
+    "objective.num_train_timesteps": AT_LEAST_1, "objective.beta_start": Range(0, 1, True, True),
+    "objective.beta_end": Range(0, 1, True, True), "objective.min_snr_gamma": POSITIVE,
+    "objective.noise_shift": POSITIVE, "objective.x0_sigma_floor": POSITIVE, "objective.vlb_weight": NON_NEGATIVE,
+    "objective.logit_normal_std": POSITIVE, "objective.distill_eps_weight": NON_NEGATIVE,
+    "objective.distill_var_weight": NON_NEGATIVE, "objective.lcm.guidance_scale": NON_NEGATIVE,
+    "objective.lcm.guidance_range": NON_NEGATIVE, "objective.lcm.num_ddim_timesteps": AT_LEAST_1,
+    "objective.lcm.timestep_scaling": POSITIVE, "objective.lcm.huber_c": POSITIVE, "objective.lcm.target_ema": DECAY,
+    "validation.every": NON_NEGATIVE, "validation.steps": AT_LEAST_1, "validation.guidance_scale": NON_NEGATIVE,
+    "validation.height": AT_LEAST_1, "validation.width": AT_LEAST_1,
+    "model.lora_rank": AT_LEAST_1, "model.lora_alpha": POSITIVE, "controlnet.num_blocks": AT_LEAST_1,
+    "masking.ratio": DECAY, "masking.unmasked_steps": NON_NEGATIVE,
+}  # fmt: skip
+
+#: Allowed values of string keys.
+CHOICES: dict[str, tuple] = {
+    "optim.schedule": ("constant", "cosine"),
+    "objective.x0_weighting": ("v", "uniform"),
+    "objective.distill": (None, "hybrid", "lcm"),
+    "objective.lcm.loss": ("huber", "l2"),
+    "mixed_precision": ("no", "fp16", "bf16", "fp8"),
+}
+
+
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check every key of :data:`RANGES` and :data:`CHOICES` (and keys that exclude each other); returns ``config``
+    or raises a ConfigError naming the key, the value and what is allowed."""
+    for key, allowed in RANGES.items():
+        value = _lookup(config, key)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(allowed.admits(v) for v in values):
+            raise ConfigError(f"config.{key}: {value!r} is out of range; it must be {allowed}.")
+    for key, options in CHOICES.items():
+        value = _lookup(config, key)
+        if value not in options:
+            listed = ", ".join(repr(o) for o in options)
+            raise ConfigError(f"config.{key}: {value!r} is not one of {listed}.")
+    if config.overwrite and config.resume:
+        raise ConfigError(
+            f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."
+        )
+    return config
 
 
 def to_yaml(config: TrainConfig) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from dit.text_padding import trimmed_text_length
@@ -30,6 +30,20 @@ OPTIONAL_KEYS = ("control_latent",)  # passed through when a shard has them (Con
 NULL_CAPTION_FILE = "null_caption.safetensors"  # the empty caption's features, beside the shards
 
 
+class ShardError(ValueError):
+    """A feature shard that cannot be read (truncated or corrupt); the message names the file and the cause."""
+
+
+def _open_shard(file: Path):
+    """``safe_open`` of a shard, with errors that name it."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ShardError(
+            f"Feature shard {file}: {error} (a truncated or corrupt file); extract it again or move it away."
+        ) from error
+
+
 class FeatureDataset(Dataset):
     """Samples from a folder of feature shards (``*.safetensors``), loaded lazily shard by shard."""
 
@@ -39,7 +53,7 @@ class FeatureDataset(Dataset):
             raise FileNotFoundError(f"No feature shards (*.safetensors) in {path!r}; run `dit extract` first.")
         self.lengths, self.sizes = [], []
         for file in self.files:
-            with safe_open(file, framework="pt") as f:
+            with _open_shard(file) as f:
                 missing = [k for k in REQUIRED_KEYS if k not in f.keys()]
                 if missing:
                     raise KeyError(f"Feature shard {file} lacks {', '.join(missing)}.")
@@ -71,8 +85,11 @@ class FeatureDataset(Dataset):
 
     def _shard(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._cache:
-            with safe_open(self.files[index], framework="pt") as f:
-                self._cache[index] = {k: f.get_tensor(k) for k in f.keys()}
+            with _open_shard(self.files[index]) as f:
+                try:
+                    self._cache[index] = {k: f.get_tensor(k) for k in f.keys()}
+                except SafetensorError as error:
+                    raise ShardError(f"Feature shard {self.files[index]}: {error} (a corrupt file).") from error
         return self._cache[index]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

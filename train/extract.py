@@ -2,63 +2,165 @@
 
 Training can then run from these features without loading T5 or the VAE, as PixArt trains. Images go to the
 nearest PixArt aspect-ratio bin of the chosen resolution (resized to cover, centre-cropped), so each shard holds
-one bucket. Broken samples are skipped and counted; more than ``max_broken_fraction`` of a batch is an error.
-With several processes (``accelerate launch``) each process encodes every n-th sample and writes its own shards.
+one bucket; resolutions without PixArt bins (256/512/1024/2048 px) use the nearest bin set scaled to them.
+With ``--control silhouette|edges|FOLDER`` each shard also holds the ControlNet control latents
+(``control_latent``), computed from each image or read from FOLDER (one control image per image, same file name).
+
+Nothing is lost to a crash or a bad sample:
+
+* shards are written as the run goes, every ``--shard-size`` samples of a bucket (the remainder at the end), each
+  under a temporary name and then renamed; after each shard, the process's progress file
+  ``extract_progress-p{rank}.json`` (written atomically) lists the shards and the record indices they hold;
+* re-running into the same ``--out`` resumes: records already in listed shards are skipped, and shards that no
+  progress file lists (a crash between rename and progress) are deleted and redone. ``extract_config.json``
+  records the settings; resuming with another pipeline, resolution, max_length, bucketing, control, source or data
+  is an error naming the difference;
+* a broken sample (unreadable or missing image, no caption field, a malformed ``metadata.jsonl`` line, a missing
+  control image) is skipped alone and listed with its reason (and metadata line) in
+  ``extract_report-p{rank}.json``. An empty caption is a valid unconditional sample (``--skip-empty-captions``
+  drops those instead).
+
+Under ``accelerate launch`` (``-m dit.train.extract`` or ``dit extract``) process ``rank`` of ``world`` takes the
+records whose index is ``rank`` modulo ``world`` and writes its own shards (``HxW-p{rank}-NNNNN.safetensors``),
+progress file and report.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from collections.abc import Sequence
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import NULL_CAPTION_FILE
-from .sources import BrokenSample, open_source
+from .extract_progress import (
+    CONFIG_FILE,
+    ExtractError,
+    Progress,
+    check_settings,
+    finished_shards,
+    read_json,
+    remove_unfinished,
+    save_atomically,
+    to_ranges,
+    write_text_atomically,
+)
+from .sources import SOURCES, BrokenSample, Record, open_source
 
 PIXART_BIN_RESOLUTIONS = (256, 512, 1024, 2048)
+REPORT_FILE = "extract_report-p{rank}.json"
+CONTROL_KINDS = ("silhouette", "edges")  # controls computed from each image (train.controlnet.control_from_image)
+PRINTED_BROKEN = 20  # broken samples printed per process; the report lists all
 
 
-def bucket_of(width: int, height: int, resolution: int, bucketing: bool = True) -> tuple[int, int]:
-    """(height, width) of the PixArt aspect-ratio bin nearest to the image, or a square of ``resolution``."""
+# ---------------------------------------------------------------- sizes
+
+
+@functools.lru_cache
+def aspect_ratio_bins(resolution: int, multiple: int) -> dict[str, list[int]]:
+    """PixArt's aspect-ratio bins for ``resolution`` px; another resolution gets the nearest bin set scaled to it.
+    Sides are rounded to multiples of ``multiple`` (VAE factor x patch size)."""
+    from dit.pipelines.resolution import ASPECT_RATIO_BINS, nearest_multiple
+
+    base = min(ASPECT_RATIO_BINS, key=lambda r: abs(math.log(resolution / r)))
+    scale = resolution / base
+    return {
+        ratio: [nearest_multiple(h * scale, multiple), nearest_multiple(w * scale, multiple)]
+        for ratio, (h, w) in ASPECT_RATIO_BINS[base].items()
+    }
+
+
+def bucket_of(width: int, height: int, resolution: int, bucketing: bool = True, multiple: int = 16) -> tuple[int, int]:
+    """(height, width) of the aspect-ratio bin nearest to the image (:func:`aspect_ratio_bins`), or a square of
+    ``resolution`` without bucketing."""
     if not bucketing:
         return resolution, resolution
-    if resolution not in PIXART_BIN_RESOLUTIONS:
-        raise ValueError(
-            f"Aspect-ratio bins exist for {PIXART_BIN_RESOLUTIONS}; got {resolution} (or disable bucketing)."
-        )
     from diffusers.image_processor import PixArtImageProcessor
 
-    from dit.pipelines.resolution import ASPECT_RATIO_BINS
+    bins = aspect_ratio_bins(resolution, multiple)
+    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
 
-    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_BINS[resolution])
+
+def size_multiple(pipeline: Path) -> tuple[int, int]:
+    """(VAE downsampling factor, patch size) of a pipeline folder, from its configs (patch size 2 when the folder
+    has no transformer): image sides must be multiples of their product."""
+    vae = read_json(pipeline / "vae" / "config.json")
+    transformer = read_json(pipeline / "transformer" / "config.json") or {}
+    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1) if vae else 8
+    return factor, int(transformer.get("patch_size") or 2)
 
 
-def image_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Resize to cover ``height x width``, centre-crop, and scale to [-1, 1]: (3, H, W)."""
+def check_resolution(resolution: int, factor: int, patch: int, bucketing: bool) -> str | None:
+    """An :class:`ExtractError` for a resolution the model cannot take; a note when the bins are scaled."""
+    multiple = factor * patch
+    if resolution < multiple or (not bucketing and resolution % multiple):
+        lower = max(multiple, resolution // multiple * multiple)
+        raise ExtractError(
+            f"--resolution {resolution} does not divide into patches: use a multiple of {multiple} (VAE factor "
+            f"{factor} x patch size {patch}), e.g. {lower} or {lower + multiple}."
+            + ("" if bucketing else f" With bucketing (no --no-bucketing) any resolution from {multiple} works.")
+        )
+    if bucketing and resolution not in PIXART_BIN_RESOLUTIONS:
+        base = min(PIXART_BIN_RESOLUTIONS, key=lambda r: abs(math.log(resolution / r)))
+        return (
+            f"PixArt's aspect-ratio bins exist for {', '.join(map(str, PIXART_BIN_RESOLUTIONS))} px; --resolution "
+            f"{resolution} uses the {base} px bins scaled to {resolution} px (sides multiples of {multiple}); "
+            f"--no-bucketing gives square {resolution}x{resolution} crops instead."
+        )
+    return None
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def cover_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """Resize to cover ``height x width`` and centre-crop: (H, W, 3) uint8."""
     scale = max(height / image.height, width / image.width)
     resized = image.resize(
         (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
     )
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    array = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return np.asarray(resized.crop((left, top, left + width, top + height)))  # (H, W, 3)
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Resize to cover ``height x width``, centre-crop, and scale to [-1, 1]: (3, H, W)."""
+    return pixels_to_tensor(cover_crop(image, height, width))
+
+
+# ---------------------------------------------------------------- shards
 
 
 class FeatureWriter:
-    """Encodes batches with the VAE and T5 and writes shards of at most ``shard_size`` samples per bucket."""
+    """Encodes batches with the VAE and T5 and writes shards of one bucket each.
+
+    A bucket's shard is written once it holds ``shard_size`` samples or more (a batch is never split), the rest at
+    :meth:`flush`, under a temporary name and then renamed. When :meth:`add` gets the samples' record indices
+    (ascending, as the shard's rows), the shard's metadata holds them (``record_indices``, :func:`to_ranges`) and
+    ``on_shard(name, indices)`` is called after the rename.
+    """
 
     def __init__(self, out: Path, tokenizer, text_encoder, vae, max_length: int, shard_size: int, rank: int):
         self.out, self.tokenizer, self.text_encoder, self.vae = out, tokenizer, text_encoder, vae
         self.max_length, self.shard_size, self.rank = max_length, shard_size, rank
         self.pending: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {}
-        self.shards = 0
+        self.indices: dict[tuple[int, int], list[int]] = {}
+        self.shards = 0  # the number of the next shard file
+        self.on_shard = None
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +172,13 @@ class FeatureWriter:
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
         return embeds.float().cpu(), tokens.attention_mask.long()
 
+    def pending_count(self, bucket: tuple[int, int]) -> int:
+        """Samples of ``bucket`` encoded but not yet in a shard."""
+        return sum(len(x) for x in self.pending.get(bucket, {}).get("text_mask", []))
+
     @torch.no_grad()
-    def add(self, bucket: tuple[int, int], images: torch.Tensor, captions: list[str]) -> None:
+    def add(self, bucket: tuple[int, int], images: torch.Tensor, captions: list[str], indices=None) -> None:
+        """Encode images (B, 3, H, W) in [-1, 1] and their captions into ``bucket``'s next shard."""
         posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         factor = self.vae.config.scaling_factor
         embeds, mask = self.encode_text(captions)
@@ -82,22 +189,109 @@ class FeatureWriter:
         parts["latent_std"].append(posterior.std.float().cpu() * factor)
         parts["text_embeds"].append(embeds)
         parts["text_mask"].append(mask)
-        if sum(len(x) for x in parts["text_mask"]) >= self.shard_size:
+        if indices is not None:
+            self.indices.setdefault(bucket, []).extend(indices)
+        if self.pending_count(bucket) >= self.shard_size:
             self.flush(bucket)
 
     def write_null_caption(self) -> None:
         """The empty caption's features, which caption dropout substitutes when the model has no null caption."""
         embeds, mask = self.encode_text([""])
-        save_file({"text_embeds": embeds[0], "text_mask": mask[0]}, self.out / NULL_CAPTION_FILE)
+        save_atomically({"text_embeds": embeds[0], "text_mask": mask[0]}, self.out / NULL_CAPTION_FILE)
 
     def flush(self, bucket: tuple[int, int] | None = None) -> None:
+        """Write ``bucket``'s pending samples (all buckets' without one) as shards."""
         for key in [bucket] if bucket is not None else list(self.pending):
-            parts = self.pending.pop(key, None)
+            parts, indices = self.pending.pop(key, None), self.indices.pop(key, None)
             if parts and parts["text_mask"]:
                 tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
                 name = f"{key[0]}x{key[1]}-p{self.rank}-{self.shards:05d}.safetensors"
-                save_file(tensors, self.out / name)
+                metadata = {"record_indices": json.dumps(to_ranges(indices))} if indices else None
+                save_atomically(tensors, self.out / name, metadata)
                 self.shards += 1
+                if indices and self.on_shard is not None:
+                    self.on_shard(name, indices)
+
+
+# ---------------------------------------------------------------- resumable state
+
+
+# ---------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """A record ready to encode: its pixels (and control pixels) cropped to its bucket."""
+
+    index: int
+    bucket: tuple[int, int]  # (height, width) in pixels
+    image: torch.Tensor  # (3, H, W) in [-1, 1]
+    caption: str
+    control: torch.Tensor | None  # (3, H, W) in [-1, 1]
+
+
+@dataclass
+class SampleSpec:
+    """How a record becomes a :class:`Sample`: size, control and whether empty captions are skipped."""
+
+    resolution: int
+    bucketing: bool
+    multiple: int
+    control: str | None = None
+    skip_empty_captions: bool = False
+
+    def prepare(self, record: Record) -> Sample:
+        """The record's sample; :class:`BrokenSample` with the reason when it cannot be used."""
+        image, caption = record.load()
+        if not caption and self.skip_empty_captions:
+            raise BrokenSample("empty caption (--skip-empty-captions)")
+        bucket = bucket_of(image.width, image.height, self.resolution, self.bucketing, self.multiple)
+        pixels = cover_crop(image, *bucket)
+        control = None if self.control is None else pixels_to_tensor(self._control(record, image, pixels, bucket))
+        return Sample(record.index, bucket, pixels_to_tensor(pixels), caption, control)
+
+    def _control(self, record: Record, image: Image.Image, pixels: np.ndarray, bucket) -> np.ndarray:
+        from .controlnet import control_from_image, load_control_image
+
+        if self.control in CONTROL_KINDS:
+            return control_from_image(pixels, self.control)
+        return cover_crop(load_control_image(Path(self.control), record.name, image.size), *bucket)
+
+
+class Batcher:
+    """Collects samples per bucket and encodes them in batches of ``batch_size`` that never cross a shard
+    boundary, so that every shard holds exactly ``shard_size`` samples (the last of each bucket fewer)."""
+
+    def __init__(self, writer: FeatureWriter, batch_size: int):
+        self.writer, self.batch_size = writer, batch_size
+        self.waiting: dict[tuple[int, int], list[Sample]] = {}
+        self.count = 0
+
+    def put(self, sample: Sample) -> None:
+        """Queue a sample; encode its bucket's queue once it fills a batch or the current shard."""
+        waiting = self.waiting.setdefault(sample.bucket, [])
+        waiting.append(sample)
+        room = self.writer.shard_size - self.writer.pending_count(sample.bucket)
+        if len(waiting) >= min(self.batch_size, room):
+            self._encode(sample.bucket)
+
+    def finish(self) -> None:
+        """Encode what waits and write every bucket's remainder as a shard."""
+        for bucket in list(self.waiting):
+            self._encode(bucket)
+        self.writer.flush()
+
+    def _encode(self, bucket: tuple[int, int]) -> None:
+        samples = self.waiting.pop(bucket, [])
+        if not samples:
+            return
+        controls = () if samples[0].control is None else (torch.stack([s.control for s in samples]),)
+        images, captions = torch.stack([s.image for s in samples]), [s.caption for s in samples]
+        self.writer.add(bucket, images, captions, *controls, indices=[s.index for s in samples])
+        self.count += len(samples)
+
+
+# ---------------------------------------------------------------- the run
 
 
 def load_encoders(pipeline: str | Path, device: torch.device) -> tuple:
@@ -112,85 +306,159 @@ def load_encoders(pipeline: str | Path, device: torch.device) -> tuple:
     return tokenizer, text_encoder, vae
 
 
+def _check_arguments(source: str, path: Path, pipeline: Path, control: str | None, **counts: int) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ExtractError(f"--{name.replace('_', '-')} {value!r}: it must be a positive integer.")
+    if source not in SOURCES:
+        raise ExtractError(f"Unknown --source {source!r}; choose one of {', '.join(SOURCES)}.")
+    if not path.exists():
+        raise ExtractError(f"The data {path} does not exist.")
+    missing = [part for part in ("tokenizer", "text_encoder", "vae") if not (pipeline / part).is_dir()]
+    if missing:
+        raise ExtractError(f"--pipeline {pipeline} lacks {', '.join(missing)}/: give a diffusers pipeline folder.")
+    if control is not None and control not in CONTROL_KINDS and not Path(control).is_dir():
+        raise ExtractError(f"--control {control}: neither {' nor '.join(CONTROL_KINDS)}, nor a folder of images.")
+
+
+def _report_broken(report: dict, record: Record, err: BrokenSample) -> None:
+    entry = {"index": record.index, "key": record.key, "line": record.line, "reason": str(err)}
+    report["broken_samples"].append({k: v for k, v in entry.items() if v is not None})
+    report["broken"] += 1
+    if report["broken"] <= PRINTED_BROKEN:
+        where = f"metadata.jsonl line {record.line}, " if record.line else ""
+        tqdm.write(f"skipped broken sample {record.key} ({where}record {record.index}): {err}")
+
+
+def _run(records: Iterator[Record], done: set[int], spec: SampleSpec, batcher: Batcher, report: dict, bar) -> None:
+    for record in tqdm(records, desc="extract", unit=" images", disable=not bar):
+        report["records"] += 1
+        if record.index in done:
+            report["resumed"] += 1
+            continue
+        try:
+            sample = spec.prepare(record)
+        except BrokenSample as err:
+            _report_broken(report, record, err)
+            continue
+        size = f"{sample.bucket[0]}x{sample.bucket[1]}"
+        report["buckets"][size] = report["buckets"].get(size, 0) + 1
+        report["empty_captions"] += not sample.caption
+        batcher.put(sample)
+    batcher.finish()
+    report["written"] = batcher.count
+
+
+def _control_writer() -> type[FeatureWriter]:
+    from .controlnet import ControlFeatureWriter  # here: train.controlnet imports this module
+
+    return ControlFeatureWriter
+
+
+def _resume(out: Path, rank: int, world: int, main: bool) -> tuple[Progress, set[int]]:
+    """This process's progress, and the records already in finished shards (of every process); deletes this
+    process's unfinished shards (the main process also those of ranks beyond the world size)."""
+    shards = finished_shards(out)
+    removed = remove_unfinished(out, set(shards), lambda r: r == rank or (main and r >= world))
+    if removed:
+        print(f"Removed {len(removed)} unfinished shard file(s) of an interrupted run: {', '.join(removed)}")
+    return Progress(out, rank), {i for indices in shards.values() for i in indices}
+
+
 def extract(
     source: str,
-    path: str,
-    pipeline: str,
-    out: str,
+    path: str | Path,
+    pipeline: str | Path,
+    out: str | Path,
     resolution: int = 256,
     max_length: int = 120,
     batch_size: int = 8,
     shard_size: int = 1024,
-    max_broken_fraction: float = 0.5,
     bucketing: bool = True,
+    control: str | None = None,
+    skip_empty_captions: bool = False,
 ) -> dict:
-    """Extract features from ``path`` (a ``source``) with the tokenizer, T5 and VAE of a pipeline folder."""
+    """Extract features from ``path`` (a ``source``) with the tokenizer, T5 and VAE of a pipeline folder into
+    ``out``, resuming a run that stopped there (see the module docstring); returns this process's report.
+
+    Args:
+        control: ``"silhouette"`` or ``"edges"`` (computed from each image), or a folder with one control image
+            per image under the same file name: the shards then hold ``control_latent`` for ControlNet training.
+        skip_empty_captions: treat empty captions as broken instead of keeping them as unconditional samples.
+    """
     from accelerate import PartialState
 
-    state = PartialState()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = FeatureWriter(
-        out_dir, *load_encoders(pipeline, state.device), max_length, shard_size, state.process_index
-    )
-    report = {"records": 0, "written": 0, "broken": 0, "broken_samples": [], "buckets": {}}
-    records = [r for i, r in enumerate(open_source(source, path)) if i % state.num_processes == state.process_index]
-    waiting: dict[tuple[int, int], list[tuple[torch.Tensor, str]]] = {}
-    for start in tqdm(range(0, len(records), batch_size), disable=not state.is_main_process, desc="extract"):
-        chunk, broken = records[start : start + batch_size], []
-        for record in chunk:
-            try:
-                image, caption = record.load()
-            except BrokenSample as err:
-                broken.append(str(err))
-                continue
-            bucket = bucket_of(image.width, image.height, resolution, bucketing)
-            waiting.setdefault(bucket, []).append((image_tensor(image, *bucket), caption))
-            report["buckets"][f"{bucket[0]}x{bucket[1]}"] = report["buckets"].get(f"{bucket[0]}x{bucket[1]}", 0) + 1
-        report["records"] += len(chunk)
-        report["broken"] += len(broken)
-        report["broken_samples"] += broken[: max(0, 100 - len(report["broken_samples"]))]
-        if len(broken) > max_broken_fraction * len(chunk):
-            raise RuntimeError(
-                f"{len(broken)} of {len(chunk)} samples in a batch are broken (limit {max_broken_fraction:.0%}): "
-                + "; ".join(broken[:5])
-            )
-        for bucket, items in list(waiting.items()):
-            if len(items) >= batch_size:
-                _encode(writer, bucket, items)
-                report["written"] += len(items)
-                waiting[bucket] = []
-    for bucket, items in waiting.items():
-        if items:
-            _encode(writer, bucket, items)
-            report["written"] += len(items)
-    writer.flush()
-    if state.is_main_process:
+    out, path, pipeline = Path(out), Path(path), Path(pipeline)
+    _check_arguments(source, path, pipeline, control, resolution=resolution, max_length=max_length,
+                     batch_size=batch_size, shard_size=shard_size)  # fmt: skip
+    control = control if control is None or control in CONTROL_KINDS else str(Path(control).resolve())
+    settings = {"pipeline": str(pipeline.resolve()), "resolution": resolution, "max_length": max_length,
+                "source": source, "data": str(path.resolve()), "bucketing": bucketing, "control": control}  # fmt: skip
+    check_settings(out, settings)
+    factor, patch = size_multiple(pipeline)
+    note = check_resolution(resolution, factor, patch, bucketing)
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU: several processes run over gloo
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2))
+        if note:
+            print(note)
+    progress, done = _resume(out, rank, world, main)
+    writer_class = FeatureWriter if control is None else _control_writer()
+    writer = writer_class(out, *load_encoders(pipeline, state.device), max_length, shard_size, rank)
+    writer.shards, writer.on_shard = progress.next_number(), progress.add
+    if main:
         writer.write_null_caption()
-    (out_dir / f"extract_report-p{state.process_index}.json").write_text(json.dumps(report, indent=2))
+    report = {"rank": rank, "world_size": world, "records": 0, "resumed": 0, "written": 0, "broken": 0,
+              "empty_captions": 0, "buckets": {}, "broken_samples": []}  # fmt: skip
+    records = (r for r in open_source(source, path) if r.index % world == rank)
+    spec = SampleSpec(resolution, bucketing, factor * patch, control, skip_empty_captions)
+    _run(records, done, spec, Batcher(writer, batch_size), report, bar=main)
+    write_text_atomically(out / REPORT_FILE.format(rank=rank), json.dumps(report, indent=2))
     return report
 
 
-def _encode(writer: FeatureWriter, bucket, items) -> None:
-    writer.add(bucket, torch.stack([image for image, _ in items]), [caption for _, caption in items])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dit extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("data", help="image folder, tar shards folder, or saved HF dataset")
+    parser.add_argument("--source", default="imagefolder", choices=list(SOURCES))
+    parser.add_argument("--pipeline", required=True, help="pipeline folder with tokenizer/, text_encoder/ and vae/")
+    parser.add_argument("--out", required=True, help="output folder for the feature shards (re-run to resume)")
+    parser.add_argument("--resolution", type=int, default=256, help="training side in pixels (default 256)")
+    parser.add_argument("--max-length", type=int, default=120, help="T5 tokens per caption (default 120)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=1024, help="samples per shard; a crash loses at most one")
+    parser.add_argument("--no-bucketing", action="store_true", help="square centre crops instead of PixArt's bins")
+    parser.add_argument("--control", metavar="silhouette|edges|FOLDER",
+                        help="also write ControlNet control latents: computed from each image (objects on a plain "
+                        "background), or read from FOLDER (one control image per image, same file name)")  # fmt: skip
+    parser.add_argument("--skip-empty-captions", action="store_true",
+                        help="skip samples with an empty caption (default: keep them as unconditional samples)")  # fmt: skip
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dit extract", description=__doc__)
-    parser.add_argument("data", help="image folder, tar shards folder, or saved HF dataset")
-    parser.add_argument("--source", default="imagefolder", choices=["imagefolder", "webdataset", "hf"])
-    parser.add_argument("--pipeline", required=True, help="pipeline folder with tokenizer/, text_encoder/ and vae/")
-    parser.add_argument("--out", required=True, help="output folder for the feature shards")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--max-length", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=1024)
-    parser.add_argument("--max-broken-fraction", type=float, default=0.5)
-    parser.add_argument("--no-bucketing", action="store_true", help="square centre crops instead of PixArt's bins")
-    args = parser.parse_args(argv)
-    report = extract(
-        args.source, args.data, args.pipeline, args.out, args.resolution, args.max_length, args.batch_size,
-        args.shard_size, args.max_broken_fraction, not args.no_bucketing,
-    )  # fmt: skip
-    print(f"{report['written']} samples written, {report['broken']} broken skipped, buckets {report['buckets']}")
+    """``dit extract`` / ``python -m dit.train.extract`` (also under ``accelerate launch``); 2 on a bad value."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = extract(
+            args.source, args.data, args.pipeline, args.out, args.resolution, args.max_length, args.batch_size,
+            args.shard_size, not args.no_bucketing, args.control, args.skip_empty_captions,
+        )  # fmt: skip
+    except (ExtractError, FileNotFoundError) as err:
+        print(f"dit extract: error: {err}", file=sys.stderr)
+        return 2
+    file = Path(args.out) / REPORT_FILE.format(rank=report["rank"])
+    print(
+        f"dit extract (rank {report['rank']} of {report['world_size']}): {report['written']} samples written, "
+        f"{report['resumed']} already in shards, {report['broken']} broken skipped, buckets {report['buckets']} "
+        f"(report: {file})"
+    )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -21,7 +24,7 @@ from dit.models.base import compile_repeated_blocks
 from dit.text_padding import trimmed_text_length
 
 from . import checkpointing
-from .config import ConfigError, TrainConfig, to_yaml
+from .config import ConfigError, TrainConfig, to_yaml, validate
 from .data import (
     NULL_CAPTION_FILE,
     BatchPlan,
@@ -32,95 +35,24 @@ from .data import (
     padding_mask,
 )
 from .ema import EMA, is_sharded
+from .engine import _check_engine, _tracker
 from .masking import build_masking
+from .model_setup import OBJECTIVE_OF, _prediction_of, _teacher, build_model, recorded_prediction, save_model
 from .objectives import build_objective
-from .validation import Validator
+from .run_outputs import save_lcm_folder, save_pipeline
+from .step_inputs import _micro_conditions, _to_device, _with_caption, sample_draws
+from .validation import Validator, resolve_validation_pipeline
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last finished checkpoint is left as it was."""
 
 
-def build_model(config: TrainConfig) -> torch.nn.Module:
-    """The backbone named by ``model.cls`` (a class of :mod:`dit`), from ``model.pretrained`` or ``model.kwargs``."""
-    import dit
-
-    cls = getattr(dit, config.model.cls, None)
-    if cls is None or not isinstance(cls, type):
-        raise ConfigError(f"model.cls: {config.model.cls!r} is not a backbone class of dit.")
-    if config.model.pretrained and config.model.inherit_from:
-        raise ConfigError("model.pretrained and model.inherit_from exclude each other; set one.")
-    if config.model.pretrained:
-        model = cls.from_pretrained(config.model.pretrained)
-    elif config.model.inherit_from:
-        model = cls.from_pixart(config.model.inherit_from, **config.model.kwargs)
-    else:
-        model = cls(**config.model.kwargs)
-    if config.model.lora_rank:
-        add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
-    if config.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if config.controlnet.enabled:  # the base frozen, a ControlNet adapter on it trains
-        from .controlnet import controlnet_model
-
-        model = controlnet_model(model, config)
-    return model.train()
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> None:
-    """Freeze ``model`` and add a trainable peft LoRA (Gaussian A, zero B: the model is unchanged at first)."""
-    try:
-        from peft import LoraConfig
-    except ImportError as error:
-        raise ConfigError("model.lora_rank needs peft: pip install 'dit-toolkit[lora]'.") from error
-    model.requires_grad_(False)
-    lora = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights="gaussian")
-    model.add_adapter(lora)
-
-
-def save_model(model: torch.nn.Module, folder: Path) -> None:
-    """A diffusers folder of the model, or of its LoRA alone (``pytorch_lora_weights.safetensors``) when it has one."""
-    if getattr(model, "peft_config", None):
-        model.save_lora_adapter(folder)
-    else:
-        model.save_pretrained(folder)
-
-
-def _teacher(path: str | None, device: torch.device) -> torch.nn.Module | None:
-    """The frozen distillation teacher (a PixArt transformer or pipeline folder), or None."""
-    if not path:
-        return None
-    from dit.models.base import as_pixart_model
-
-    return as_pixart_model(path).to(device).eval().requires_grad_(False)
-
-
-def sample_draws(
-    seed: int, micro_step: int, positions: list[int], latent_shape, device, token_mask: bool = False
-) -> dict[str, torch.Tensor]:
-    """Per-sample randomness from a generator keyed by (seed, micro-step, position in the global batch).
-
-    Independent of the process count and of where a run was resumed, which makes both exact. ``token_mask`` adds
-    ``mask``, an (H, W) grid of uniforms per sample for token masking (drawn last, so the other draws stay the same).
-    """
-    draws = {name: [] for name in ("noise", "eps", "uniform", "coin", "guidance", "mask")}
-    for position in positions:
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 65_537 + position)
-        draws["noise"].append(torch.randn(latent_shape, generator=gen))
-        draws["eps"].append(torch.randn(latent_shape, generator=gen))
-        draws["uniform"].append(torch.rand((), generator=gen))
-        draws["coin"].append(torch.rand((), generator=gen))
-        draws["guidance"].append(torch.rand((), generator=gen))
-        if token_mask:
-            draws["mask"].append(torch.rand(latent_shape[-2:], generator=gen))
-    return {name: torch.stack(values).to(device, non_blocking=True) for name, values in draws.items() if values}
-
-
 class Trainer:
     """Trains a backbone from a :class:`TrainConfig`; ``train()`` returns the logged loss of every step."""
 
     def __init__(self, config: TrainConfig):
-        self.config = config
+        self.config = validate(config)
         self.root = Path(config.output_dir)
         # cpu=True without CUDA: several processes (torchrun or `accelerate launch --multi_gpu`) then run
         # accelerate's MULTI_CPU mode over gloo; accelerate's own `--cpu` launcher starts one process unless MPI.
@@ -130,14 +62,43 @@ class Trainer:
             log_with=_tracker(config.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.root), logging_dir=str(self.root / "logs")),
         )
-        if self.accelerator.log_with:
-            self.accelerator.init_trackers("dit")
+        self.lock = self._claim_output_dir()
+        weakref.finalize(self, self.lock.release)  # a Trainer dropped without train() frees its output_dir too
+        try:
+            self._setup(config)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim_output_dir(self) -> checkpointing.RunLock:
+        """The main process locks ``output_dir`` and refuses (or, with ``overwrite``, clears) a previous run; every
+        process raises the same error when it fails."""
+        lock, outcome = checkpointing.RunLock(self.root), [None]
+        if self.accelerator.is_main_process:
+            try:
+                lock.acquire()
+                checkpointing.prepare_output_dir(self.root, self.config.resume, self.config.overwrite)
+            except (ConfigError, checkpointing.RunLocked, OSError) as error:
+                lock.release()
+                outcome = [error]
+        broadcast_object_list(outcome)
+        if outcome[0] is not None:
+            raise outcome[0]
+        return lock
+
+    def release(self) -> None:
+        """Free ``output_dir`` for another run (``train`` does at its end, and on any error)."""
+        self.lock.release()
+
+    def _setup(self, config: TrainConfig) -> None:
         set_seed(config.seed)  # the initial weights; every later draw comes from sample_draws
         self.model = build_model(config)
+        resolve_validation_pipeline(config)
         if config.compile:
             # regional and in place: parameter names (EMA, checkpoints) stay; a graph break is an error
             compile_repeated_blocks(self.model, fullgraph=True, backend=config.compile_backend)
         self.objective = build_objective(config.objective)
+        self._check_base_objective()
         self.teacher = _teacher(config.objective.distill_teacher, self.accelerator.device)
         self.masking = build_masking(config, self.model, self.objective)
         if config.data.source != "features":
@@ -146,6 +107,7 @@ class Trainer:
                 "with `dit extract DATA --source imagefolder|webdataset|hf --pipeline P --out D`, then data.path=D."
             )
         self.dataset = FeatureDataset(config.data.path)
+        self._check_latent_channels()
         if config.data.mixed_sizes:
             check_mixed_sizes(config, self.model, self.objective)
         world = self.accelerator.num_processes
@@ -180,6 +142,39 @@ class Trainer:
         if config.validation.every:
             self.validator = Validator(config.validation, self.root, self.objective.sampling_scheduler())
         self.step = 0
+        if self.accelerator.log_with:  # last: a setup error leaves no logs behind
+            self.accelerator.init_trackers("dit")
+
+    def _check_latent_channels(self) -> None:
+        """The feature shards' latent channels must be the model's ``in_channels``."""
+        expected = getattr(self.model.config, "in_channels", None)
+        found = sorted({size[0] for size in self.dataset.sizes})
+        if expected is not None and found != [expected]:
+            raise ConfigError(
+                f"data.path={self.config.data.path!r}: the features have {', '.join(map(str, found))} latent "
+                f"channels, but {self.config.model.cls} takes in_channels={expected}. Use features extracted with a "
+                f"VAE of {expected} latent channels, or set model.kwargs.in_channels (and out_channels) to match."
+            )
+
+    def _check_base_objective(self) -> None:
+        """The objective should train what ``model.pretrained`` was trained to predict (as its pipeline folder's
+        scheduler records it): an error for a frozen base (ControlNet), a warning when fine-tuning."""
+        recorded = recorded_prediction(self.config.model.pretrained) if self.config.model.pretrained else None
+        if recorded is None:
+            return
+        sampler = self.objective.sampling_scheduler()
+        ours = _prediction_of(type(sampler).__name__, sampler.config.get("prediction_type"))
+        if recorded[0] == ours:
+            return
+        name, base = self.config.objective.name, self.config.model.pretrained
+        message = (
+            f"objective.name={name} trains prediction_type={ours!r}, but the base model.pretrained={base} was "
+            f"trained for prediction_type={recorded[0]!r} ({recorded[1]}); objective.name="
+            f"{OBJECTIVE_OF.get(recorded[0], '?')} trains that"
+        )
+        if self.config.controlnet.enabled:
+            raise ConfigError(f"{message}. A ControlNet adapter on a frozen base must train the base's objective.")
+        warnings.warn(f"{message}; fine-tuning to another objective has to unlearn the base's first.", stacklevel=4)
 
     # ----- setup --------------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -335,9 +330,18 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """``save_state`` plus diffusers folders of the model and its EMA, written atomically."""
+        """``save_state`` plus diffusers folders of the model and its EMA, written atomically. A full disk removes the
+        half-written folder and raises :class:`~dit.train.checkpointing.NoSpaceLeft` (the last checkpoint stays)."""
+        tmp = checkpointing.temporary_path(self.root, self.step, clear=self.accelerator.is_main_process)
+        try:
+            return self._write_checkpoint(tmp)
+        except Exception as error:
+            if not checkpointing.is_disk_full(error):
+                raise
+            raise checkpointing.no_space(self.root, tmp, self.step) from error
+
+    def _write_checkpoint(self, tmp: Path) -> Path:
         acc = self.accelerator
-        tmp = checkpointing.temporary_path(self.root, self.step, clear=acc.is_main_process)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         # save_state ends without a barrier: every process must have written its RNG state into tmp before the main
@@ -353,8 +357,9 @@ class Trainer:
                 if self.ema is not None:
                     with self.ema.swapped_in(model):
                         save_model(model, tmp / "model_ema")
-            (tmp / "config.yaml").write_text(to_yaml(self.config))
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            # overwrite was done at the start; the saved config resumes (resume and overwrite exclude each other)
+            (tmp / "config.yaml").write_text(to_yaml(dataclasses.replace(self.config, overwrite=False)))
+            checkpointing.write_trainer_state(tmp, self.root, self.step)
             final = checkpointing.publish(self.root, tmp, self.step, self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
         return final or checkpointing.checkpoint_dir(self.root) / f"checkpoint-{self.step}"
@@ -376,13 +381,44 @@ class Trainer:
         if self.twin is not None:
             self.twin.to("meta")  # drops the gathered weights
 
-    def resume(self, resume: str) -> None:
-        path = checkpointing.resolve(resume, self.root)
-        self.accelerator.load_state(str(path / "state"))
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+    def resume(self, resume: str) -> Path:
+        """Load a checkpoint (a path, or ``latest``) and continue from its step. ``latest`` falls back to the newest
+        checkpoint that loads, with a warning naming each one skipped and why; returns the one loaded."""
+        candidates, skipped = checkpointing.resume_candidates(resume, self.root)
+        for path in candidates:
+            try:
+                self.step = self._load_checkpoint(path)
+            except checkpointing.CheckpointError as error:
+                if resume != checkpointing.LATEST:
+                    raise
+                skipped.append(str(error))
+                continue
+            if skipped:
+                warnings.warn(f"resume=latest skipped {'; '.join(skipped)}; resuming from {path}.", stacklevel=4)
+            return path
+        folder = checkpointing.checkpoint_dir(self.root)
+        raise FileNotFoundError(f"resume=latest: {'; '.join(skipped)}; no checkpoint in {folder} loads.")
+
+    def _load_checkpoint(self, path: Path) -> int:
+        step = checkpointing.verify(path)
+        try:
+            self.accelerator.load_state(str(path / "state"))
+        except Exception as error:  # reported with the folder; an older checkpoint may load
+            raise checkpointing.CheckpointError(f"{path / 'state'}: {type(error).__name__}: {error}") from error
+        return step
 
     # ----- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[float]:
+        """Train to ``max_steps`` (from ``resume`` when set), then write ``output_dir/pipeline``; returns the logged
+        loss of every step. ``output_dir`` is locked until it returns or raises."""
+        if self.accelerator.is_main_process and not self.lock.held:
+            self.lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def _train(self) -> list[float]:
         cfg, acc = self.config, self.accelerator
         if cfg.resume:
             self.resume(cfg.resume)
@@ -392,16 +428,17 @@ class Trainer:
         history: list[float] = []
         if acc.is_main_process:
             checkpointing.checkpoint_dir(self.root).mkdir(parents=True, exist_ok=True)
-        log = (self.root / "metrics.jsonl").open("a") if acc.is_main_process else None
-        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+            checkpointing.truncate_metrics(self.root, self.step)  # the steps a resume repeats are logged again
+        log = (self.root / checkpointing.METRICS).open("a") if acc.is_main_process else None
+        world, batch = acc.num_processes, cfg.data.batch_size * acc.num_processes * accumulate
+        scale = {"world_size": world, "global_batch": batch}  # in the first record this run writes
+        desc = f"train ({world} process{'es' if world > 1 else ''}, global batch {batch})"
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=desc)
         started = time.perf_counter()
         while self.step < cfg.max_steps:
             loss, grad_norm = self._optimizer_step(batches, accumulate)
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"Loss is {loss} at step {self.step + 1}; stopping. The last finished checkpoint in "
-                    f"{checkpointing.checkpoint_dir(self.root)} is intact (resume=latest)."
-                )
+                raise TrainingDiverged(f"Loss is {loss} at step {self.step + 1}; stopping. {self._last_checkpoint()}")
             self.step += 1
             if self.ema is not None:
                 self.ema.update(acc.unwrap_model(self.model))
@@ -413,7 +450,8 @@ class Trainer:
             progress.update()
             if log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "steps_per_s": rate, **self._model_stats()}  # fmt: skip
+                          "grad_norm": grad_norm, "steps_per_s": rate, **self._model_stats(), **scale}  # fmt: skip
+                scale = {}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 acc.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=self.step)
@@ -426,8 +464,18 @@ class Trainer:
             log.close()
         if cfg.objective.distill == "lcm" and acc.is_main_process:
             self.save_lcm_folder()
+        if acc.is_main_process:
+            self.save_pipeline()
         acc.end_training()
         return history
+
+    def _last_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, in words."""
+        latest = checkpointing.latest_name(self.root)
+        if latest is None:
+            return "No checkpoint was finished yet: nothing to resume from (start again with overwrite=true)."
+        path = checkpointing.checkpoint_dir(self.root) / latest
+        return f"The last finished checkpoint, {path}, is intact (resume=latest)."
 
     def _model_stats(self) -> dict[str, float]:
         """Extra figures to log: the masked share of the last step, and expert utilisation of MoE models."""
@@ -439,17 +487,13 @@ class Trainer:
             stats.update({f"moe_{key}": value for key, value in routing().items()})
         return stats
 
-    def save_lcm_folder(self) -> Path:
-        """``output_dir/lcm``: the distilled student (EMA weights when kept) as an LCM folder for
-        ``dit.pipelines.load_lcm`` / ``dit generate --lcm-folder``, with its consistency scheduler."""
-        from dit.pipelines.lcm import save_lcm
+    def save_pipeline(self) -> Path | None:
+        """``output_dir/pipeline`` (see :func:`dit.train.run_outputs.save_pipeline`)."""
+        return save_pipeline(self)
 
-        lcm = self.config.objective.lcm
-        model = self.accelerator.unwrap_model(self.model)
-        guidance = lcm.guidance_scale if lcm.guidance_range is not None else 1.0  # fixed: guidance distilled in
-        context = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
-        with context:
-            return save_lcm(self.root / "lcm", model, self.objective.sampling_scheduler(), guidance_scale=guidance)
+    def save_lcm_folder(self) -> Path:
+        """``output_dir/lcm`` (see :func:`dit.train.run_outputs.save_lcm_folder`)."""
+        return save_lcm_folder(self)
 
     def validate(self) -> Path | None:
         """Sample the validation prompts with the EMA weights (when kept); main process only."""
@@ -463,76 +507,3 @@ class Trainer:
         if "tensorboard" in [t.name for t in acc.trackers]:
             acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, self.step, dataformats="HWC")
         return path
-
-
-def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
-    """Whether the model will be sharded (FSDP2); refuses what the sharded engines cannot run, and gives DeepSpeed
-    the per-process batch size that no prepared dataloader tells it."""
-    kind = accelerator.distributed_type
-    sharded = getattr(accelerator, "is_fsdp2", False)
-    if kind == DistributedType.FSDP and not sharded:
-        raise ConfigError("FSDP version 1 is not supported; set fsdp_version: 2 (configs/accelerate/fsdp2.yaml).")
-    if sharded and config.validation.every:
-        raise ConfigError(
-            "validation.every: sampling runs on the main process alone, which an FSDP2-sharded model cannot; set "
-            "validation.every=0 and sample the checkpoints' model_ema folders."
-        )
-    if sharded and config.objective.distill == "lcm":
-        raise ConfigError(
-            "objective.distill=lcm: the target network and the lcm folder need the whole student on one process; "
-            "run LCM distillation with DDP (configs/accelerate/multi_gpu.yaml)."
-        )
-    if kind == DistributedType.DEEPSPEED:
-        if config.gradient_accumulation_steps != 1:
-            raise ConfigError(
-                "gradient_accumulation_steps: under DeepSpeed the engine steps inside backward; keep it at 1 (and "
-                "gradient_accumulation_steps: 1 in the accelerate config's deepspeed_config)."
-            )
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
-    return sharded
-
-
-def _tracker(report_to: str) -> str | None:
-    """accelerate's ``log_with``: TensorBoard when asked for and installed (else metrics.jsonl only)."""
-    if report_to in ("none", "", None):
-        return None
-    if report_to != "tensorboard":
-        raise ConfigError(f"report_to: {report_to!r} is not supported; use 'tensorboard' or 'none'.")
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        import warnings
-
-        warnings.warn(
-            "report_to=tensorboard but tensorboard is not installed; logging to metrics.jsonl only.", stacklevel=3
-        )
-        return None
-    return "tensorboard"
-
-
-def _to_device(caption: tuple | None, device: torch.device) -> tuple | None:
-    """A ``(features, mask or None)`` caption on ``device`` (once, at setup: no step copies it)."""
-    return None if caption is None else tuple(None if t is None else t.to(device) for t in caption)
-
-
-def _with_caption(text, mask, caption, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``text``/``mask`` (B, L, C)/(B, L) with ``caption`` = (L0 >= L, C) features and an (L0,) mask or None (keep
-    the prompt's mask) substituted where ``where`` (B,) is true. The batch's text was trimmed to ``L`` on the host
-    (:func:`~dit.text_padding.trim_text_padding`); the caption is cut to match, which is exact when its mask keeps
-    no token past ``L`` (an empty caption keeps one) and, with no mask of its own, always."""
-    null_text, null_mask = caption
-    length = text.shape[1]
-    text = torch.where(where[:, None, None], null_text[:length].to(text.dtype), text)
-    if null_mask is not None:
-        mask = torch.where(where[:, None], null_mask[:length].to(mask.dtype), mask)
-    return text, mask
-
-
-def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """PixArt-α micro-conditions from the latent size (image pixels = latent x 8)."""
-    if not getattr(model, "use_additional_conditions", False):
-        return {"resolution": None, "aspect_ratio": None}
-    batch, height, width = latents.shape[0], latents.shape[-2] * 8, latents.shape[-1] * 8
-    like = {"dtype": latents.dtype, "device": latents.device}  # filled on the device: no host-to-device copy
-    resolution = torch.cat([torch.full((batch, 1), height, **like), torch.full((batch, 1), width, **like)], dim=1)
-    return {"resolution": resolution, "aspect_ratio": torch.full((batch, 1), height / width, **like)}

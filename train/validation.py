@@ -1,14 +1,22 @@
-"""Validation sampling during training: fixed prompts and seed, a PNG grid per run, TensorBoard images."""
+"""Validation sampling during training (fixed prompts and seed, a PNG grid per run, TensorBoard images), and the
+run's pipeline folder, with the tokenizer, text encoder and VAE the features were extracted with."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import ValidationConfig
+from .config import ConfigError, TrainConfig, ValidationConfig
+
+EXTRACT_CONFIG = "extract_config.json"  # beside the shards: {"pipeline": the folder `dit extract` encoded with}
+ENCODERS = ("tokenizer", "text_encoder", "vae")
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
@@ -27,9 +35,9 @@ class Validator:
 
     def __init__(self, config: ValidationConfig, output_dir: Path, scheduler=None):
         if not config.prompts:
-            raise ValueError("validation.every > 0 needs validation.prompts.")
+            raise ConfigError("validation.every > 0 needs validation.prompts.")
         if config.pipeline is None:
-            raise ValueError(
+            raise ConfigError(
                 "validation.every > 0 needs validation.pipeline (a folder with tokenizer, text_encoder, vae)."
             )
         self.config, self.folder = config, Path(output_dir) / "validation"
@@ -64,3 +72,105 @@ class Validator:
         path = self.folder / f"step-{step:07d}.png"
         grid.save(path)
         return path, np.asarray(grid)
+
+
+# ----- where the encoders come from -------------------------------------------------------------------------------
+def extracted_with(data_path: str | Path) -> Path | None:
+    """The pipeline folder the features in ``data_path`` were extracted with, as ``dit extract`` records it in
+    ``extract_config.json``; None when there is no record (or it names a folder without the encoders)."""
+    record = Path(data_path) / EXTRACT_CONFIG
+    if not record.is_file():
+        return None
+    try:
+        folder = Path(json.loads(record.read_text())["pipeline"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{record}: no readable 'pipeline' entry ({error!r}); extract the features again."
+        ) from error
+    if not has_encoders(folder):
+        warnings.warn(
+            f"{record} names {folder}, which has no {', '.join(ENCODERS)} (moved?); ignoring it.", stacklevel=2
+        )
+        return None
+    return folder
+
+
+def has_encoders(folder: str | Path) -> bool:
+    return all((Path(folder) / name).is_dir() for name in ENCODERS)
+
+
+def resolve_validation_pipeline(config: TrainConfig) -> None:
+    """With ``validation.every``, fill ``validation.pipeline`` from the features' record when unset; check that a
+    pipeline given has the encoders (the run's pipeline folder links them too); a ConfigError says how to fix it."""
+    cfg = config.validation
+    if cfg.every and cfg.pipeline is None:
+        cfg.pipeline = str(folder) if (folder := extracted_with(config.data.path)) else None
+    if cfg.every and cfg.pipeline is None:
+        raise ConfigError(
+            f"validation.every={cfg.every} samples with the tokenizer, text encoder and VAE the features were "
+            "extracted with: set validation.pipeline=FOLDER (that pipeline), or validation.every=0. (Features that "
+            f"`dit extract` wrote name it in {Path(config.data.path) / EXTRACT_CONFIG}; these have none.)"
+        )
+    if cfg.pipeline is not None and not has_encoders(cfg.pipeline):
+        raise ConfigError(f"validation.pipeline={cfg.pipeline!r} has no {', '.join(ENCODERS)} folders.")
+
+
+# ----- the run's pipeline folder ----------------------------------------------------------------------------------
+def write_pipeline(
+    folder: Path, transformer, scheduler, sampling: tuple[int, float], source: Path | None
+) -> list[str]:
+    """Write a pipeline folder (``dit.microshapes.recipe.assemble``: the transformer, the scheduler and
+    ``sampling_defaults.json``) with the tokenizer, text encoder and VAE of ``source`` linked in (relative symlinks;
+    copies where links fail). Written under a temporary name, then renamed over the old one. Returns the components
+    it lacks (all three encoders when ``source`` is None)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dit.microshapes.recipe import assemble
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # not "self.vae=None cannot be saved": the encoders are linked next
+    try:
+        assemble(tmp, None, None, None, transformer, scheduler, sampling)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    missing = list(ENCODERS)
+    if source is not None:
+        _add_encoders(tmp, Path(source))
+        missing = []
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return missing
+
+
+def _add_encoders(folder: Path, source: Path) -> None:
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index.update(_encoder_entries(source))
+    for name in ENCODERS:
+        try:
+            os.symlink(os.path.relpath((source / name).resolve(), folder.resolve()), folder / name)
+        except OSError:  # no symlinks here (some Windows and network filesystems)
+            shutil.copytree(source / name, folder / name)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _encoder_entries(source: Path) -> dict[str, list[str]]:
+    """``model_index.json`` entries of the encoders: the source's own, or read from the folders' configs (a bare
+    encoders folder, as the MicroShapes recipe writes)."""
+    index_file = source / "model_index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        if all(isinstance(index.get(name), list) and None not in index[name] for name in ENCODERS):
+            return {name: index[name] for name in ENCODERS}
+    from transformers import AutoTokenizer
+
+    text_config = json.loads((source / "text_encoder" / "config.json").read_text())
+    vae_config = json.loads((source / "vae" / "config.json").read_text())
+    return {
+        "tokenizer": ["transformers", type(AutoTokenizer.from_pretrained(source / "tokenizer")).__name__],
+        "text_encoder": ["transformers", text_config["architectures"][0]],
+        "vae": ["diffusers", vae_config["_class_name"]],
+    }

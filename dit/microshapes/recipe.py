@@ -1,6 +1,9 @@
 """The MicroShapes recipe: data, autoencoder, features, DiT training, and the assembled pipeline folder.
 
-    python -m dit.microshapes.recipe --out runs/microshapes [--config configs/microshapes.yaml] [--device cuda]
+    python -m dit.microshapes.recipe --out runs/microshapes [--config FILE] [--device cuda]
+
+The default config is the shipped ``configs/microshapes.yaml`` (package data: :data:`DEFAULT_CONFIG`), found from
+any working directory.
 
 Every stage runs on a 2-core CPU (45 minutes) or on one GPU (``--device``; CUDA when available): the world is
 rendered in memory, a small ``AutoencoderKL`` (2x down, 8 latent channels) is trained on it, a 2-layer T5 encoder
@@ -22,6 +25,7 @@ import json
 import math
 import random
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +303,7 @@ def _run(
     paths = [
         f"data.path={root / 'features'}",
         f"output_dir={root / 'train'}",
+        "overwrite=true",  # the recipe remakes its whole --out folder; the trainer says so in one line
         f"validation.pipeline={root / 'encoders'}",
     ]
     trainer = Trainer(load_config(config_path, [*paths, *overrides]))
@@ -320,17 +325,21 @@ def _run(
     return report
 
 
-def main() -> None:
+#: The recipe's training config as installed with the package (``configs/microshapes.yaml`` in the repository).
+DEFAULT_CONFIG = str(files("dit.configs") / "microshapes.yaml")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/microshapes")
-    parser.add_argument("--config", default="configs/microshapes.yaml")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config (default: the shipped one)")
     parser.add_argument("--images", type=int, default=N_IMAGES)
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     parser.add_argument("--reuse-encoders", action="store_true", help="keep an earlier run's data, VAE and features")
     parser.add_argument("--device", help="where the stages compute (default: cuda when available, else cpu)")
     parser.add_argument("--ship", action="store_true", help="replace the package's default model with the result")
     parser.add_argument("overrides", nargs="*", help="trainer key=value overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report = run(args.out, args.config, args.images, args.vae_steps, args.overrides, args.reuse_encoders, args.device)
     print(json.dumps(report, indent=2))
     if args.ship:

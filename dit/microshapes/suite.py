@@ -41,12 +41,17 @@ def evaluate(
     n: int = 60,
     batch_size: int = 10,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Score ``generate(prompts, seed) -> (H, W, 3) uint8 images`` on the suite.
 
     Returns per-attribute accuracy on one-object prompts, whole-prompt accuracy per group and time per image.
+    ``progress`` shows a tqdm bar over the prompts on stderr (``dit eval`` does, unless ``--no-progress``).
     """
+    from tqdm.auto import tqdm
+
     suite, report, started, images_made = prompt_suite(n), {}, time.perf_counter(), 0
+    bar = tqdm(total=sum(map(len, suite.values())), desc="prompts", unit="prompt", disable=not progress)
     for group, scenes in suite.items():
         results = []
         for start in range(0, len(scenes), batch_size):
@@ -54,11 +59,13 @@ def evaluate(
             images = generate([caption(s) for s in batch], seed + start)
             results += [score(image, scene) for image, scene in zip(images, batch)]
             images_made += len(batch)
+            bar.update(len(batch))
         report[group] = {"n": len(results), "prompt_accuracy": float(np.mean([r["prompt"] for r in results]))}
         if group == "one_object":
             report[group]["attribute_accuracy"] = {a: float(np.mean([r[a] for r in results])) for a in ATTRIBUTES}
         if group == "two_object":
             report[group]["relation_accuracy"] = float(np.mean([r["relation"] for r in results]))
+    bar.close()
     report["seconds_per_image"] = (time.perf_counter() - started) / images_made
     return report
 

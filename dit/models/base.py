@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -118,6 +119,24 @@ class BackboneMixin:
 
     # ----- strict, safe I/O --------------------------------------------------------------------------
     @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' ``ConfigMixin.extract_init_dict``, strict: a config field this class does not take is an error
+        naming it (diffusers would log it and build the model without it).
+
+        Tolerated as diffusers does: private keys (``_class_name``, ``_diffusers_version``, ``_name_or_path``, ...)
+        and, for a folder saved by another diffusers class (``_class_name: Transformer2DModel``), that class's own
+        fields, which diffusers drops before this check.
+        """
+        init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        unknown = sorted(key for key in unused if key in config_dict and not key.startswith("_"))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown config field(s) {unknown}. Remove them from config.json, or load the folder "
+                f"with the class that wrote it (its _class_name: {config_dict.get('_class_name', '?')!r})."
+            )
+        return init_dict, unused, hidden
+
+    @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path, *args, strict: bool = True, allow_pickle: bool = False, **kwargs
     ):
@@ -140,6 +159,43 @@ class BackboneMixin:
         if not safe_serialization:
             raise ValueError("This toolkit writes safetensors only; safe_serialization=False is not supported.")
         super().save_pretrained(save_directory, *args, safe_serialization=True, **kwargs)
+
+
+def check_positive_ints(optional: bool = False, **fields) -> None:
+    """Raise a ValueError naming the first field that is not a positive int (None allowed when ``optional``).
+
+    Config values come from JSON and YAML, where ``"four"``, ``2.0`` or ``true`` would otherwise fail deep inside a
+    layer constructor (or silently mean something else)."""
+    for name, value in fields.items():
+        if value is None and optional:
+            continue
+        if not is_positive_int(value):
+            raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}.")
+
+
+def check_kv_compression(ratio, layers, num_layers: int) -> None:
+    """``kv_compress_ratio``: None (no compression) or an int >= 2; ``kv_compress_layers``: None (the deep half) or
+    block indices in ``range(num_layers)``."""
+    if ratio is not None and not (is_positive_int(ratio) and ratio >= 2):
+        raise ValueError(
+            f"kv_compress_ratio must be None (no compression) or an int >= 2, got {ratio!r} (the key/value stride)."
+        )
+    if layers is None:
+        return
+    if not isinstance(layers, (list, tuple)) or not all(_is_index(i, num_layers) for i in layers):
+        raise ValueError(
+            f"kv_compress_layers must be None (the deep half) or a list of block indices from 0 to {num_layers - 1}, "
+            f"got {layers!r}."
+        )
+
+
+def is_positive_int(value) -> bool:
+    """An int >= 1 that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _is_index(value, size: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < size
 
 
 def as_pixart_model(source):

@@ -10,6 +10,7 @@ copies the first 13 blocks (positions 0..12); slimmer adapters keep fewer positi
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -208,6 +209,8 @@ def _check_backbone(transformer: nn.Module) -> None:
 
 
 def _check_positions(positions: Sequence[int], num_layers: int) -> list[int]:
+    if isinstance(positions, (str, bytes)) or not all(_is_int(p) for p in positions):
+        raise ValueError(f"ControlNet positions must be ints, got {list(positions)!r}.")
     positions = [int(p) for p in positions]
     if not positions:
         raise ValueError("A ControlNet adapter needs at least one block (num_blocks >= 1 or a non-empty positions).")
@@ -219,6 +222,10 @@ def _check_positions(positions: Sequence[int], num_layers: int) -> list[int]:
             f"block p feeds base block p + 1); this base has {num_layers}."
         )
     return positions
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _materialise(adapter: ControlNetAdapter, state: dict, like: torch.Tensor) -> ControlNetAdapter:

@@ -22,7 +22,7 @@ from ..blocks import modulated_sublayers
 from ..embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
 from ..linear import Linear
 from ..packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
-from .base import BackboneMixin
+from .base import BackboneMixin, check_positive_ints, is_positive_int
 from .pixart_transformer import _check_control_size, _text_tokens
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]
@@ -211,6 +211,15 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         absolute_position: str = "none",
     ):
         super().__init__()
+        check_positive_ints(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
+            num_layers=num_layers, patch_size=patch_size, sample_size=sample_size,
+        )  # fmt: skip
+        check_positive_ints(
+            optional=True, out_channels=out_channels, max_tokens=max_tokens, caption_channels=caption_channels,
+            cross_attention_dim=cross_attention_dim, num_classes=num_classes, adaln_lora_dim=adaln_lora_dim,
+        )  # fmt: skip
+        _check_train_grid(train_grid)
         inner_dim = num_attention_heads * attention_head_dim
         _validate_config(attention_head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation)
         if absolute_position not in ("none", "fractional"):
@@ -474,6 +483,14 @@ def _as_sizes(image_sizes, batch: int) -> torch.Tensor:
     if sizes.shape != (batch, 2):
         raise ValueError(f"image_sizes must be (batch={batch}, 2) latent (height, width), got {tuple(sizes.shape)}.")
     return sizes.long()
+
+
+def _check_train_grid(train_grid) -> None:
+    """None, or the training grid (h, w) in patches: two positive ints."""
+    if train_grid is None:
+        return
+    if not isinstance(train_grid, (list, tuple)) or len(train_grid) != 2 or not all(map(is_positive_int, train_grid)):
+        raise ValueError(f"train_grid must be None or two positive ints (h, w), got {train_grid!r}.")
 
 
 def _validate_config(head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation) -> None:

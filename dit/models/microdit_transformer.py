@@ -4,6 +4,7 @@ MoE feed-forwards in every other block, and optional layer-wise width scaling, o
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from torch import nn
 from ..blocks import FeedForward, PixArtBlock
 from ..masking import gather_tokens
 from ..moe import ExpertChoiceFeedForward
+from .base import check_positive_ints
 from .pixart_transformer import PixArtTransformer
 
 __all__ = ["MicroDiTTransformer", "ModelMixin"]
@@ -131,10 +133,14 @@ def _linear_at(bounds, index: int, depth: int) -> float:
 
 
 def _validate(micro: dict) -> None:
-    if micro["patch_mixer_layers"] < 0:
-        raise ValueError(f"patch_mixer_layers must be >= 0, got {micro['patch_mixer_layers']}.")
-    if micro["experts_every_n"] < 1:
-        raise ValueError(f"experts_every_n must be >= 1, got {micro['experts_every_n']}.")
+    mixer = micro["patch_mixer_layers"]
+    if isinstance(mixer, bool) or not isinstance(mixer, numbers.Integral) or mixer < 0:
+        raise ValueError(f"patch_mixer_layers must be an int >= 0, got {mixer!r}.")
+    check_positive_ints(experts_every_n=micro["experts_every_n"])
+    check_positive_ints(optional=True, num_experts=micro["num_experts"])
+    capacity = micro["expert_capacity"]
+    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Real) or not capacity > 0:
+        raise ValueError(f"expert_capacity must be a number > 0, got {capacity!r}.")
     for name in ("attention_multipliers", "ffn_multipliers"):
         value = micro[name]
         if value is not None and (len(value) != 2 or min(value) <= 0):

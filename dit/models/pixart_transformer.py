@@ -20,7 +20,7 @@ from ..blocks import PixArtBlock
 from ..embeddings import CaptionProjection, PatchEmbed
 from ..masking import gather_tokens, scatter_tokens
 from ..normalization import AdaLayerNormSingle
-from .base import BackboneMixin
+from .base import BackboneMixin, check_kv_compression, check_positive_ints
 
 __all__ = ["ModelMixin", "PixArtTransformer"]
 
@@ -59,7 +59,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         caption_channels: width of the text-encoder features (None: no caption projection).
         attention_type: must be ``default``.
         null_caption_length: tokens of the learned null caption ``y_embedding`` (None: none kept).
-        kv_compress_ratio: PixArt-Σ key/value compression stride of the self-attention (None: off).
+        kv_compress_ratio: PixArt-Σ key/value compression stride of the self-attention, an int >= 2 (None: off).
         kv_compress_mode: ``conv`` (depthwise conv + LayerNorm, PixArt-Σ), ``avg`` or ``uniform``.
         kv_compress_layers: blocks that compress (None: the deep half, as PixArt-Σ).
         self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
@@ -109,6 +109,17 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
+        check_positive_ints(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
+            num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
+        )  # fmt: skip
+        check_positive_ints(
+            optional=True, out_channels=out_channels, cross_attention_dim=cross_attention_dim,
+            caption_channels=caption_channels, num_embeds_ada_norm=num_embeds_ada_norm,
+            null_caption_length=null_caption_length, linear_attention_heads=linear_attention_heads,
+            attention_conv_kernel_size=attention_conv_kernel_size, time_cond_proj_dim=time_cond_proj_dim,
+        )  # fmt: skip
+        check_kv_compression(kv_compress_ratio, kv_compress_layers, num_layers)
         inner_dim = num_attention_heads * attention_head_dim
         _validate_config(
             norm_type,
@@ -173,7 +184,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         layers = cfg.kv_compress_layers
         if layers is None:
             layers = range(cfg.num_layers // 2, cfg.num_layers)
-        if cfg.kv_compress_ratio and index in layers:
+        if cfg.kv_compress_ratio is not None and index in layers:
             options.update(kv_compress_ratio=cfg.kv_compress_ratio, kv_compress_mode=cfg.kv_compress_mode)
         return options
 

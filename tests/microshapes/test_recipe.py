@@ -90,3 +90,15 @@ def test_tiny_run_places_every_model_on_the_device(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "recipe_report.json").read_text())["device"] == "cpu"
     index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
     assert {"tokenizer", "text_encoder", "vae", "transformer", "scheduler"} <= set(index)
+
+
+def test_the_shipped_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    """``python -m dit.microshapes.recipe`` outside the repository: the default config is package data."""
+    from pathlib import Path
+
+    from dit.train import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(recipe.DEFAULT_CONFIG).is_absolute() and Path(recipe.DEFAULT_CONFIG).is_file()
+    config = load_config(recipe.DEFAULT_CONFIG, ["data.path=x"])
+    assert config.model.kwargs["in_channels"] == 8 and config.objective.name == "x0"

@@ -1,0 +1,86 @@
+"""What a finished run leaves besides its checkpoints: ``output_dir/pipeline`` (a complete pipeline folder) and, for
+LCM distillation, ``output_dir/lcm``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import checkpointing
+from .validation import extracted_with, write_pipeline
+
+
+def save_pipeline(trainer) -> Path | None:
+    """``output_dir/pipeline``: a complete pipeline folder of the latest checkpoint's transformer (its EMA when
+    kept; a LoRA fused into its base), the objective's sampler, ``sampling_defaults.json`` (the validation
+    steps and guidance; an LCM student's few steps), and the encoders the features were extracted with
+    (``extract_config.json``, else ``validation.pipeline``). ControlNet runs and FSDP2 LoRA runs write none."""
+    transformer = _final_transformer(trainer)
+    if transformer is None:
+        return None
+    source = extracted_with(trainer.config.data.path) or trainer.config.validation.pipeline
+    folder = trainer.root / "pipeline"
+    missing = write_pipeline(
+        folder, transformer, trainer.objective.sampling_scheduler(), sampling_defaults(trainer.config), source
+    )
+    if missing:
+        warnings.warn(
+            f"{folder} has no {', '.join(missing)}: {Path(trainer.config.data.path) / 'extract_config.json'} is "
+            "missing and validation.pipeline is not set; add them with resume=latest validation.pipeline=FOLDER "
+            "(the pipeline the features were extracted with), or pass them to from_pretrained.",
+            stacklevel=4,
+        )
+    return folder
+
+
+def _final_transformer(trainer) -> torch.nn.Module | None:
+    import dit
+
+    if trainer.config.controlnet.enabled:
+        warnings.warn(
+            "ControlNet run: no output_dir/pipeline; sample the adapter (checkpoints/latest-checkpoint/model_ema "
+            "or model) on the base pipeline with dit.pipelines.ControlNetPipeline.",
+            stacklevel=5,
+        )
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(model, "peft_config", None):
+        if trainer.sharded:
+            warnings.warn(
+                "FSDP2 LoRA run: no output_dir/pipeline (fuse the checkpoint's LoRA into its base).", stacklevel=5
+            )
+            return None
+        context = trainer.ema.swapped_in(model) if trainer.ema is not None else contextlib.nullcontext()
+        with context:
+            fused = copy.deepcopy(model)
+        fused.fuse_lora()
+        fused.unload_lora()
+        return fused.eval()
+    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
+    weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
+    return getattr(dit, trainer.config.model.cls).from_pretrained(weights)
+
+
+def sampling_defaults(config) -> tuple[int, float]:
+    """(steps, guidance scale) recorded as the pipeline's sampling defaults."""
+    if config.objective.distill == "lcm":  # as save_lcm_folder: fixed guidance is distilled in
+        lcm = config.objective.lcm
+        return 4, (lcm.guidance_scale if lcm.guidance_range is not None else 1.0)
+    return config.validation.steps, config.validation.guidance_scale
+
+
+def save_lcm_folder(trainer) -> Path:
+    """``output_dir/lcm``: the distilled student (EMA weights when kept) as an LCM folder for
+    ``dit.pipelines.load_lcm`` / ``dit generate --lcm-folder``, with its consistency scheduler."""
+    from dit.pipelines.lcm import save_lcm
+
+    lcm = trainer.config.objective.lcm
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    guidance = lcm.guidance_scale if lcm.guidance_range is not None else 1.0  # fixed: guidance distilled in
+    context = trainer.ema.swapped_in(model) if trainer.ema is not None else contextlib.nullcontext()
+    with context:
+        return save_lcm(trainer.root / "lcm", model, trainer.objective.sampling_scheduler(), guidance_scale=guidance)
