@@ -18,15 +18,16 @@ def save_pipeline(trainer) -> Path | None:
     """``output_dir/pipeline``: a complete pipeline folder of the latest checkpoint's transformer (its EMA when
     kept; a LoRA fused into its base), the objective's sampler, ``sampling_defaults.json`` (the validation
     steps and guidance; an LCM student's few steps), and the encoders the features were extracted with
-    (``extract_config.json``, else ``validation.pipeline``). ControlNet runs and FSDP2 LoRA runs write none."""
+    (``extract_config.json``, else ``validation.pipeline``). A ControlNet run's folder is a ``ControlNetPipeline``:
+    the frozen base transformer with the trained adapter. FSDP2 LoRA runs write none."""
     transformer = _final_transformer(trainer)
     if transformer is None:
         return None
+    controlnet = _final_adapter(trainer) if trainer.config.controlnet.enabled else None
     source = extracted_with(trainer.config.data.path) or trainer.config.validation.pipeline
     folder = trainer.root / "pipeline"
-    missing = write_pipeline(
-        folder, transformer, trainer.objective.sampling_scheduler(), sampling_defaults(trainer.config), source
-    )
+    scheduler, sampling = trainer.objective.sampling_scheduler(), sampling_defaults(trainer.config)
+    missing = write_pipeline(folder, transformer, scheduler, sampling, source, controlnet=controlnet)
     if missing:
         warnings.warn(
             f"{folder} has no {', '.join(missing)}: {Path(trainer.config.data.path) / 'extract_config.json'} is "
@@ -40,14 +41,9 @@ def save_pipeline(trainer) -> Path | None:
 def _final_transformer(trainer) -> torch.nn.Module | None:
     import dit
 
-    if trainer.config.controlnet.enabled:
-        warnings.warn(
-            "ControlNet run: no output_dir/pipeline; sample the adapter (checkpoints/latest-checkpoint/model_ema "
-            "or model) on the base pipeline with dit.pipelines.ControlNetPipeline.",
-            stacklevel=5,
-        )
-        return None
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.config.controlnet.enabled:  # the frozen base (the adapter is the checkpoint's, _final_adapter)
+        return model.transformer
     if getattr(model, "peft_config", None):
         if trainer.sharded:
             warnings.warn(
@@ -63,6 +59,15 @@ def _final_transformer(trainer) -> torch.nn.Module | None:
     latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
     weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
     return getattr(dit, trainer.config.model.cls).from_pretrained(weights)
+
+
+def _final_adapter(trainer) -> torch.nn.Module:
+    """A ControlNet run's adapter from the latest checkpoint (its EMA when kept)."""
+    from dit.models.controlnet import ControlNetAdapter
+
+    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
+    weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
+    return ControlNetAdapter.from_pretrained(weights)
 
 
 def sampling_defaults(config) -> tuple[int, float]:

@@ -117,12 +117,13 @@ def resolve_validation_pipeline(config: TrainConfig) -> None:
 
 # ----- the run's pipeline folder ----------------------------------------------------------------------------------
 def write_pipeline(
-    folder: Path, transformer, scheduler, sampling: tuple[int, float], source: Path | None
+    folder: Path, transformer, scheduler, sampling: tuple[int, float], source: Path | None, controlnet=None
 ) -> list[str]:
     """Write a pipeline folder (``dit.microshapes.recipe.assemble``: the transformer, the scheduler and
-    ``sampling_defaults.json``) with the tokenizer, text encoder and VAE of ``source`` linked in (relative symlinks;
-    copies where links fail). Written under a temporary name, then renamed over the old one. Returns the components
-    it lacks (all three encoders when ``source`` is None)."""
+    ``sampling_defaults.json``; with ``controlnet``, a ``ControlNetPipeline`` holding that adapter too) with the
+    tokenizer, text encoder and VAE of ``source`` linked in (relative symlinks; copies where links fail). Written
+    under a temporary name, then renamed over the old one. Returns the components it lacks (all three encoders when
+    ``source`` is None)."""
     from diffusers.utils import logging as diffusers_logging
 
     from dit.microshapes.recipe import assemble
@@ -132,7 +133,10 @@ def write_pipeline(
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # not "self.vae=None cannot be saved": the encoders are linked next
     try:
-        assemble(tmp, None, None, None, transformer, scheduler, sampling)
+        if controlnet is None:
+            assemble(tmp, None, None, None, transformer, scheduler, sampling)
+        else:
+            _assemble_controlnet(tmp, transformer, controlnet, scheduler, sampling)
     finally:
         diffusers_logging.set_verbosity(level)
     missing = list(ENCODERS)
@@ -143,6 +147,16 @@ def write_pipeline(
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return missing
+
+
+def _assemble_controlnet(folder: Path, transformer, controlnet, scheduler, sampling: tuple[int, float]) -> None:
+    from dit.pipelines import ControlNetPipeline
+    from dit.pipelines.defaults import save_sampling_defaults
+
+    pipe = ControlNetPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                              scheduler=scheduler, controlnet=controlnet)  # fmt: skip
+    pipe.save_pretrained(folder)
+    save_sampling_defaults(folder, *sampling)
 
 
 def _add_encoders(folder: Path, source: Path) -> None:
