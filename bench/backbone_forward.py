@@ -50,8 +50,11 @@ def build(variant: str, layers: int, dtype: torch.dtype, device: str):
     return reference.to(device, dtype), ours.to(device, dtype), config
 
 
-def inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str, trimmed: bool = False) -> dict:
-    """One forward's inputs; ``trimmed``: the text as our pipeline passes it (padding cut to a 64-multiple)."""
+def inputs(
+    variant: str, size: int, batch: int, dtype: torch.dtype, device: str, trimmed: bool = False, width: int = 4096
+) -> dict:
+    """One forward's inputs, captions ``width`` wide; ``trimmed``: the text as our pipeline passes it (padding cut
+    to a 64-multiple)."""
     from dit.text_padding import trim_text_padding
 
     spec = VARIANTS[variant]
@@ -61,7 +64,7 @@ def inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str,
     mask[:, : spec["real_tokens"]] = 1
     kwargs = {
         "hidden_states": torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype),
-        "encoder_hidden_states": torch.randn(batch, spec["text_tokens"], 4096, generator=gen).to(device, dtype),
+        "encoder_hidden_states": torch.randn(batch, spec["text_tokens"], width, generator=gen).to(device, dtype),
         "encoder_attention_mask": mask.to(device),
         "timestep": torch.full((batch,), 500, device=device),
         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},

@@ -17,18 +17,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backbone_forward import VARIANTS, inputs  # noqa: E402
+from backbone_forward import XL as FORWARD_XL  # noqa: E402
 from common import alternate  # noqa: E402
 
-#: PixArt-XL-2 at 1024 px (α: micro-conditions, 120-token text; Σ: none, 300-token text).
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
-          sample_size=128, patch_size=2, caption_channels=4096, interpolation_scale=2, num_layers=28)  # fmt: skip
+#: PixArt-XL-2 at 1024 px, all 28 layers (α: micro-conditions, 120-token text; Σ: none, 300-token text).
+XL = {**FORWARD_XL, "num_layers": 28}
 #: The same shapes at toy width and depth, for ``--tiny`` (CPU, seconds).
 TINY = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, cross_attention_dim=48,
             sample_size=16, patch_size=2, caption_channels=32, interpolation_scale=1, num_layers=2)  # fmt: skip
-VARIANTS = {
-    "alpha": {"config": {"use_additional_conditions": True}, "text_tokens": 120, "real_tokens": 40},
-    "sigma": {"config": {"use_additional_conditions": False}, "text_tokens": 300, "real_tokens": 20},
-}
 
 
 def counted_flops(fn) -> int:
@@ -54,31 +51,9 @@ def _pair(config: dict, device: str, dtype: torch.dtype):
 
 def _inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str, channels: int) -> tuple[dict, dict]:
     """diffusers' inputs (the text padded as its pipeline passes it) and ours (trimmed as our pipeline trims it)."""
-    from dit.text_padding import trim_text_padding
-
-    spec, gen = VARIANTS[variant], torch.Generator().manual_seed(1)
-    mask = torch.zeros(batch, spec["text_tokens"], dtype=torch.long)
-    mask[:, : spec["real_tokens"]] = 1
-    text = torch.randn(batch, spec["text_tokens"], channels, generator=gen)
-    common = {
-        "hidden_states": torch.randn(batch, 4, size // 8, size // 8, generator=gen).to(device, dtype),
-        "timestep": torch.full((batch,), 500, device=device),
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-        "return_dict": False,
-    }
-    if spec["config"]["use_additional_conditions"]:
-        common["added_cond_kwargs"] = {
-            "resolution": torch.full((batch, 2), float(size), dtype=dtype, device=device),
-            "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device),
-        }
-    theirs = {**common, "encoder_hidden_states": text.to(device, dtype), "encoder_attention_mask": mask.to(device)}
-    short_text, short_mask = trim_text_padding(text, mask)
-    ours = {
-        **common,
-        "encoder_hidden_states": short_text.to(device, dtype),
-        "encoder_attention_mask": short_mask.to(device),
-    }
-    return theirs, ours
+    theirs = inputs(variant, size, batch, dtype, device, width=channels)
+    ours = inputs(variant, size, batch, dtype, device, trimmed=True, width=channels)
+    return {**theirs, "return_dict": False}, {**ours, "return_dict": False}
 
 
 def _calls(model, kwargs: dict, n: int):

@@ -32,18 +32,19 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
 def lerp_toward_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
     """``target += weight * (source - target)`` for every pair, as one fused multi-tensor op (``_foreach_lerp_``).
 
-    Sources are cast to their target's dtype when they differ (fp32 shadows of bf16 weights); a target on another
-    device than its source is an error that names both, never a silent copy.
+    Sources are cast to their target's dtype when they differ (fp32 shadows of bf16 weights); targets on another
+    device than their sources are an error that names both, never a silent copy. Targets and sources each share one
+    device and dtype (a model's trainable parameters and their shadows), so the first pair is checked.
     """
     if not targets:
         return
-    for target, source in zip(targets, sources):
-        if target.device != source.device:
-            raise RuntimeError(
-                f"An EMA tensor is on {target.device} and the parameter it follows on {source.device}; build the "
-                "EMA after the model is placed (accelerator.prepare) or move it with to()."
-            )
-    sources = [s.detach() if s.dtype == t.dtype else s.detach().to(t.dtype) for t, s in zip(targets, sources)]
+    if targets[0].device != sources[0].device:  # one device for all: a single check, not a loop per step
+        raise RuntimeError(
+            f"An EMA tensor is on {targets[0].device} and the parameter it follows on {sources[0].device}; build the "
+            "EMA after the model is placed (accelerator.prepare) or move it with to()."
+        )
+    if targets[0].dtype != sources[0].dtype:
+        sources = [s.to(t.dtype) for t, s in zip(targets, sources)]
     torch._foreach_lerp_(targets, sources, weight)
 
 

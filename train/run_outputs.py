@@ -56,8 +56,7 @@ def _final_transformer(trainer) -> torch.nn.Module | None:
         fused.fuse_lora()
         fused.unload_lora()
         return fused.eval()
-    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
-    weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
+    weights = _latest_weights(trainer)
     return getattr(dit, trainer.config.model.cls).from_pretrained(weights)
 
 
@@ -65,9 +64,14 @@ def _final_adapter(trainer) -> torch.nn.Module:
     """A ControlNet run's adapter from the latest checkpoint (its EMA when kept)."""
     from dit.models.controlnet import ControlNetAdapter
 
-    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
-    weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
+    weights = _latest_weights(trainer)
     return ControlNetAdapter.from_pretrained(weights)
+
+
+def _latest_weights(trainer) -> Path:
+    """The latest checkpoint's ``model_ema`` folder when an EMA was kept, else its ``model``."""
+    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
+    return latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
 
 
 def sampling_defaults(config) -> tuple[int, float]:
