@@ -26,8 +26,8 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # glibc's cached heap woul
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, alternate, machine, peak_bytes, write_json  # noqa: E402
 
-from dit.attention import DiTAttention  # noqa: E402
-from dit.blocks import PixArtBlock  # noqa: E402
+from dit.nn.attention import DiTAttention  # noqa: E402
+from dit.nn.blocks import PixArtBlock  # noqa: E402
 
 WIDTH, HEADS, TEXT = 1152, 16, 120  # PixArt-XL
 VARIANTS = {

@@ -55,7 +55,7 @@ def inputs(
 ) -> dict:
     """One forward's inputs, captions ``width`` wide; ``trimmed``: the text as our pipeline passes it (padding cut
     to a 64-multiple)."""
-    from dit.text_padding import trim_text_padding
+    from dit.nn.text_padding import trim_text_padding
 
     spec = VARIANTS[variant]
     gen = torch.Generator().manual_seed(1)

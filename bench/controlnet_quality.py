@@ -62,7 +62,7 @@ def write_features(pipe, out: Path, n_images: int, kind: str, seed: int = 0) -> 
     from dit.microshapes.control import control_image, image_size
     from dit.microshapes.recipe import to_tensor
     from dit.microshapes.world import paraphrase, random_scene, render
-    from dit.train.controlnet import ControlFeatureWriter
+    from dit.train.feature_writer import ControlFeatureWriter
 
     width, height = image_size(pipe)
     rng = random.Random(seed)

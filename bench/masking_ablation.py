@@ -95,7 +95,7 @@ def plan(step_s: dict[str, float], budget_s: float, finetune_share: float) -> di
 def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, n: int = 60) -> dict:
     """Train one arm (one thread), assemble its pipeline with the recipe's encoders, evaluate it."""
     import dit
-    from dit.microshapes.recipe import _load_encoders, assemble
+    from dit.microshapes.recipe import _load_encoders, assemble  # noqa: F401
     from dit.microshapes.suite import evaluate, pipeline_generator
     from dit.pipelines import TextToImagePipeline
     from dit.train import Trainer, load_config

@@ -15,9 +15,9 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_time
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..embeddings import guidance_scale_embedding
+from ..nn.embeddings import guidance_scale_embedding
 from ..models.base import compile_repeated_blocks
-from ..text_padding import trim_text_padding
+from ..nn.text_padding import trim_text_padding
 from .checks import (
     MAX_IMAGE_TOKENS,
     SamplingValueError,

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import PixArtTransformer2DModel
+from PIL import Image
+from safetensors.torch import save_file
 
 from dit import PixArtTransformer
+from dit.pipelines import TextToImagePipeline
 from dit.tiny import tiny_t5, tiny_tokenizer, tiny_vae  # noqa: F401  (re-exported for the tests)
+from dit.train.objectives import Objective
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"  # the tiny PixArt training config
 
 # α-1024-MS style: micro-conditions on (sample_size 128 would switch them on by default; set explicitly here)
 ALPHA = dict(
@@ -94,7 +109,7 @@ def variant_model(name: str) -> torch.nn.Module:
 def variant_inputs(name: str, device: torch.device | str = "cpu", text_length: int = 12, real: int = 7) -> dict:
     """Keyword inputs of one forward of ``name``: batch 2, a non-square 8x12 latent, text of ``text_length`` tokens
     of which ``real`` (and 3) are kept. Per-sample image sizes stay host data (a CPU tensor), as the trainer has them."""
-    from dit.masking import keep_indices_from_scores, kept_count
+    from dit.nn.masking import keep_indices_from_scores, kept_count
 
     gen = torch.Generator().manual_seed(1)
     mask = torch.zeros(2, text_length, dtype=torch.long)
@@ -121,3 +136,160 @@ def _to_device(value, device):
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+# ----- training, extraction and conversion helpers shared by several test modules -------------------------
+def make_features(folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: int = 6, width: int = 32) -> Path:
+    """Random feature shards, one per latent size, plus the empty caption's features."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(123)
+    for i, (h, w) in enumerate(sizes):
+        mask = torch.zeros(n, text_len, dtype=torch.long)
+        for j in range(n):
+            mask[j, : 1 + j % text_len] = 1
+        save_file(
+            {
+                "latent_mean": torch.randn(n, 4, h, w, generator=gen),
+                "latent_std": torch.rand(n, 4, h, w, generator=gen) * 0.1,
+                "text_embeds": torch.randn(n, text_len, width, generator=gen),
+                "text_mask": mask,
+            },
+            folder / f"shard-{i:03d}.safetensors",
+        )
+    empty = torch.zeros(text_len, dtype=torch.long)
+    empty[0] = 1
+    save_file(
+        {"text_embeds": torch.randn(text_len, width, generator=gen), "text_mask": empty},
+        folder / "null_caption.safetensors",
+    )
+    return folder
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch_two_processes(overrides: list[str], out: Path, port: int) -> list[float]:
+    """``accelerate launch`` of ``dit.train`` with two CPU processes over gloo (accelerate's ``--cpu`` launcher needs
+    MPI for several processes, so the torch.distributed launcher runs with accelerate's CPU mode), per-process batch
+    2; returns the run's logged losses."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "dit.train", "--config", str(TINY),
+           *overrides, "data.batch_size=2", f"output_dir={out}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(out)
+
+
+MICRODIT = [
+    "model.cls=MicroDiTTransformer", "model.kwargs.out_channels=4", "model.kwargs.patch_mixer_layers=1",
+    "model.kwargs.num_experts=2", "model.kwargs.num_layers=3", "masking.ratio=0.75", "masking.unmasked_steps=2", "max_steps=5",
+    "checkpoint_every=3", "ema_decay=null",
+]  # fmt: skip
+
+
+# a tiny FiT: 2x2 patches, 4x4-patch training grid, up to 48 tokens; latents 4 channels, text width 32
+FIT_KWARGS = (
+    "{num_attention_heads: 2, attention_head_dim: 8, in_channels: 4, num_layers: 2, patch_size: 2, sample_size: 8, "
+    "max_tokens: 48, caption_channels: 32}"
+)
+SIZES = ((8, 8), (4, 12), (12, 4), (6, 6))  # latent (h, w): square, wide, tall, small square
+
+
+CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle", "a cyan circle on the right"]
+
+
+def _png(color, size) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_tiny_pipeline(folder):
+    """A tiny pipeline folder (VAE factor 2, patch size 2: sizes are multiples of 4 px)."""
+    transformer = randomize_(PixArtTransformer(**SIGMA), std=0.05)
+    pipe = TextToImagePipeline(
+        tokenizer=tiny_tokenizer(), text_encoder=tiny_t5(), vae=tiny_vae(), transformer=transformer, scheduler=None
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _image_folder(root, broken=True):
+    root.mkdir()
+    rows = []
+    for i, caption in enumerate(CAPTIONS):
+        (root / f"{i}.png").write_bytes(_png((40 * i, 100, 200), (20 + 4 * i, 16)))
+        rows.append({"file_name": f"{i}.png", "text": caption})
+    if broken:
+        (root / "bad.png").write_bytes(b"not an image")
+        rows += [{"file_name": "bad.png", "text": "broken"}, {"file_name": "0.png", "text": ""}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
+    "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
+    "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
+    "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
+    "adaln_single.linear": "t_block.1",
+    "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+    "caption_projection.linear_2": "y_embedder.y_proj.fc2",
+    "proj_out": "final_layer.linear",
+}
+
+
+def original_state_dict(reference, null_length=12):
+    """The PixArt repository's layout: fused qkv and kv, `blocks.N`, a fixed pos_embed table, y_embedding."""
+    sd = reference.state_dict()
+    out = {"final_layer.scale_shift_table": sd["scale_shift_table"], "pos_embed": torch.zeros(1, 16, 24)}
+    out["y_embedder.y_embedding"] = torch.randn(null_length, reference.config.caption_channels)
+    for new, old in TOP.items():
+        for kind in ("weight", "bias"):
+            if f"{new}.{kind}" in sd:
+                out[f"{old}.{kind}"] = sd[f"{new}.{kind}"]
+    for i in range(reference.config.num_layers):
+        b = f"transformer_blocks.{i}."
+        out[f"blocks.{i}.scale_shift_table"] = sd[b + "scale_shift_table"]
+        for kind in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn1.to_{x}.{kind}"] for x in "qkv"])
+            out[f"blocks.{i}.attn.proj.{kind}"] = sd[f"{b}attn1.to_out.0.{kind}"]
+            out[f"blocks.{i}.cross_attn.q_linear.{kind}"] = sd[f"{b}attn2.to_q.{kind}"]
+            out[f"blocks.{i}.cross_attn.kv_linear.{kind}"] = torch.cat([sd[f"{b}attn2.to_{x}.{kind}"] for x in "kv"])
+            out[f"blocks.{i}.cross_attn.proj.{kind}"] = sd[f"{b}attn2.to_out.0.{kind}"]
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = sd[f"{b}ff.net.0.proj.{kind}"]
+            out[f"blocks.{i}.mlp.fc2.{kind}"] = sd[f"{b}ff.net.2.{kind}"]
+    return out
+
+
+def _objective_tensors(objective: Objective, prefix: str = "objective") -> dict[str, torch.Tensor]:
+    found = {}
+    for name, value in vars(objective).items():
+        if isinstance(value, torch.Tensor):
+            found[f"{prefix}.{name}"] = value
+        elif isinstance(value, Objective):
+            found.update(_objective_tensors(value, f"{prefix}.{name}"))
+    return found
+
+
+def state_beside_the_model(trainer) -> dict[str, torch.Tensor]:
+    """Every tensor the trainer keeps for its steps, by a readable name."""
+    state = dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
+    if trainer.ema is not None:
+        state.update({f"ema.{name}": t for name, t in trainer.ema.shadow.items()})
+    if trainer.target is not None:
+        state.update({f"target.{name}": t for name, t in trainer.target.module.state_dict().items()})
+    if trainer.teacher is not None:
+        state.update({f"teacher.{name}": t for name, t in trainer.teacher.state_dict().items()})
+    for label, caption in (("null_caption", trainer.null_caption), ("uncond_caption", trainer.uncond_caption)):
+        for i, tensor in enumerate(caption or ()):
+            if tensor is not None:
+                state[f"{label}.{i}"] = tensor
+    state.update(_objective_tensors(trainer.objective))
+    return state

@@ -12,20 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from dit.models.controlnet import ControlNetAdapter, block_controls
-from dit.pipelines.controlnet import encode_control
 
 from .config import ConfigError, TrainConfig
-from .extract import CONTROL_KINDS, FeatureWriter
-from .sources import IMAGE_SUFFIXES, BrokenSample
-
-CONTROL_KEY = "control_latent"  # the feature-shard key of the control latents (N, C, h, w)
-FOREGROUND_DISTANCE = 48.0  # RGB distance (0-255 scale) from the background colour at which a pixel is an object
+from .feature_writer import CONTROL_KEY
 
 
 class ControlledTransformer(nn.Module):
@@ -115,82 +108,3 @@ def _check_config(config: TrainConfig) -> None:
             "controlnet: validation sampling needs control images; set validation.every=0 and sample the "
             "checkpoint's adapter with dit.pipelines.ControlNetPipeline."
         )
-
-
-class ControlFeatureWriter(FeatureWriter):
-    """:class:`~dit.train.extract.FeatureWriter` that also writes each sample's control latent (``control_latent``).
-
-    ``add(bucket, images, captions, controls, indices=None)`` takes the control images (B, 3, H, W) in [-1, 1]
-    beside the images (and the samples' record indices, as :meth:`FeatureWriter.add`).
-    """
-
-    def add(
-        self,
-        bucket: tuple[int, int],
-        images: torch.Tensor,
-        captions: list[str],
-        controls: torch.Tensor,
-        indices: list[int] | None = None,
-    ) -> None:
-        if controls.shape[0] != images.shape[0] or controls.shape[-2:] != images.shape[-2:]:
-            raise ValueError(
-                f"controls {tuple(controls.shape)} must match images {tuple(images.shape)} in batch and size."
-            )
-        keys = ("latent_mean", "latent_std", "text_embeds", "text_mask", CONTROL_KEY)
-        parts = self.pending.setdefault(bucket, {k: [] for k in keys})
-        with torch.no_grad():
-            parts[CONTROL_KEY].append(encode_control(self.vae, controls).float().cpu())
-        super().add(bucket, images, captions, indices)  # appends the rest and writes the shard when it is full
-
-
-def foreground_mask(image: np.ndarray, threshold: float = FOREGROUND_DISTANCE) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) bool: pixels farther than ``threshold`` from the background colour, taken as the
-    median colour of the border pixels. Meant for objects on a plain background (MicroShapes, product shots); for
-    other images make the control images elsewhere and pass their folder (``dit extract --control FOLDER``)."""
-    pixels = image.astype(np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2H + 2W, 3)
-    return np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > threshold
-
-
-def mask_edges(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> (H, W) bool: mask pixels that touch a pixel outside it (4-neighbourhood; the image border is
-    outside), the rule of :func:`dit.microshapes.world.edges`."""
-    padded = np.pad(mask, 1, constant_values=False)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
-
-
-def control_from_image(image: np.ndarray, kind: str) -> np.ndarray:
-    """The ``kind`` control of an (H, W, 3) uint8 image as an (H, W, 3) uint8 image, white on black: its objects
-    (``silhouette``) or their outlines (``edges``), as the MicroShapes controls of the scene it shows."""
-    if kind not in CONTROL_KINDS:
-        raise ValueError(f"Unknown control kind {kind!r}; choose one of {', '.join(CONTROL_KINDS)} (or a folder).")
-    mask = foreground_mask(image)
-    if kind == "edges":
-        mask = mask_edges(mask)
-    return np.repeat(mask.astype(np.uint8)[:, :, None] * 255, 3, axis=2)
-
-
-def find_control_file(folder: Path, name: str) -> Path:
-    """The control image of the sample named ``name`` in ``folder``: the same file name, or the same name with
-    another image suffix (``a.jpg`` -> ``a.png``); :class:`BrokenSample` when there is none."""
-    exact = Path(folder) / name
-    if exact.is_file():
-        return exact
-    stem = exact.with_suffix("") if exact.suffix.lower() in IMAGE_SUFFIXES else exact
-    for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-        if stem.with_name(stem.name + suffix).is_file():
-            return stem.with_name(stem.name + suffix)
-    raise BrokenSample(f"no control image {exact} (nor {stem.name} with another image suffix) in {folder}")
-
-
-def load_control_image(folder: Path, name: str, size: tuple[int, int]) -> Image.Image:
-    """The RGB control image of sample ``name`` from ``folder``, resized to the sample image's ``size`` (W, H) when
-    it differs, so that the same crop cuts both alike; :class:`BrokenSample` when it is missing or unreadable."""
-    file = find_control_file(folder, name)
-    try:
-        with Image.open(file) as opened:
-            control = opened.convert("RGB")
-    except Exception as err:  # PIL raises many kinds for a corrupt file
-        raise BrokenSample(f"unreadable control image {file} ({type(err).__name__}: {err})") from err
-    return control if control.size == size else control.resize(size, Image.BICUBIC)

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from dit.text_padding import trimmed_text_length
+from dit.nn.text_padding import trimmed_text_length
 
 from .config import ConfigError
 
@@ -107,7 +107,7 @@ def collate(samples: list[dict], pad: bool = False, min_text_length: int = 0) ->
     optional latents) are zero-padded at the bottom/right to the largest height and width in the batch, and
     ``image_sizes`` (B, 2) holds each sample's latent (height, width).
 
-    The text is cut to the batch's :func:`~dit.text_padding.trimmed_text_length` (a multiple of 64, exact), never
+    The text is cut to the batch's :func:`~dit.nn.text_padding.trimmed_text_length` (a multiple of 64, exact), never
     below ``min_text_length`` (what a caption substituted later keeps), before it is stacked: the backbone then sees
     a few fixed key lengths, and no padding is copied."""
     stack = _padded_stack if pad else torch.stack

@@ -19,9 +19,9 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dit.embeddings import guidance_scale_embedding
 from dit.models.base import compile_repeated_blocks
-from dit.text_padding import trimmed_text_length
+from dit.nn.embeddings import guidance_scale_embedding
+from dit.nn.text_padding import trimmed_text_length
 
 from . import checkpointing
 from .config import ConfigError, TrainConfig, to_yaml, validate

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from dit.masking import keep_indices_from_scores, kept_count, patch_loss_mask, patch_scores
+from dit.nn.masking import keep_indices_from_scores, kept_count, patch_loss_mask, patch_scores
 
 from .config import ConfigError, MaskingConfig
 

@@ -35,7 +35,7 @@ def _to_device(caption: tuple | None, device: torch.device) -> tuple | None:
 def _with_caption(text, mask, caption, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``text``/``mask`` (B, L, C)/(B, L) with ``caption`` = (L0 >= L, C) features and an (L0,) mask or None (keep
     the prompt's mask) substituted where ``where`` (B,) is true. The batch's text was trimmed to ``L`` on the host
-    (:func:`~dit.text_padding.trim_text_padding`); the caption is cut to match, which is exact when its mask keeps
+    (:func:`~dit.nn.text_padding.trim_text_padding`); the caption is cut to match, which is exact when its mask keeps
     no token past ``L`` (an empty caption keeps one) and, with no mask of its own, always."""
     null_text, null_mask = caption
     length = text.shape[1]

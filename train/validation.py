@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dit.pipelines.assemble import assemble
+
 from .config import ConfigError, TrainConfig, ValidationConfig
 
 EXTRACT_CONFIG = "extract_config.json"  # beside the shards: {"pipeline": the folder `dit extract` encoded with}
@@ -119,14 +121,12 @@ def resolve_validation_pipeline(config: TrainConfig) -> None:
 def write_pipeline(
     folder: Path, transformer, scheduler, sampling: tuple[int, float], source: Path | None, controlnet=None
 ) -> list[str]:
-    """Write a pipeline folder (``dit.microshapes.recipe.assemble``: the transformer, the scheduler and
+    """Write a pipeline folder (:func:`dit.pipelines.assemble.assemble`: the transformer, the scheduler and
     ``sampling_defaults.json``; with ``controlnet``, a ``ControlNetPipeline`` holding that adapter too) with the
     tokenizer, text encoder and VAE of ``source`` linked in (relative symlinks; copies where links fail). Written
     under a temporary name, then renamed over the old one. Returns the components it lacks (all three encoders when
     ``source`` is None)."""
     from diffusers.utils import logging as diffusers_logging
-
-    from dit.microshapes.recipe import assemble
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

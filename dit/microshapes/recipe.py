@@ -33,6 +33,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from ..pipelines.assemble import assemble
 from ..tiny import WORDS, tiny_t5, tiny_tokenizer
 from .evaluator import PALETTE as _PALETTE
 from .text_encoder import LOG_EVERY, placed, resolve_device, to_device, train_text_encoder
@@ -187,21 +188,6 @@ def write_features(
             writer.add((images.shape[-2], images.shape[-1]), batch, captions[start : start + batch_size])
         writer.flush()
         writer.write_null_caption()
-
-
-def assemble(
-    folder: Path, tokenizer, text_encoder, vae, transformer, scheduler, sampling: tuple[int, float] | None = None
-) -> None:
-    """Save a complete pipeline folder (safetensors only) with the sampler matching the training objective, and
-    ``sampling`` = (steps, guidance scale) as its sampling defaults (``dit.pipelines.defaults``)."""
-    from dit.pipelines import TextToImagePipeline
-    from dit.pipelines.defaults import save_sampling_defaults
-
-    pipe = TextToImagePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                               scheduler=scheduler)  # fmt: skip
-    pipe.save_pretrained(folder)
-    if sampling is not None:
-        save_sampling_defaults(folder, *sampling)
 
 
 def _encoders(root: Path, n_images: int, vae_steps: int, times: dict, info: dict, device: torch.device) -> tuple:

@@ -8,11 +8,11 @@ import os
 import torch
 from diffusers.utils import logging
 
-from ..attention import DiTAttention, resolve_backend
-from ..attention.backends import AttentionBackend, get_backend
+from ..nn.attention import DiTAttention, resolve_backend
+from ..nn.attention.backends import AttentionBackend, get_backend
 from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
-from ..linear import Linear
-from ..normalization import modulate
+from ..nn.linear import Linear
+from ..nn.normalization import modulate
 
 logger = logging.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..blocks import residual
-from ..linear import Linear
+from ..nn.blocks import residual
+from ..nn.linear import Linear
 from .base import BackboneMixin
 
 __all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetAdapter", "block_controls"]

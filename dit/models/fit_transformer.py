@@ -15,13 +15,13 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..attention import DiTAttention
-from ..attention.ops import keep_mask_to_bias
-from ..attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
-from ..blocks import modulated_sublayers
-from ..embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
-from ..linear import Linear
-from ..packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
+from ..nn.attention import DiTAttention
+from ..nn.attention.ops import keep_mask_to_bias
+from ..nn.attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
+from ..nn.blocks import modulated_sublayers
+from ..nn.embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
+from ..nn.linear import Linear
+from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .base import BackboneMixin, check_positive_ints, is_positive_int
 from .pixart_transformer import _check_control_size, _text_tokens
 
@@ -139,7 +139,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     outside each sample's valid region. A sample's output does not depend on the other samples in its batch.
 
     Blocks (:class:`FiTBlock`): QK-norm + 2D-RoPE self-attention, cross-attention to text, SwiGLU, AdaLN-LoRA. Beyond
-    the training grid, RoPE extrapolates training-free (``rope_extrapolation``, :mod:`dit.attention.rope`), changeable
+    the training grid, RoPE extrapolates training-free (``rope_extrapolation``, :mod:`dit.nn.attention.rope`), changeable
     at inference with :meth:`set_extrapolation`. Timesteps are in diffusers' scale (``t * num_train_timesteps``
     for rectified flow), as the flow-matching schedulers feed them.
 
@@ -169,7 +169,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         attention_logit_scale: multiply logits by ``max(1, log(tokens) / log(train tokens))`` per sample.
         absolute_position: ``none`` (FiT: RoPE is the only position signal) or ``fractional``: add to each token the
             2D sin-cos of its place as a fraction of its own image, on the ``train_grid`` scale
-            (:func:`dit.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
+            (:func:`dit.nn.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
             captions that place things ("on the left"), which relative RoPE alone cannot anchor. Parameter-free,
             defined at every size, so it needs no extrapolation.
     """

@@ -12,9 +12,9 @@ import numpy as np
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..blocks import FeedForward, PixArtBlock
-from ..masking import gather_tokens
-from ..moe import ExpertChoiceFeedForward
+from ..nn.blocks import FeedForward, PixArtBlock
+from ..nn.masking import gather_tokens
+from ..nn.moe import ExpertChoiceFeedForward
 from .base import check_positive_ints
 from .pixart_transformer import PixArtTransformer
 
@@ -37,11 +37,11 @@ class MicroDiTTransformer(PixArtTransformer):
 
     - ``patch_mixer``: ``patch_mixer_layers`` PixArt blocks (self-attention, cross-attention to the caption, MLP,
       adaLN-single modulation) that run on **all** tokens before masking, so the kept tokens carry information about
-      the masked ones. With ``keep_indices`` in ``forward`` (training; :mod:`dit.masking`) the backbone
+      the masked ones. With ``keep_indices`` in ``forward`` (training; :mod:`dit.nn.masking`) the backbone
       ``transformer_blocks`` then run on the kept tokens only and the output is zero at masked patches. Inference
       passes no ``keep_indices`` and never masks; the mixer is part of the model there too.
     - ``deferred_masking=False`` masks before the mixer (naive masking, for the ablation).
-    - ``num_experts``: expert-choice MoE feed-forward (:class:`~dit.moe.ExpertChoiceFeedForward`, capacity factor
+    - ``num_experts``: expert-choice MoE feed-forward (:class:`~dit.nn.moe.ExpertChoiceFeedForward`, capacity factor
       ``expert_capacity``) in blocks ``i`` with ``(i + 1) % experts_every_n == 0``, the last backbone block excepted,
       in the mixer and the backbone; None: dense MLPs everywhere. :meth:`routing_stats` reports expert utilisation.
     - Layer-wise scaling: ``attention_multipliers=(lo, hi)`` scales the attention width (heads of

@@ -15,11 +15,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..attention.ops import keep_mask_to_bias
-from ..blocks import PixArtBlock
-from ..embeddings import CaptionProjection, PatchEmbed
-from ..masking import gather_tokens, scatter_tokens
-from ..normalization import AdaLayerNormSingle
+from ..nn.attention.ops import keep_mask_to_bias
+from ..nn.blocks import PixArtBlock
+from ..nn.embeddings import CaptionProjection, PatchEmbed
+from ..nn.masking import gather_tokens, scatter_tokens
+from ..nn.normalization import AdaLayerNormSingle
 from .base import BackboneMixin, check_kv_compression, check_positive_ints
 
 __all__ = ["ModelMixin", "PixArtTransformer"]
@@ -66,7 +66,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
         time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's
-            guidance embedding, see :func:`dit.embeddings.guidance_scale_embedding`); None: no such input.
+            guidance embedding, see :func:`dit.nn.embeddings.guidance_scale_embedding`); None: no such input.
     """
 
     _supports_gradient_checkpointing = True
@@ -231,7 +231,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                 (``block_inputs``: the text tokens, modulation, masks in kernel format and token grid that block
                 ``index`` got); returns the hidden states for the next block. ControlNet adapters add their residuals
                 here (:func:`dit.models.controlnet.block_controls`); None: nothing is injected.
-            keep_indices: (B, K) row-major patch indices, ascending (training only, see :mod:`dit.masking`): the
+            keep_indices: (B, K) row-major patch indices, ascending (training only, see :mod:`dit.nn.masking`): the
                 blocks run on these K tokens of each sample only and the output is zero at every other patch.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, timestep)
@@ -385,7 +385,7 @@ def _text_tokens(
     encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The text tokens and their bias, built once per forward. Padding is not trimmed here (that needs a read on
-    the host): pipelines and the trainer trim it beforehand (:func:`dit.text_padding.trim_text_padding`)."""
+    the host): pipelines and the trainer trim it beforehand (:func:`dit.nn.text_padding.trim_text_padding`)."""
     if encoder_hidden_states is not None and mask is not None and mask.shape[-1] != encoder_hidden_states.shape[1]:
         raise ValueError(
             f"encoder_attention_mask has shape {tuple(mask.shape)}; expected {tuple(encoder_hidden_states.shape[:2])}."

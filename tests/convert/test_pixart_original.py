@@ -6,44 +6,7 @@ from safetensors.torch import save_file
 
 from dit.checkpoint import CheckpointKeyError
 from dit.convert import convert_pixart_original_state_dict, infer_pixart_config, load_original_pixart
-from tests.tiny import CONFIGS, added_cond, diffusers_and_ours
-
-TOP = {
-    "pos_embed.proj": "x_embedder.proj",
-    "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
-    "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
-    "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
-    "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
-    "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
-    "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
-    "adaln_single.linear": "t_block.1",
-    "caption_projection.linear_1": "y_embedder.y_proj.fc1",
-    "caption_projection.linear_2": "y_embedder.y_proj.fc2",
-    "proj_out": "final_layer.linear",
-}
-
-
-def original_state_dict(reference, null_length=12):
-    """The PixArt repository's layout: fused qkv and kv, `blocks.N`, a fixed pos_embed table, y_embedding."""
-    sd = reference.state_dict()
-    out = {"final_layer.scale_shift_table": sd["scale_shift_table"], "pos_embed": torch.zeros(1, 16, 24)}
-    out["y_embedder.y_embedding"] = torch.randn(null_length, reference.config.caption_channels)
-    for new, old in TOP.items():
-        for kind in ("weight", "bias"):
-            if f"{new}.{kind}" in sd:
-                out[f"{old}.{kind}"] = sd[f"{new}.{kind}"]
-    for i in range(reference.config.num_layers):
-        b = f"transformer_blocks.{i}."
-        out[f"blocks.{i}.scale_shift_table"] = sd[b + "scale_shift_table"]
-        for kind in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{b}attn1.to_{x}.{kind}"] for x in "qkv"])
-            out[f"blocks.{i}.attn.proj.{kind}"] = sd[f"{b}attn1.to_out.0.{kind}"]
-            out[f"blocks.{i}.cross_attn.q_linear.{kind}"] = sd[f"{b}attn2.to_q.{kind}"]
-            out[f"blocks.{i}.cross_attn.kv_linear.{kind}"] = torch.cat([sd[f"{b}attn2.to_{x}.{kind}"] for x in "kv"])
-            out[f"blocks.{i}.cross_attn.proj.{kind}"] = sd[f"{b}attn2.to_out.0.{kind}"]
-            out[f"blocks.{i}.mlp.fc1.{kind}"] = sd[f"{b}ff.net.0.proj.{kind}"]
-            out[f"blocks.{i}.mlp.fc2.{kind}"] = sd[f"{b}ff.net.2.{kind}"]
-    return out
+from tests.tiny import CONFIGS, added_cond, diffusers_and_ours, original_state_dict
 
 
 @pytest.mark.parametrize("variant", CONFIGS.keys())

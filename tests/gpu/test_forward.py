@@ -46,8 +46,7 @@ def test_bf16_forward_and_backward_are_finite(variant):
 def test_trainer_state_lives_on_the_gpu(tmp_path):
     """The crash that started this package: the default config's EMA on the CPU beside a CUDA model."""
     from dit.train import Trainer, load_config
-    from tests.train.test_placement import state_beside_the_model
-    from tests.train.test_trainer import TINY, make_features
+    from tests.tiny import TINY, make_features, state_beside_the_model
 
     features = make_features(tmp_path / "features")
     trainer = Trainer(load_config(TINY, [f"data.path={features}", f"output_dir={tmp_path / 'run'}", "max_steps=2"]))

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit import PixArtTransformer
 from dit.models.base import compile_repeated_blocks
-from dit.text_padding import trim_text_padding
+from dit.nn.text_padding import trim_text_padding
 from tests.tiny import FORWARD_VARIANTS, SIGMA, variant_inputs, variant_model
 
 

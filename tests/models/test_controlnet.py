@@ -9,7 +9,7 @@ from diffusers import PixArtTransformer2DModel
 from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
 from dit.checkpoint import CheckpointKeyError
 from dit.models.controlnet import block_controls
-from dit.packing import token_layout
+from dit.nn.packing import token_layout
 from tests.tiny import ALPHA, FIT, SIGMA, added_cond, randomize_
 
 BACKBONES = {

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dit import FiTTransformer
-from dit.attention.rope import EXTRAPOLATIONS
-from dit.embeddings import sincos_2d
+from dit.nn.attention.rope import EXTRAPOLATIONS
+from dit.nn.embeddings import sincos_2d
 from tests.tiny import FIT, randomize_
 
 

@@ -6,8 +6,7 @@ from safetensors.torch import save_file
 
 from dit import LiTTransformer, PixArtTransformer
 from dit.convert import load_original_pixart
-from tests.convert.test_pixart_original import original_state_dict
-from tests.tiny import SIGMA, randomize_
+from tests.tiny import SIGMA, original_state_dict, randomize_
 
 CONFIG = {**SIGMA, "num_layers": 4}
 SHAPES = {"square": (8, 8), "wide": (6, 10), "odd": (6, 14)}

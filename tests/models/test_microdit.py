@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit import LiTTransformer, MicroDiTTransformer, PixArtTransformer
-from dit.masking import gather_tokens, keep_indices_from_scores, kept_count, patch_loss_mask, scatter_tokens
-from dit.moe import ExpertChoiceFeedForward, expert_capacity
+from dit.nn.masking import gather_tokens, keep_indices_from_scores, kept_count, patch_loss_mask, scatter_tokens
+from dit.nn.moe import ExpertChoiceFeedForward, expert_capacity
 
 BASE = dict(
     num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=4,

@@ -170,7 +170,7 @@ def test_math_backend_matches_sdpa(masked):
 
 
 def test_xformers_on_cpu_falls_back_with_one_warning(monkeypatch):
-    from dit.attention import backends
+    from dit.nn.attention import backends
 
     monkeypatch.setattr(backends, "_warned", set())
     model = _model()

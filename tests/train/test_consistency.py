@@ -15,8 +15,7 @@ from dit.train import Trainer, load_config
 from dit.train.config import ConfigError, LCMConfig, ObjectiveConfig
 from dit.train.consistency import ConsistencyDistillation, TargetNetwork, consistency_loss
 from dit.train.objectives import build_objective
-from tests.tiny import tiny_t5, tiny_tokenizer, tiny_vae
-from tests.train.test_trainer import TINY, _losses, launch_two_processes, make_features
+from tests.tiny import TINY, _losses, launch_two_processes, make_features, tiny_t5, tiny_tokenizer, tiny_vae
 
 SHAPE = (3, 4, 6, 10)
 PREDICTION_TYPES = {"ddpm_eps": "epsilon", "v": "v_prediction", "x0": "sample"}

@@ -12,9 +12,9 @@ from dit.pipelines import ControlNetPipeline
 from dit.tiny import tiny_pipeline
 from dit.train import Trainer, load_config
 from dit.train.config import ConfigError
-from dit.train.controlnet import ControlFeatureWriter, ControlledTransformer
-from tests.tiny import randomize_
-from tests.train.test_trainer import TINY, _losses, launch_two_processes, make_features
+from dit.train.controlnet import ControlledTransformer
+from dit.train.feature_writer import ControlFeatureWriter
+from tests.tiny import TINY, _losses, launch_two_processes, make_features, randomize_
 
 BASE = dict(load_config(TINY, ["data.path=x"]).model.kwargs, num_layers=3)
 
@@ -148,7 +148,7 @@ def test_two_processes_match_one(features, base, tmp_path):
 def test_a_fit_base_trains_a_control_adapter(features, tmp_path):
     """ControlNet on the flow backbone: the loop trains FiT's adapter (one size per batch) and the base stays put."""
     from dit import FiTTransformer
-    from tests.train.test_mixed_sizes import FIT_KWARGS
+    from tests.tiny import FIT_KWARGS
 
     torch.manual_seed(0)
     config = _config(features, tmp_path / "unused", tmp_path / "run", "model.cls=FiTTransformer",

@@ -11,49 +11,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dit import PixArtTransformer
 from dit.cli import main as cli_main
-from dit.pipelines import TextToImagePipeline
 from dit.train import Trainer, load_config
 from dit.train.extract import bucket_of, extract
-from tests.tiny import SIGMA, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
-from tests.train.test_trainer import TINY
-
-CAPTIONS = ["a red circle", "a blue square on the left", "a green triangle", "a cyan circle on the right"]
-
-
-def _png(color, size) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def save_tiny_pipeline(folder):
-    """A tiny pipeline folder (VAE factor 2, patch size 2: sizes are multiples of 4 px)."""
-    transformer = randomize_(PixArtTransformer(**SIGMA), std=0.05)
-    pipe = TextToImagePipeline(
-        tokenizer=tiny_tokenizer(), text_encoder=tiny_t5(), vae=tiny_vae(), transformer=transformer, scheduler=None
-    )
-    pipe.save_pretrained(folder)
-    return folder
+from tests.tiny import TINY, _image_folder, _png, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
-
-
-def _image_folder(root, broken=True):
-    root.mkdir()
-    rows = []
-    for i, caption in enumerate(CAPTIONS):
-        (root / f"{i}.png").write_bytes(_png((40 * i, 100, 200), (20 + 4 * i, 16)))
-        rows.append({"file_name": f"{i}.png", "text": caption})
-    if broken:
-        (root / "bad.png").write_bytes(b"not an image")
-        rows += [{"file_name": "bad.png", "text": "broken"}, {"file_name": "0.png", "text": ""}]
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
 
 
 def _extract_cli(data, pipeline_dir, out, *extra) -> int:
@@ -235,7 +201,7 @@ def _encode_controls(pipeline_dir, controls: torch.Tensor) -> torch.Tensor:
 def test_controls_computed_from_images_match_microshapes_controls():
     from dit.microshapes.control import control_image, control_scenes
     from dit.microshapes.world import render
-    from dit.train.controlnet import control_from_image
+    from dit.train.control_images import control_from_image
 
     for scene in control_scenes(20, seed=3, two_objects=0.5):
         for kind in ("silhouette", "edges"):

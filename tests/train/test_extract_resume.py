@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dit.train.extract import extract
 from dit.train.sources import Record
-from tests.train.test_extract import save_tiny_pipeline
+from tests.tiny import save_tiny_pipeline
 
 N = 11  # images; record 3 is corrupt
 

@@ -20,7 +20,7 @@ import torch
 
 from dit import PixArtTransformer
 from dit.train import Trainer, load_config
-from tests.train.test_trainer import TINY, _losses, make_features
+from tests.tiny import TINY, _losses, make_features
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "accelerate"

@@ -6,19 +6,12 @@ import pytest
 import torch
 
 from dit import PixArtTransformer
-from dit.masking import patch_loss_mask
+from dit.nn.masking import patch_loss_mask
 from dit.train import Trainer, load_config
 from dit.train.config import ConfigError, MaskingConfig, ObjectiveConfig
 from dit.train.masking import TokenMasking
 from dit.train.objectives import OBJECTIVES
-
-from .test_trainer import TINY, launch_two_processes, make_features
-
-MICRODIT = [
-    "model.cls=MicroDiTTransformer", "model.kwargs.out_channels=4", "model.kwargs.patch_mixer_layers=1",
-    "model.kwargs.num_experts=2", "model.kwargs.num_layers=3", "masking.ratio=0.75", "masking.unmasked_steps=2", "max_steps=5",
-    "checkpoint_every=3", "ema_decay=null",
-]  # fmt: skip
+from tests.tiny import MICRODIT, TINY, launch_two_processes, make_features
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,7 @@ from dit.train import Trainer, load_config
 from dit.train.config import ConfigError
 from dit.train.data import FeatureDataset, collate, padding_mask
 from dit.train.loop import sample_draws
-from tests.train.test_trainer import TINY, _losses, launch_two_processes, make_features
-
-# a tiny FiT: 2x2 patches, 4x4-patch training grid, up to 48 tokens; latents 4 channels, text width 32
-FIT_KWARGS = (
-    "{num_attention_heads: 2, attention_head_dim: 8, in_channels: 4, num_layers: 2, patch_size: 2, sample_size: 8, "
-    "max_tokens: 48, caption_channels: 32}"
-)
-SIZES = ((8, 8), (4, 12), (12, 4), (6, 6))  # latent (h, w): square, wide, tall, small square
+from tests.tiny import FIT_KWARGS, SIZES, TINY, _losses, launch_two_processes, make_features
 
 
 def _fit(features, out, *overrides, mixed: bool = True):

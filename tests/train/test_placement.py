@@ -18,12 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from dit import PixArtTransformer
 from dit.train import Trainer, load_config
-from dit.train.objectives import Objective
-from tests.tiny import randomize_
-from tests.train.test_masking import MICRODIT
-from tests.train.test_mixed_sizes import FIT_KWARGS
-from tests.train.test_mixed_sizes import SIZES as MIXED_SIZES
-from tests.train.test_trainer import TINY, make_features
+from tests.tiny import FIT_KWARGS, MICRODIT, TINY, make_features, randomize_, state_beside_the_model
+from tests.tiny import SIZES as MIXED_SIZES
 
 PIXART = load_config(TINY, ["data.path=x"]).model.kwargs
 
@@ -64,33 +60,6 @@ VARIANTS = ["ema", "lcm", "lit-distill", "controlnet", "masking", "mixed-sizes"]
 def _trainer(folders: dict[str, Path], variant: str, out: Path, *extra: str) -> Trainer:
     overrides = [f"data.path={folders['features']}", f"output_dir={out}", "report_to=none"]
     return Trainer(load_config(TINY, [*overrides, *_variants(folders)[variant], *extra]))
-
-
-def _objective_tensors(objective: Objective, prefix: str = "objective") -> dict[str, torch.Tensor]:
-    found = {}
-    for name, value in vars(objective).items():
-        if isinstance(value, torch.Tensor):
-            found[f"{prefix}.{name}"] = value
-        elif isinstance(value, Objective):
-            found.update(_objective_tensors(value, f"{prefix}.{name}"))
-    return found
-
-
-def state_beside_the_model(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Every tensor the trainer keeps for its steps, by a readable name."""
-    state = dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
-    if trainer.ema is not None:
-        state.update({f"ema.{name}": t for name, t in trainer.ema.shadow.items()})
-    if trainer.target is not None:
-        state.update({f"target.{name}": t for name, t in trainer.target.module.state_dict().items()})
-    if trainer.teacher is not None:
-        state.update({f"teacher.{name}": t for name, t in trainer.teacher.state_dict().items()})
-    for label, caption in (("null_caption", trainer.null_caption), ("uncond_caption", trainer.uncond_caption)):
-        for i, tensor in enumerate(caption or ()):
-            if tensor is not None:
-                state[f"{label}.{i}"] = tensor
-    state.update(_objective_tensors(trainer.objective))
-    return state
 
 
 @pytest.fixture

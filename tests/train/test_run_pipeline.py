@@ -14,8 +14,7 @@ from dit.pipelines import TextToImagePipeline
 from dit.pipelines.defaults import sampling_defaults
 from dit.tiny import tiny_pipeline
 from dit.train import Trainer, load_config
-from tests.train.test_extract import _image_folder
-from tests.train.test_trainer import TINY, make_features
+from tests.tiny import TINY, _image_folder, make_features
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from dit.tiny import tiny_pipeline
 from dit.train import Trainer, TrainingDiverged, load_config
 from dit.train.checkpointing import list_checkpoints
 from dit.train.config import ConfigError
-from tests.train.test_trainer import TINY, make_features
+from tests.tiny import TINY, make_features
 
 
 @pytest.fixture(scope="module")

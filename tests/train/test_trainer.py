@@ -1,11 +1,6 @@
 """Reliability of the training loop: exact resume, atomic checkpoints, NaN stop, two processes."""
 
-import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,35 +10,7 @@ from safetensors.torch import save_file
 from dit import PixArtTransformer
 from dit.train import Trainer, TrainingDiverged, load_config
 from dit.train.checkpointing import list_checkpoints
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def make_features(folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: int = 6, width: int = 32) -> Path:
-    """Random feature shards, one per latent size, plus the empty caption's features."""
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(123)
-    for i, (h, w) in enumerate(sizes):
-        mask = torch.zeros(n, text_len, dtype=torch.long)
-        for j in range(n):
-            mask[j, : 1 + j % text_len] = 1
-        save_file(
-            {
-                "latent_mean": torch.randn(n, 4, h, w, generator=gen),
-                "latent_std": torch.rand(n, 4, h, w, generator=gen) * 0.1,
-                "text_embeds": torch.randn(n, text_len, width, generator=gen),
-                "text_mask": mask,
-            },
-            folder / f"shard-{i:03d}.safetensors",
-        )
-    empty = torch.zeros(text_len, dtype=torch.long)
-    empty[0] = 1
-    save_file(
-        {"text_embeds": torch.randn(text_len, width, generator=gen), "text_mask": empty},
-        folder / "null_caption.safetensors",
-    )
-    return folder
+from tests.tiny import TINY, _losses, launch_two_processes, make_features
 
 
 @pytest.fixture(scope="module")
@@ -162,24 +129,6 @@ def test_caption_dropout_needs_a_null_caption(tmp_path):
 
     with pytest.raises(ConfigError, match="null_caption.safetensors"):
         Trainer(_config(folder, tmp_path / "run"))
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def launch_two_processes(overrides: list[str], out: Path, port: int) -> list[float]:
-    """``accelerate launch`` of ``dit.train`` with two CPU processes over gloo (accelerate's ``--cpu`` launcher needs
-    MPI for several processes, so the torch.distributed launcher runs with accelerate's CPU mode), per-process batch
-    2; returns the run's logged losses."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "dit.train", "--config", str(TINY),
-           *overrides, "data.batch_size=2", f"output_dir={out}"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(out)
 
 
 def test_two_processes_match_one(features, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dit import PixArtTransformer
-from dit.text_padding import text_length_buckets, trim_text_padding, trimmed_text_length
+from dit.nn.text_padding import text_length_buckets, trim_text_padding, trimmed_text_length
 from tests.tiny import CONFIGS, randomize_
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from dit.pixel_autoencoder import pixel_autoencoder
+from dit.models.pixel_autoencoder import pixel_autoencoder
 
 
 @pytest.mark.parametrize("height,width", [(32, 32), (24, 40), (96, 48)])

@@ -33,7 +33,7 @@ YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 
 @dataclass(frozen=True)
 class RotaryEmbedding:
-    """What :class:`~dit.attention.DiTAttention` applies to queries and keys before the kernel.
+    """What :class:`~dit.nn.attention.DiTAttention` applies to queries and keys before the kernel.
 
     Args:
         cos: (B, N, 1, D) cosines, broadcast over heads.

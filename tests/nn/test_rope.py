@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dit.attention import DiTAttention
-from dit.attention.rope import (
+from dit.nn.attention import DiTAttention
+from dit.nn.attention.rope import (
     EXTRAPOLATIONS,
     RotaryEmbedding,
     apply_rotary,
@@ -211,7 +211,7 @@ def test_identity_rotary_is_no_rotary(masked):
     x = torch.randn(2, 8, 16)
     mask = None
     if masked:
-        from dit.attention import keep_mask_to_bias
+        from dit.nn.attention import keep_mask_to_bias
 
         mask = keep_mask_to_bias(torch.tensor([[True] * 8, [True] * 5 + [False] * 3]), torch.float32)
     identity = RotaryEmbedding(torch.ones(2, 8, 1, 8), torch.zeros(2, 8, 1, 8))
@@ -220,7 +220,7 @@ def test_identity_rotary_is_no_rotary(masked):
 
 
 def test_rotary_on_math_backend_matches_sdpa():
-    from dit.attention import get_backend
+    from dit.nn.attention import get_backend
 
     attn = DiTAttention(16, 2, 8, qk_norm=True).eval()
     x, rotary = torch.randn(2, 8, 16), _rotary(2, 8, logit_scale=torch.full((2, 1, 1, 1), 1.3))

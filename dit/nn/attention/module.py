@@ -37,7 +37,7 @@ class DiTAttention(nn.Module):
       LiT's locality term; zero-initialised, so an inherited model starts from plain linear attention).
     - ``qk_norm``: a non-affine LayerNorm over each head of the queries and keys (FiTv2), before any rotary
       embedding; it has no parameters, so the state dict is unchanged.
-    - rotary position embedding (FiT's 2D RoPE, :mod:`dit.attention.rope`): ``rotary=RotaryEmbedding(...)`` in
+    - rotary position embedding (FiT's 2D RoPE, :mod:`dit.nn.attention.rope`): ``rotary=RotaryEmbedding(...)`` in
       ``forward`` rotates queries and keys of self-attention and applies its logit scale to the queries.
 
     Grid options need ``grid=(h, w)`` in ``forward``.

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dit.attention.ops import (
+from dit.nn.attention.ops import (
     MASKED_BIAS,
     keep_mask_to_bias,
     math_attention,

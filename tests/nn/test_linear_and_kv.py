@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit.attention import DiTAttention
-from dit.attention.kv_compress import KVCompress
-from dit.attention.ops import linear_attention_reference, math_attention, relu_linear_attention
+from dit.nn.attention import DiTAttention
+from dit.nn.attention.kv_compress import KVCompress
+from dit.nn.attention.ops import linear_attention_reference, math_attention, relu_linear_attention
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])

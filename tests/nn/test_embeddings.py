@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dit.embeddings import fractional_sincos, sincos_1d, sincos_2d
-from dit.packing import token_layout
+from dit.nn.embeddings import fractional_sincos, sincos_1d, sincos_2d
+from dit.nn.packing import token_layout
 
 
 @pytest.mark.parametrize("sizes", [[(4, 4)], [(2, 6), (6, 3)], [(8, 8), (1, 1)]], ids=["square", "mixed", "tiny"])
