@@ -28,6 +28,7 @@ from common import RESULTS, alternate, machine, peak_bytes, write_json  # noqa: 
 
 from dit.nn.attention import DiTAttention  # noqa: E402
 from dit.nn.blocks import PixArtBlock  # noqa: E402
+from dit.nn.context import BlockContext  # noqa: E402
 
 WIDTH, HEADS, TEXT = 1152, 16, 120  # PixArt-XL
 VARIANTS = {
@@ -53,11 +54,12 @@ def measure(tokens: int, device: str, dtype: torch.dtype, runs: int) -> dict:
     x = torch.randn(1, side * side, WIDTH, device=device, dtype=dtype)
     text = torch.randn(1, TEXT, WIDTH, device=device, dtype=dtype)
     t6 = torch.randn(1, 6 * WIDTH, device=device, dtype=dtype)
+    context = BlockContext(encoder_hidden_states=text, shared_modulation=t6, grid=grid)
     layers, blocks = {}, {}
     for name, options in VARIANTS.items():
         layer, block = _modules(options, device, dtype)
         layers[name] = lambda layer=layer: layer(x, grid=grid)
-        blocks[name] = lambda block=block: block(x.clone(), text, t6, grid=grid)
+        blocks[name] = lambda block=block: block(x.clone(), context)
     result = {"tokens": side * side, "grid": list(grid)}
     for kind, fns in (("layer", layers), ("block", blocks)):
         times = alternate(fns, device, runs)

@@ -50,7 +50,7 @@ def objective_overrides(scheduler) -> list[str]:
                  f"objective.num_train_timesteps={cfg.num_train_timesteps}"]  # fmt: skip
     if cfg.get("trained_betas") is None:
         return overrides + [f"objective.beta_start={cfg.beta_start}", f"objective.beta_end={cfg.beta_end}"]
-    # a shifted schedule (train.objectives.discrete_betas): every SNR of PixArt's linear betas divided by shift^2
+    # a shifted schedule (dit.train.parametrisation.discrete_betas): every SNR of PixArt's linear betas divided by shift^2
     betas = torch.linspace(0.0001, 0.02, cfg.num_train_timesteps, dtype=torch.float64)
     trained = torch.tensor(cfg.trained_betas, dtype=torch.float64)
     snr = [(a / (1 - a)) for a in (torch.cumprod(1 - b, 0) for b in (betas, trained))]

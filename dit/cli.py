@@ -6,32 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 from dit.controlnet_relevance import add_parser as add_relevance_parser
+from dit.microshapes.shipped import default_lcm, default_model
+from dit.report import print_report
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def default_model() -> Path:
-    """The MicroShapes pipeline shipped inside the package."""
-    return Path(str(resources.files("dit") / "assets" / "microshapes"))
-
-
-def default_lcm() -> Path:
-    """The LCM student shipped beside the default model (``dit generate --lcm``)."""
-    return Path(str(resources.files("dit") / "assets" / "microshapes_lcm"))
-
-
-def print_report(report: dict, path: str | None = None) -> None:
-    """Print ``report`` as indented JSON, and write it to ``path`` too when given (``--json``)."""
-    import json
-
-    text = json.dumps(report, indent=2)
-    if path:
-        Path(path).write_text(text + "\n")
-    print(text)
 
 
 def _fail(error) -> int:

@@ -16,6 +16,7 @@ import importlib
 from collections.abc import Callable
 
 from .models.controlnet import ControlNetAdapter
+from .report import print_report
 
 Metric = Callable[[ControlNetAdapter], dict[str, float] | float]
 
@@ -111,7 +112,6 @@ def add_parser(commands) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import print_report  # imported here: the CLI imports this module's parser
     from .pipelines import TextToImagePipeline
     from .pipelines.defaults import sampling_defaults
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .models import PixArtTransformer
+from .pipelines.text_to_image import TextToImagePipeline
+
 WORDS = (
     "a an the large small red green blue yellow magenta cyan circle square triangle on in to of left right top "
     "bottom center above below white black gray background cat dog photo"
@@ -72,9 +75,6 @@ def tiny_vae(seed: int = 0):
 
 def tiny_pipeline(seed: int = 0, **transformer_overrides):
     """A complete :class:`~dit.pipelines.TextToImagePipeline` of tiny random components."""
-    from .models import PixArtTransformer
-    from .pipelines import TextToImagePipeline
-
     torch.manual_seed(seed)
     transformer = PixArtTransformer(**{**TINY_PIXART, **transformer_overrides})
     return TextToImagePipeline(

@@ -4,13 +4,12 @@
 diffusers loads a component with a missing key with one "newly initialized" warning (random weights: NaN or noise
 images), and keeps a scheduler's unknown ``prediction_type`` until the first step. Here each diffusers ``ModelMixin``
 and transformers ``PreTrainedModel`` component is loaded with its loading report first and handed to diffusers; the
-toolkit's backbones and adapters are strict on their own (:meth:`dit.models.base.BackboneMixin.from_pretrained`).
+toolkit's backbones and adapters are strict on their own (:meth:`dit.models.mixins.StrictIOMixin.from_pretrained`).
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
-from ..models.base import BackboneMixin
+from ..models.mixins import StrictIOMixin
 
 #: What every noise-prediction scheduler implements.
 NOISE_PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -94,7 +93,7 @@ def _lenient_model_class(library: str, class_name: str) -> type | None:
         cls = getattr(importlib.import_module(library), class_name, None)
     except ImportError:
         return None  # diffusers resolves (or reports) the name itself
-    if not isinstance(cls, type) or issubclass(cls, (BackboneMixin, MultiControlNetAdapter)):
+    if not isinstance(cls, type) or issubclass(cls, (StrictIOMixin, MultiControlNetAdapter)):
         return None
     return cls if issubclass(cls, ModelMixin) or _is_transformers_model(cls) else None
 
@@ -124,10 +123,13 @@ def local_folder(pretrained_model_name_or_path, kwargs: dict) -> str:
 
 # ----- scheduler ------------------------------------------------------------------------------------------------
 def allowed_prediction_types(scheduler) -> tuple[str, ...] | None:
-    """The ``prediction_type`` values ``scheduler``'s class implements; None when it has no such notion."""
+    """The ``prediction_type`` values ``scheduler``'s class implements; None when it has no such notion (its config,
+    which holds every argument of its class, has no ``prediction_type``)."""
     name = type(scheduler).__name__
-    if "prediction_type" not in inspect.signature(type(scheduler).__init__).parameters:
-        return FLOW_MATCH_PREDICTIONS if name.startswith("FlowMatch") else None
+    if name.startswith("FlowMatch"):  # velocities only; a prediction_type in its config is a stray value
+        return FLOW_MATCH_PREDICTIONS
+    if "prediction_type" not in (getattr(scheduler, "config", None) or {}):
+        return None
     return NOISE_PREDICTIONS + (("flow_prediction",) if name in FLOW_PREDICTION_SCHEDULERS else ())
 
 

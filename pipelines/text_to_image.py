@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +14,9 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_time
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..nn.embeddings import guidance_scale_embedding
 from ..models.base import compile_repeated_blocks
 from ..nn.text_padding import trim_text_padding
+from .capabilities import capability
 from .checks import (
     MAX_IMAGE_TOKENS,
     SamplingValueError,
@@ -140,7 +139,7 @@ class TextToImagePipeline(DiffusionPipeline):
             return prompt_embeds, prompt_attention_mask, None, None
 
         if negative_prompt_embeds is None:
-            has_null = hasattr(self.transformer, "null_caption") and hasattr(self.transformer, "y_embedding")
+            has_null = capability(self.transformer, "has_null_caption")
             if use_null_caption is None:
                 use_null_caption = has_null and not negative_prompt
             if use_null_caption:
@@ -213,7 +212,7 @@ class TextToImagePipeline(DiffusionPipeline):
         default = self.transformer.config.sample_size * self.vae_scale_factor
         height, width = default if height is None else height, default if width is None else width
         multiple = self.size_multiple
-        resolution = None if getattr(self.transformer, "native_resolution", False) else default  # FiT: no bins
+        resolution = None if capability(self.transformer, "native_resolution") else default  # FiT: no bins
         sample_h, sample_w = sampling_size(height, width, resolution, multiple, binning)
         check_image_tokens(sample_h, sample_w, multiple, self.max_image_tokens)
         if height % multiple or width % multiple:
@@ -224,14 +223,15 @@ class TextToImagePipeline(DiffusionPipeline):
         return height, width, sample_h, sample_w
 
     def _added_cond_kwargs(self, height: int, width: int, batch: int, dtype, device) -> dict[str, torch.Tensor | None]:
-        if not getattr(self.transformer, "use_additional_conditions", False):
+        if not capability(self.transformer, "use_additional_conditions"):
             return {"resolution": None, "aspect_ratio": None}
         resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 2)
         aspect_ratio = torch.tensor([[height / width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 1)
         return {"resolution": resolution, "aspect_ratio": aspect_ratio}
 
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
+        """``eta`` and ``generator`` for the scheduler's ``step``, where it takes them."""
+        params = _parameter_names(self.scheduler.step)
         kwargs = {"eta": eta} if "eta" in params else {}
         if "generator" in params:
             kwargs["generator"] = generator
@@ -241,14 +241,7 @@ class TextToImagePipeline(DiffusionPipeline):
     def guidance_embedded(self) -> bool:
         """Whether the transformer takes the guidance scale as an input (an LCM student with ``time_cond_proj_dim``):
         then there is no CFG batch, and ``guidance_scale`` is embedded as LCM's ``w = guidance_scale - 1``."""
-        return getattr(self.transformer.config, "time_cond_proj_dim", None) is not None
-
-    def _guidance_condition(self, guidance_scale: float, batch: int, dtype, device) -> torch.Tensor | None:
-        """The ``timestep_cond`` of a guidance-embedding student (B, time_cond_proj_dim), else None."""
-        if not self.guidance_embedded:
-            return None
-        w = torch.full((batch,), guidance_scale - 1.0, device=device)  # (B,)
-        return guidance_scale_embedding(w, self.transformer.config.time_cond_proj_dim).to(dtype)
+        return capability(self.transformer, "embeds_guidance")
 
     def load_lora_weights(self, lora: str | os.PathLike | dict[str, torch.Tensor], adapter_name: str | None = None):
         """Load a LoRA onto the transformer (for example an LCM-LoRA written by the trainer).
@@ -284,9 +277,11 @@ class TextToImagePipeline(DiffusionPipeline):
             count += compile_repeated_blocks(controlnet, **compile_kwargs)
         return count
 
-    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float, timestep_cond=None) -> torch.Tensor:
-        """One transformer call (a CFG batch when guided), reduced to the latent channels."""
-        guided = guidance_scale > 1.0 and timestep_cond is None
+    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float) -> torch.Tensor:
+        """One transformer call (a CFG batch when guided; the scale as an input of a guidance-embedding model),
+        reduced to the latent channels."""
+        embedded = self.guidance_embedded
+        guided = guidance_scale > 1.0 and not embedded
         model_in = torch.cat([latents] * 2) if guided else latents
         if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
             model_in = self.scheduler.scale_model_input(model_in, t)
@@ -298,7 +293,7 @@ class TextToImagePipeline(DiffusionPipeline):
             timestep=timestep,
             added_cond_kwargs=added,
             return_dict=False,
-            **({} if timestep_cond is None else {"timestep_cond": timestep_cond}),
+            **({"guidance": guidance_scale} if embedded else {}),
         )[0]
         if guided:
             uncond, cond = pred.chunk(2)
@@ -389,11 +384,10 @@ class TextToImagePipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch, sample_h, sample_w, embeds.dtype, device, generator, latents)
         added = self._added_cond_kwargs(sample_h, sample_w, embeds.shape[0], embeds.dtype, device)
         step_kwargs = self._step_kwargs(generator, eta)
-        timestep_cond = self._guidance_condition(guidance_scale, batch, embeds.dtype, device)
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                pred = self._predict(latents, t, embeds, mask, added, guidance_scale, timestep_cond)
+                pred = self._predict(latents, t, embeds, mask, added, guidance_scale)
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds}
@@ -415,9 +409,15 @@ def default_scheduler(transformer) -> Any:
     "flow"``, FiT) diffusers' ``FlowMatchEulerDiscreteScheduler`` with the resolution-dependent shift anchored at its
     training token count (:func:`~dit.pipelines.resolution.flow_match_scheduler`); else PixArt's
     ``DPMSolverMultistepScheduler()``."""
-    if getattr(transformer, "prediction_type", None) == "flow":
+    if capability(transformer, "prediction_type") == "flow":
         return flow_match_scheduler(transformer.train_tokens)
     return DPMSolverMultistepScheduler()
+
+
+def _parameter_names(function) -> tuple[str, ...]:
+    """The parameter names of a plain Python function or bound method (a scheduler's ``step``)."""
+    code = function.__code__
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
 def _check_outputs(output_type: str, tensor_inputs: list[str], allowed_tensors: list[str]) -> None:

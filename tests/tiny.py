@@ -269,13 +269,7 @@ def original_state_dict(reference, null_length=12):
 
 
 def _objective_tensors(objective: Objective, prefix: str = "objective") -> dict[str, torch.Tensor]:
-    found = {}
-    for name, value in vars(objective).items():
-        if isinstance(value, torch.Tensor):
-            found[f"{prefix}.{name}"] = value
-        elif isinstance(value, Objective):
-            found.update(_objective_tensors(value, f"{prefix}.{name}"))
-    return found
+    return {f"{prefix}.{name}": tensor for name, tensor in objective.named_tensors()}
 
 
 def state_beside_the_model(trainer) -> dict[str, torch.Tensor]:

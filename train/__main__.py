@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .checkpointing import CheckpointError, NoSpaceLeft, RunLocked
+from .config import ConfigError, load_config
+from .data import ShardError
+from .loop import Trainer, TrainingDiverged
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments and train; a configuration or run-folder error prints one line and returns non-zero."""
-    from .checkpointing import CheckpointError, NoSpaceLeft, RunLocked
-    from .config import ConfigError, load_config
-    from .data import ShardError
-    from .loop import Trainer, TrainingDiverged
-
     parser = argparse.ArgumentParser(prog="dit train", description="Train a backbone with accelerate.")
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 max_steps=100")

@@ -19,6 +19,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from .config import ConfigError
 
 LATEST = "latest"
@@ -169,8 +171,6 @@ def verify(path: Path) -> int:
 
 def check_file(file: Path) -> None:
     """Raise :class:`CheckpointError` naming ``file`` when it is a truncated or corrupt safetensors or zip file."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt"):

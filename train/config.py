@@ -83,7 +83,7 @@ class ObjectiveConfig:
     vlb_weight: float = 1.0
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
-    distill: str | None = None  # "hybrid" (LiT) or "lcm"; None: "hybrid" when distill_teacher is set
+    distill: str | None = None  # "hybrid" (LiT), "lcm" or another registered one; None: "hybrid" with a teacher
     distill_teacher: str | None = None  # a frozen PixArt teacher folder (transformer or pipeline)
     distill_eps_weight: float = 0.5  # weight of ||eps_teacher - eps_student||^2
     distill_var_weight: float = 0.05  # weight of ||Sigma_teacher - Sigma_student||^2 (learned-sigma channels)
@@ -326,11 +326,15 @@ RANGES: dict[str, Range] = {
     "masking.ratio": DECAY, "masking.unmasked_steps": NON_NEGATIVE,
 }  # fmt: skip
 
+#: ``objective.distill``'s values: None and the name of every registered distillation objective
+#: (:func:`dit.train.objectives.register_distillation` adds them as their modules are imported).
+DISTILL_CHOICES: list[str | None] = [None]
+
 #: Allowed values of string keys.
-CHOICES: dict[str, tuple] = {
+CHOICES: dict[str, tuple | list] = {
     "optim.schedule": ("constant", "cosine"),
     "objective.x0_weighting": ("v", "uniform"),
-    "objective.distill": (None, "hybrid", "lcm"),
+    "objective.distill": DISTILL_CHOICES,
     "objective.lcm.loss": ("huber", "l2"),
     "mixed_precision": ("no", "fp16", "bf16", "fp8"),
 }

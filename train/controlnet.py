@@ -1,11 +1,13 @@
 """ControlNet training (PixArt-δ): a frozen base with a trainable adapter, control latents in the feature shards.
 
-The trainer's model becomes a :class:`ControlledTransformer` when ``controlnet`` is configured: only the adapter's
-parameters require gradients (so the optimizer, EMA, gradient clipping and DDP see the adapter alone), its forward
-is the base's with the batch's ``control_latent`` injected, and ``save_pretrained`` writes the adapter folder. The
-control images go through the VAE once, at feature extraction (:class:`ControlFeatureWriter`), like the images:
-``dit extract --control silhouette|edges`` computes them from each image (:func:`control_from_image`), and
-``--control FOLDER`` reads one control image per image (:func:`load_control_image`).
+The trainer's model becomes a :class:`ControlledTransformer` when ``controlnet`` is configured (the training feature
+:class:`ControlNetTraining`): only the adapter's parameters require gradients (so the optimizer, EMA, gradient
+clipping and DDP see the adapter alone), its forward is the base's with the batch's ``control_latent`` injected, and
+``save_pretrained`` writes the adapter folder; the trainer reads the base's config and null caption from the base it
+keeps (``trainer.backbone``). The control images go through the VAE once, at feature extraction
+(:class:`~dit.train.feature_writer.ControlFeatureWriter`), like the images: ``dit extract --control
+silhouette|edges`` computes them from each image (:func:`~dit.train.control_images.control_from_image`), and
+``--control FOLDER`` reads one control image per image (:func:`~dit.train.control_images.load_control_image`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dit.models.controlnet import ControlNetAdapter, block_controls
 
 from .config import ConfigError, TrainConfig
 from .feature_writer import CONTROL_KEY
+from .features import Contribution, Feature, StepInputs
 
 
 class ControlledTransformer(nn.Module):
@@ -37,22 +40,6 @@ class ControlledTransformer(nn.Module):
         self.controlnet = controlnet
         self.conditioning_scale = conditioning_scale
 
-    # The trainer reads these from its model; they are the base's.
-    @property
-    def config(self):
-        return self.transformer.config
-
-    @property
-    def use_additional_conditions(self) -> bool:
-        return getattr(self.transformer, "use_additional_conditions", False)
-
-    @property
-    def y_embedding(self) -> nn.Parameter:
-        return self.transformer.y_embedding  # AttributeError when the base has no learned null caption
-
-    def null_caption(self, batch_size: int, length: int) -> torch.Tensor:
-        return self.transformer.null_caption(batch_size, length)
-
     def train(self, mode: bool = True) -> ControlledTransformer:
         super().train(mode)
         self.transformer.eval()  # frozen: no dropout in the base, as PixArt-δ
@@ -63,7 +50,7 @@ class ControlledTransformer(nn.Module):
         if controlnet_cond is None:
             raise ValueError(
                 f"ControlNet training needs control latents: the feature shards must carry {CONTROL_KEY!r} (write "
-                "them with train.controlnet.ControlFeatureWriter)."
+                "them with dit.train.feature_writer.ControlFeatureWriter)."
             )
         controls = block_controls(self.transformer, self.controlnet, controlnet_cond, self.conditioning_scale)
         return self.transformer(hidden_states, *args, block_controls=controls, **kwargs)
@@ -73,38 +60,64 @@ class ControlledTransformer(nn.Module):
         self.controlnet.save_pretrained(save_directory, **kwargs)
 
 
-def controlnet_model(transformer: nn.Module, config: TrainConfig) -> ControlledTransformer:
-    """The trainer's model for a ControlNet run on ``transformer`` (the base built from ``model.*``)."""
-    cfg = config.controlnet
-    _check_config(config)
-    if cfg.pretrained:
-        adapter = ControlNetAdapter.from_pretrained(cfg.pretrained)
-        adapter.to(next(transformer.parameters()).device)
-    elif cfg.positions is not None:
-        adapter = ControlNetAdapter.from_transformer(transformer, positions=cfg.positions)
-    else:
-        adapter = ControlNetAdapter.from_transformer(transformer, num_blocks=cfg.num_blocks)
-    if config.model.gradient_checkpointing:
-        adapter.enable_gradient_checkpointing()
-    return ControlledTransformer(transformer, adapter, cfg.conditioning_scale)
+class ControlNetTraining(Feature):
+    """ControlNet training as a feature: the trained model becomes a :class:`ControlledTransformer` around the base
+    backbone, and the student's call gets the batch's control latents."""
 
+    name = "controlnet"
+    label = "ControlNet training (controlnet.*)"
+    off = "unset controlnet.num_blocks, positions and pretrained"
+    excludes = frozenset({"masking", "mixed_sizes"})
+    needs = {"supports_block_controls": "runs ControlNet adapters in its block loop (block_controls)"}
+    freezes_base = True
 
-def _check_config(config: TrainConfig) -> None:
-    cfg = config.controlnet
-    if not (config.model.pretrained or config.model.inherit_from):
-        raise ConfigError(
-            "controlnet: a ControlNet trains on a trained base; set model.pretrained (a transformer folder)."
-        )
-    if cfg.num_blocks is not None and cfg.positions is not None:
-        raise ConfigError("controlnet.num_blocks and controlnet.positions exclude each other; set one.")
-    if cfg.pretrained and (cfg.num_blocks is not None or cfg.positions is not None):
-        raise ConfigError("controlnet.pretrained fixes the adapter's blocks; leave num_blocks and positions unset.")
-    if config.model.lora_rank:
-        raise ConfigError("controlnet: the base is frozen and the adapter trains; unset model.lora_rank.")
-    if config.objective.distill or config.objective.distill_teacher:
-        raise ConfigError("controlnet: distillation (objective.distill / distill_teacher) is not for adapters.")
-    if config.validation.every:
-        raise ConfigError(
-            "controlnet: validation sampling needs control images; set validation.every=0 and sample the "
-            "checkpoint's adapter with dit.pipelines.ControlNetPipeline."
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, backbone: nn.Module) -> ControlNetTraining | None:
+        """The feature when ``controlnet`` is configured, else None."""
+        return cls(config) if config.controlnet.enabled else None
+
+    def check(self, backbone: nn.Module) -> None:
+        config, cfg = self.config, self.config.controlnet
+        if not (config.model.pretrained or config.model.inherit_from):
+            raise ConfigError(
+                "controlnet: a ControlNet trains on a trained base; set model.pretrained (a transformer folder)."
+            )
+        if cfg.num_blocks is not None and cfg.positions is not None:
+            raise ConfigError("controlnet.num_blocks and controlnet.positions exclude each other; set one.")
+        if cfg.pretrained and (cfg.num_blocks is not None or cfg.positions is not None):
+            raise ConfigError(
+                "controlnet.pretrained fixes the adapter's blocks; leave num_blocks and positions unset."
+            )
+        if config.model.lora_rank:
+            raise ConfigError("controlnet: the base is frozen and the adapter trains; unset model.lora_rank.")
+        if config.validation.every:
+            raise ConfigError(
+                "controlnet: validation sampling needs control images; set validation.every=0 and sample the "
+                "checkpoint's adapter with dit.pipelines.ControlNetPipeline."
+            )
+
+    def wrap(self, model: nn.Module) -> ControlledTransformer:
+        """The base ``model`` frozen, with a new (or ``controlnet.pretrained``) adapter that trains."""
+        cfg = self.config.controlnet
+        if cfg.pretrained:
+            adapter = ControlNetAdapter.from_pretrained(cfg.pretrained)
+            adapter.to(next(model.parameters()).device)
+        elif cfg.positions is not None:
+            adapter = ControlNetAdapter.from_transformer(model, positions=cfg.positions)
+        else:
+            adapter = ControlNetAdapter.from_transformer(model, num_blocks=cfg.num_blocks)
+        if self.config.model.gradient_checkpointing:
+            adapter.enable_gradient_checkpointing()
+        return ControlledTransformer(model, adapter, cfg.conditioning_scale)
+
+    def contribute(self, inputs: StepInputs) -> Contribution:
+        """The batch's control latents (B, C, h, w) as ``controlnet_cond`` (None when the shards have none, which
+        :meth:`ControlledTransformer.forward` refuses)."""
+        control = inputs.batch.get(CONTROL_KEY)
+        device = inputs.latents.device
+        return Contribution(
+            student={"controlnet_cond": None if control is None else control.to(device, non_blocking=True)}
         )

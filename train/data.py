@@ -13,7 +13,6 @@ exactly the batches it would have seen, and a run on P processes reads the same 
 from __future__ import annotations
 
 import bisect
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from dit.nn.text_padding import trimmed_text_length
-
-from .config import ConfigError
 
 REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
 OPTIONAL_KEYS = ("control_latent",)  # passed through when a shard has them (ControlNet's control latents)
@@ -143,22 +140,6 @@ def padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> torch.Te
     rows = torch.arange(height, device=image_sizes.device)[None, :, None] < image_sizes[:, 0, None, None]  # (B, H, 1)
     cols = torch.arange(width, device=image_sizes.device)[None, None, :] < image_sizes[:, 1, None, None]  # (B, 1, W)
     return (rows & cols).float()[:, None]  # (B, 1, H, W)
-
-
-def check_mixed_sizes(config, model: torch.nn.Module, objective) -> None:
-    """Refuse ``data.mixed_sizes`` where padded batches cannot train: the backbone must take ``image_sizes`` and
-    the objective a loss mask; distillation, ControlNet and token masking are not combined with it."""
-    if "image_sizes" not in inspect.signature(model.forward).parameters:
-        raise ConfigError(
-            f"data.mixed_sizes needs a backbone that takes image_sizes (FiTTransformer); {type(model).__name__} "
-            "does not. Set data.mixed_sizes to false to train on one size bucket per batch."
-        )
-    if not objective.supports_loss_mask or objective.uses_teacher or objective.uses_target:
-        raise ConfigError("data.mixed_sizes does not combine with distillation (a teacher or a target network).")
-    if config.controlnet.enabled:
-        raise ConfigError("data.mixed_sizes does not combine with ControlNet training.")
-    if config.masking.enabled:
-        raise ConfigError("data.mixed_sizes does not combine with token masking (masking.ratio > 0); set it to 0.")
 
 
 class BatchPlan:

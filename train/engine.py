@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .config import ConfigError, TrainConfig
+from .objectives import DISTILLATIONS
 
 
 def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
@@ -20,11 +23,9 @@ def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
             "validation.every: sampling runs on the main process alone, which an FSDP2-sharded model cannot; set "
             "validation.every=0 and sample the checkpoints' model_ema folders."
         )
-    if sharded and config.objective.distill == "lcm":
-        raise ConfigError(
-            "objective.distill=lcm: the target network and the lcm folder need the whole student on one process; "
-            "run LCM distillation with DDP (configs/accelerate/multi_gpu.yaml)."
-        )
+    method = DISTILLATIONS.get(config.objective.distill)
+    if sharded and method is not None and method.sharded_refusal:
+        raise ConfigError(f"objective.distill={config.objective.distill}: {method.sharded_refusal}")
     if kind == DistributedType.DEEPSPEED:
         if config.gradient_accumulation_steps != 1:
             raise ConfigError(
@@ -44,8 +45,6 @@ def _tracker(report_to: str) -> str | None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        import warnings
-
         warnings.warn(
             "report_to=tensorboard but tensorboard is not installed; logging to metrics.jsonl only.", stacklevel=3
         )

@@ -38,8 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import PixArtImageProcessor
 from PIL import Image
 from tqdm.auto import tqdm
+
+from dit.pipelines.resolution import ASPECT_RATIO_BINS, nearest_multiple
 
 from .control_images import CONTROL_KINDS, control_from_image, load_control_image
 from .extract_progress import (
@@ -67,8 +70,6 @@ PRINTED_BROKEN = 20  # broken samples printed per process; the report lists all
 def aspect_ratio_bins(resolution: int, multiple: int) -> dict[str, list[int]]:
     """PixArt's aspect-ratio bins for ``resolution`` px; another resolution gets the nearest bin set scaled to it.
     Sides are rounded to multiples of ``multiple`` (VAE factor x patch size)."""
-    from dit.pipelines.resolution import ASPECT_RATIO_BINS, nearest_multiple
-
     base = min(ASPECT_RATIO_BINS, key=lambda r: abs(math.log(resolution / r)))
     scale = resolution / base
     return {
@@ -82,8 +83,6 @@ def bucket_of(width: int, height: int, resolution: int, bucketing: bool = True, 
     ``resolution`` without bucketing."""
     if not bucketing:
         return resolution, resolution
-    from diffusers.image_processor import PixArtImageProcessor
-
     bins = aspect_ratio_bins(resolution, multiple)
     return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins)
 

@@ -1,17 +1,17 @@
-"""Token masking as a training wrapper (MicroDiT): which tokens a step keeps, and where its loss counts."""
+"""Token masking as a training feature (MicroDiT): which tokens a step keeps, and where its loss counts."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+from torch import nn
 
 from dit.nn.masking import keep_indices_from_scores, kept_count, patch_loss_mask, patch_scores
 
-from .config import ConfigError, MaskingConfig
+from .config import ConfigError, MaskingConfig, TrainConfig
+from .features import Contribution, Feature, StepInputs, capability
 
 
-class TokenMasking:
+class TokenMasking(Feature):
     """Per-sample random masking of patch tokens for the steps before the unmasked fine-tune.
 
     The loop gives each sample a (H, W) grid of uniform draws from its own generator (so masks, like noise, do not
@@ -23,6 +23,12 @@ class TokenMasking:
         patch_size: the model's patch side in latent pixels.
         max_steps: the run's optimizer steps; the last ``config.unmasked_steps`` of them are unmasked.
     """
+
+    name = "masking"
+    label = "masking.ratio > 0 (token masking)"
+    off = "set masking.ratio to 0"
+    excludes = frozenset({"controlnet", "mixed_sizes"})
+    needs = {"supports_token_masking": "takes keep_indices"}
 
     def __init__(self, config: MaskingConfig, patch_size: int, max_steps: int):
         if not 0.0 <= config.ratio < 1.0:
@@ -45,23 +51,29 @@ class TokenMasking:
         keep = keep_indices_from_scores(scores, kept_count(scores.shape[1], self.config.ratio))  # (B, K)
         return keep, patch_loss_mask(keep, grid, p)
 
+    @classmethod
+    def from_config(cls, config: TrainConfig, backbone: nn.Module) -> TokenMasking | None:
+        """The run's masking, or None when ``masking.ratio`` is 0."""
+        if not config.masking.enabled:
+            return None
+        return cls(config.masking, backbone.config.patch_size, config.max_steps)
 
-def build_masking(config, model: torch.nn.Module, objective) -> TokenMasking | None:
-    """The run's :class:`TokenMasking`, or None when ``masking.ratio`` is 0; refuses models and objectives that
-    cannot mask."""
-    if not config.masking.enabled:
-        return None
-    if "keep_indices" not in inspect.signature(model.forward).parameters:
-        raise ConfigError(
-            f"masking.ratio > 0 needs a backbone that takes keep_indices; {type(model).__name__} does not."
-        )
-    if any(getattr(block.attn1, "needs_grid", False) for block in getattr(model, "transformer_blocks", [])):
-        raise ConfigError(
-            "masking.ratio > 0 drops tokens from the grid, but this model's self-attention needs the full grid (KV "
-            "compression or LiT's value convolution: set attention_conv_kernel_size to null)."
-        )
-    if not objective.supports_loss_mask:
-        raise ConfigError("masking.ratio > 0 does not combine with consistency (LCM) distillation; set it to 0.")
-    if config.controlnet.enabled:
-        raise ConfigError("masking.ratio > 0 does not combine with ControlNet training; set it to 0.")
-    return TokenMasking(config.masking, model.config.patch_size, config.max_steps)
+    def check(self, backbone: nn.Module) -> None:
+        if capability(backbone, "needs_full_grid"):
+            raise ConfigError(
+                "masking.ratio > 0 drops tokens from the grid, but this model's self-attention needs the full grid "
+                "(KV compression or LiT's value convolution: set attention_conv_kernel_size to null)."
+            )
+
+    def needs_token_draws(self, step: int) -> bool:
+        return self.active(step)
+
+    def contribute(self, inputs: StepInputs) -> Contribution:
+        """A masked step: the student sees its kept tokens only, and the loss counts on them only."""
+        if not self.active(inputs.step):
+            return Contribution()
+        keep_indices, loss_mask = self.draw(inputs.draws["mask"])
+        return Contribution(student={"keep_indices": keep_indices}, loss_mask=loss_mask)
+
+    def stats(self, step: int) -> dict[str, float]:
+        return {"mask_ratio": self.config.ratio if self.active(step - 1) else 0.0}

@@ -1,26 +1,39 @@
-"""Building what a run trains and distils from: the backbone (fresh, pretrained or inherited, with LoRA or a
-ControlNet adapter), the frozen teacher, and what a base pipeline records about its objective."""
+"""Building what a run trains: the backbone (fresh, pretrained or inherited, with LoRA), the run's features (token
+masking, mixed sizes, a ControlNet adapter, a distillation objective) and the model they make of the backbone, and
+what a base pipeline records about its objective."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
+from dit.models.registry import backbone_class
+
 from .config import ConfigError, TrainConfig
+from .controlnet import ControlNetTraining
+from .features import Feature
+from .masking import TokenMasking
+from .mixed_sizes import MixedSizes
+from .objectives import Objective
 
 #: What each objective's sampler predicts -> the objective that trains it (for messages about a base model).
 OBJECTIVE_OF = {"epsilon": "ddpm_eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
 
 
-def build_model(config: TrainConfig) -> torch.nn.Module:
-    """The backbone named by ``model.cls`` (a class of :mod:`dit`), from ``model.pretrained`` or ``model.kwargs``."""
-    import dit
+#: The features a run may turn on besides its objective, in the order they are checked and applied.
+FEATURES: tuple[type, ...] = (TokenMasking, MixedSizes, ControlNetTraining)
 
-    cls = getattr(dit, config.model.cls, None)
-    if cls is None or not isinstance(cls, type):
-        raise ConfigError(f"model.cls: {config.model.cls!r} is not a backbone class of dit.")
+
+def build_backbone(config: TrainConfig) -> torch.nn.Module:
+    """The backbone named by ``model.cls`` (:data:`dit.models.registry.BACKBONES`), from ``model.pretrained``,
+    ``model.inherit_from`` or ``model.kwargs``, with its LoRA and gradient checkpointing."""
+    try:
+        cls = backbone_class(config.model.cls)
+    except ValueError as error:
+        raise ConfigError(f"model.cls: {config.model.cls!r} is not a backbone class of dit.") from error
     if config.model.pretrained and config.model.inherit_from:
         raise ConfigError("model.pretrained and model.inherit_from exclude each other; set one.")
     if config.model.pretrained:  # a transformer folder, or a pipeline folder (its transformer/)
@@ -33,11 +46,43 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if config.controlnet.enabled:  # the base frozen, a ControlNet adapter on it trains
-        from .controlnet import controlnet_model
+    return model
 
-        model = controlnet_model(model, config)
+
+def build_features(config: TrainConfig, backbone: torch.nn.Module, objective: Objective) -> list[Feature]:
+    """The features ``config`` turns on, and the objective when it is one (a distillation)."""
+    features = [feature for cls in FEATURES if (feature := cls.from_config(config, backbone)) is not None]
+    return features + [objective] if isinstance(objective, Feature) else features
+
+
+def wrap_model(backbone: torch.nn.Module, features: list[Feature]) -> torch.nn.Module:
+    """The model to train: ``backbone`` as the features wrap it (a ControlNet adapter around the frozen base), in
+    training mode."""
+    model = backbone
+    for feature in features:
+        model = feature.wrap(model)
     return model.train()
+
+
+def check_base_objective(config: TrainConfig, objective: Objective, frozen_base: bool) -> None:
+    """The objective should train what ``model.pretrained`` was trained to predict (as its pipeline folder's
+    scheduler records it): an error for a frozen base (ControlNet), a warning when fine-tuning."""
+    recorded = recorded_prediction(config.model.pretrained) if config.model.pretrained else None
+    if recorded is None:
+        return
+    sampler = objective.sampling_scheduler()
+    ours = _prediction_of(type(sampler).__name__, sampler.config.get("prediction_type"))
+    if recorded[0] == ours:
+        return
+    name, base = config.objective.name, config.model.pretrained
+    message = (
+        f"objective.name={name} trains prediction_type={ours!r}, but the base model.pretrained={base} was "
+        f"trained for prediction_type={recorded[0]!r} ({recorded[1]}); objective.name="
+        f"{OBJECTIVE_OF.get(recorded[0], '?')} trains that"
+    )
+    if frozen_base:
+        raise ConfigError(f"{message}. A ControlNet adapter on a frozen base must train the base's objective.")
+    warnings.warn(f"{message}; fine-tuning to another objective has to unlearn the base's first.", stacklevel=4)
 
 
 def _transformer_subfolder(path: str) -> str | None:
@@ -69,20 +114,3 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: li
     model.requires_grad_(False)
     lora = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights="gaussian")
     model.add_adapter(lora)
-
-
-def save_model(model: torch.nn.Module, folder: Path) -> None:
-    """A diffusers folder of the model, or of its LoRA alone (``pytorch_lora_weights.safetensors``) when it has one."""
-    if getattr(model, "peft_config", None):
-        model.save_lora_adapter(folder)
-    else:
-        model.save_pretrained(folder)
-
-
-def _teacher(path: str | None, device: torch.device) -> torch.nn.Module | None:
-    """The frozen distillation teacher (a PixArt transformer or pipeline folder), or None."""
-    if not path:
-        return None
-    from dit.models.base import as_pixart_model
-
-    return as_pixart_model(path).to(device).eval().requires_grad_(False)

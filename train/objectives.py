@@ -1,22 +1,33 @@
-"""Training objectives: small classes that turn (clean latents, noise, a uniform draw per sample) into a loss.
+"""Training losses: small classes that turn (clean latents, noise, a uniform draw per sample) into a loss, each
+holding the :class:`~dit.train.parametrisation.Parametrisation` it trains (ε, v, x0 or flow).
 
 The loop owns all randomness (per-sample generators), so an objective is a pure function of its inputs: the
-same sample gets the same noise and timestep whichever process or batch position it lands in.
+same sample gets the same noise and timestep whichever process or batch position it lands in. Distillation
+objectives wrap one of these (:mod:`dit.train.distillation`, :mod:`dit.train.consistency`) and register themselves
+by name with :func:`register_distillation`; :func:`build_objective` builds either from the ``objective`` section.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
+from diffusers import SchedulerMixin
 
-from .config import ConfigError, ObjectiveConfig
+from .config import DISTILL_CHOICES, ConfigError, ObjectiveConfig
+from .parametrisation import (
+    EpsilonParametrisation,
+    FlowParametrisation,
+    Parametrisation,
+    SampleParametrisation,
+    VParametrisation,
+)
 
 ModelFn = Callable[..., torch.Tensor]  # (noisy latents, timesteps, *, uncond=False, guidance=None) -> prediction
-
-#: sigma_data of the consistency boundary scalings (fixed at 0.5 in diffusers' LCMScheduler).
-SIGMA_DATA = 0.5
+#: (network, noisy latents, timesteps, *, uncond=False, guidance=None) -> prediction, with the step's conditions
+NetworkCall = Callable[..., torch.Tensor]
 
 
 def mean_per_sample(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,39 +39,82 @@ def mean_per_sample(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     return (x * mask).flatten(1).sum(dim=1) / (mask.flatten(1).sum(dim=1) * x.shape[1]).clamp(min=1)
 
 
+def _through(name: str, attribute: str | None = None) -> property:
+    """A read-only attribute of the objective that is its parametrisation's ``attribute`` (default ``name``)."""
+    return property(
+        lambda self: getattr(self.parametrisation, attribute or name), doc=f"The parametrisation's {name}."
+    )
+
+
 class Objective:
     """Base class. ``loss`` returns per-sample losses (B,) and a dict of extra per-sample terms to log.
 
     ``loss_mask`` (B, 1, H, W), when given, restricts every term to the latent positions where it is 1 (the kept
-    patches of a masked step); ``supports_loss_mask`` says whether an objective takes it.
+    patches of a masked step, the valid region of a padded sample). The parametrisation's API (times, noising,
+    samplers) reads through the objective.
 
-    ``uses_teacher`` / ``uses_target``: ``loss`` also takes ``teacher_fn`` (a frozen teacher) / ``target_fn``
-    (a target network) and ``guidance_uniform`` from the loop.
+    Args:
+        config: the ``objective`` section.
+        parametrisation: the one to train (default: a new ``parametrisation_class(config)``).
     """
 
-    uses_teacher = False
-    uses_target = False
-    supports_loss_mask = True
+    parametrisation_class: ClassVar[type[Parametrisation]] = Parametrisation
 
-    def __init__(self, config: ObjectiveConfig):
+    def __init__(self, config: ObjectiveConfig, parametrisation: Parametrisation | None = None):
         self.config = config
+        self.parametrisation = parametrisation or self.parametrisation_class(config)
+
+    prediction_type = _through("prediction_type")
+    timesteps = _through("timesteps")
+    add_noise = _through("add_noise")
+    x0_and_eps = _through("x0_and_eps")
+    model_time = _through("model_time")
+    solver_grid = _through("solver_grid")
+    consistency_scalings = _through("consistency_scalings")
+    consistency_scheduler = _through("consistency_scheduler")
+
+    def sampling_scheduler(self) -> SchedulerMixin:
+        """A diffusers scheduler that samples from a model trained with this objective (validation, pipelines)."""
+        return self.parametrisation.sampling_scheduler()
+
+    def sampling_defaults(self) -> tuple[int, float] | None:
+        """(steps, guidance scale) a trained model samples with; None: the validation settings'."""
+        return None
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor the objective keeps for its steps (its parametrisation's and a wrapped objective's too)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                yield name, value
+            elif isinstance(value, (Objective, Parametrisation)):
+                yield from ((f"{name}.{sub}", tensor) for sub, tensor in value.named_tensors())
 
     def to(self, device: torch.device | str) -> Objective:
-        """Move the objective's tensors (noise schedule, solver grid; those of a wrapped base objective too) to
+        """Move the objective's tensors (noise schedule, solver grid; those of a wrapped objective too) to
         ``device`` once, so that no training step copies them from the host."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
-            elif isinstance(value, Objective):
+            elif isinstance(value, (Objective, Parametrisation)):
                 value.to(device)
         return self
 
-    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def networks(self, call: NetworkCall, draws: dict[str, torch.Tensor]) -> dict:
+        """What ``loss`` takes besides the student for one step (a distillation's teacher and target); none here."""
+        return {}
 
-    def sampling_scheduler(self):
-        """A diffusers scheduler that samples from a model trained with this objective (validation, pipelines)."""
-        raise NotImplementedError
+    def step_loss(
+        self,
+        student: ModelFn,
+        call: NetworkCall,
+        latents: torch.Tensor,
+        draws: dict[str, torch.Tensor],
+        loss_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training step's loss: ``student`` (the trained model with the step's conditions and features),
+        ``call`` (any other network with the step's conditions), the step's per-sample ``draws``."""
+        masked = {} if loss_mask is None else {"loss_mask": loss_mask}
+        return self.loss(student, latents, draws["noise"], draws["uniform"], **masked, **self.networks(call, draws))
 
     def loss(
         self,
@@ -72,137 +126,32 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    # ----- the parametrisation, for samplers and distillation (t in the objective's own units) -------------
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noisy sample at ``t`` for clean sample ``x0`` and noise ``eps`` (a DDIM step when ``eps`` is
-        a model's estimate)."""
-        raise NotImplementedError
 
-    def x0_and_eps(
-        self, pred: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clean-sample and noise estimates that a model's prediction at ``(noisy, t)`` implies."""
-        raise NotImplementedError
+class _DiscreteLoss(Objective):
+    """A loss on the DDPM schedule, with min-SNR weighting (``objective.min_snr_gamma``)."""
 
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """What the model is fed as ``timestep`` for objective time ``t``."""
-        return t
-
-    def solver_grid(self, num_steps: int) -> torch.Tensor:
-        """``num_steps`` ascending times, evenly spaced, ending at the noisiest (a DDIM solver's grid)."""
-        raise NotImplementedError
-
-    def consistency_scalings(self, t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c_skip, c_out)`` of a consistency model ``c_skip * x_t + c_out * x0`` (c_skip = 1 at t = 0)."""
-        raise NotImplementedError
-
-    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
-        """diffusers' few-step scheduler for a consistency model distilled on ``solver_grid(num_steps)``."""
-        raise NotImplementedError
-
-
-def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) in ``like``'s dtype and device."""
-    return values.to(like.device, like.dtype).view((-1,) + (1,) * (like.ndim - 1))
-
-
-def discrete_betas(config: ObjectiveConfig) -> torch.Tensor:
-    """PixArt's linear betas, with every timestep's SNR divided by ``noise_shift ** 2`` when it is not 1 (SD3's
-    shift in SNR terms: more noise at every step, for inputs whose tokens average many values)."""
-    if config.noise_shift <= 0:
-        raise ConfigError(f"objective.noise_shift must be positive, got {config.noise_shift}.")
-    betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
-    if config.noise_shift == 1:
-        return betas
-    abar = torch.cumprod(1 - betas, dim=0)
-    snr = abar / (1 - abar) / config.noise_shift**2
-    shifted = snr / (1 + snr)  # (T,) the new alphas_cumprod
-    return 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
-
-
-class _Discrete(Objective):
-    """DDPM forward process with PixArt's linear betas over ``num_train_timesteps`` steps (optionally shifted)."""
-
-    prediction_type = "epsilon"
-
-    def __init__(self, config: ObjectiveConfig):
-        super().__init__(config)
-        self.betas = discrete_betas(config)
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
-
-    def _schedule_kwargs(self) -> dict:
-        """The noise schedule as diffusers schedulers take it (``trained_betas`` once shifted)."""
-        cfg = self.config
-        if cfg.noise_shift == 1:
-            return dict(beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="linear")
-        return dict(trained_betas=self.betas.tolist())
-
-    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
-        return (uniform * self.config.num_train_timesteps).long().clamp_(max=self.config.num_train_timesteps - 1)
-
-    def sampling_scheduler(self):
-        from diffusers import DPMSolverMultistepScheduler
-
-        cfg = self.config
-        return DPMSolverMultistepScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, prediction_type=self.prediction_type,
-            **self._schedule_kwargs(),
-        )  # fmt: skip
-
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = self.alphas_cumprod.to(like.device)[t]  # (B,)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return abar.sqrt().to(like.dtype).view(shape), (1 - abar).sqrt().to(like.dtype).view(shape)
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod.to(t.device)[t]
-        return (abar / (1 - abar)).float()
+    alphas_cumprod = _through("alphas_cumprod")
+    betas = _through("betas")
+    snr = _through("snr")
+    _coefficients = _through("coefficients")
 
     def _min_snr_weight(self, t: torch.Tensor, v_prediction: bool) -> torch.Tensor | None:
         gamma = self.config.min_snr_gamma
         if gamma is None:
             return None
-        snr = self.snr(t)
+        snr = self.parametrisation.snr(t)
         return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v_prediction else snr)
 
-    def add_noise(self, x0, eps, t):
-        a, s = self._coefficients(t, x0)
-        return a * x0 + s * eps
 
-    def solver_grid(self, num_steps: int) -> torch.Tensor:
-        total = self.config.num_train_timesteps
-        if not 0 < num_steps <= total:
-            raise ConfigError(f"The solver grid needs 1..{total} steps, got {num_steps}.")
-        return torch.arange(1, num_steps + 1) * (total // num_steps) - 1  # e.g. 19, 39, ..., 999
-
-    def consistency_scalings(self, t, timestep_scaling):
-        scaled = t.double() * timestep_scaling
-        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-        return c_skip.float(), c_out.float()
-
-    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
-        from diffusers import LCMScheduler
-
-        cfg = self.config
-        return LCMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, prediction_type=self.prediction_type,
-            original_inference_steps=num_steps, timestep_scaling=timestep_scaling, clip_sample=False,
-            **self._schedule_kwargs(),
-        )  # fmt: skip
-
-
-class DDPMEpsilon(_Discrete):
+class DDPMEpsilon(_DiscreteLoss):
     """ε-prediction MSE; when the model also outputs variance channels, PixArt's learned-sigma VLB term."""
 
-    def x0_and_eps(self, pred, noisy, t):
-        a, s = self._coefficients(t, noisy)
-        return (noisy - s * pred) / a, pred
+    parametrisation_class = EpsilonParametrisation
 
     def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
-        t = self.timesteps(uniform)
-        a, s = self._coefficients(t, latents)
-        noisy = a * latents + s * noise
+        p = self.parametrisation
+        t = p.timesteps(uniform)
+        noisy = p.add_noise(latents, noise, t)
         pred = model_fn(noisy, t)
         channels = latents.shape[1]
         eps = pred[:, :channels]
@@ -218,9 +167,9 @@ class DDPMEpsilon(_Discrete):
 
     def _posterior(self, t: torch.Tensor, like: torch.Tensor):
         """Coefficients of q(x_{t-1} | x_t, x_0): mean = c0 * x0 + ct * xt, clipped log-variance."""
-        abar = self.alphas_cumprod.to(like.device)
+        abar = self.parametrisation.alphas_cumprod.to(like.device)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        betas = self.betas.to(like.device)
+        betas = self.parametrisation.betas.to(like.device)
         variance = betas * (1 - abar_prev) / (1 - abar)
         log_variance = torch.log(torch.cat([variance[1:2], variance[1:]]))
         c0 = betas * abar_prev.sqrt() / (1 - abar)
@@ -231,7 +180,7 @@ class DDPMEpsilon(_Discrete):
     def _vlb(self, x0, xt, t, eps, var_channels, loss_mask=None) -> torch.Tensor:
         """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension; the decoder NLL at t = 0 (IDDPM)."""
         c0, ct, true_log_var, max_log = self._posterior(t, x0)
-        abar = self.alphas_cumprod.to(x0.device)[t].float().view(c0.shape)
+        abar = self.parametrisation.alphas_cumprod.to(x0.device)[t].float().view(c0.shape)
         x0, xt, eps = x0.float(), xt.float(), eps.float()
         true_mean = c0 * x0 + ct * xt
         pred_x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
@@ -264,7 +213,7 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-class VPrediction(_Discrete):
+class VPrediction(_DiscreteLoss):
     """v-prediction: target ``sqrt(abar) * noise - sqrt(1 - abar) * x0``.
 
     Unlike ε-prediction, a model's error does not get amplified by sigma/alpha (~150 at PixArt's last step) when the
@@ -272,23 +221,20 @@ class VPrediction(_Discrete):
     patches (they cannot carry the noise through exactly).
     """
 
-    prediction_type = "v_prediction"
-
-    def x0_and_eps(self, pred, noisy, t):
-        a, s = self._coefficients(t, noisy)
-        return a * noisy - s * pred, s * noisy + a * pred
+    parametrisation_class = VParametrisation
 
     def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
-        t = self.timesteps(uniform)
-        a, s = self._coefficients(t, latents)
-        pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
+        p = self.parametrisation
+        t = p.timesteps(uniform)
+        a, s = p.coefficients(t, latents)
+        pred = model_fn(p.add_noise(latents, noise, t), t)[:, : latents.shape[1]]
         target = a * noise - s * latents
         mse = mean_per_sample((pred.float() - target.float()) ** 2, loss_mask)
         weight = self._min_snr_weight(t, v_prediction=True)
         return (mse if weight is None else mse * weight), {"mse": mse}
 
 
-class SamplePrediction(_Discrete):
+class SamplePrediction(_DiscreteLoss):
     """Clean-sample (x0) prediction. A clean image lies on a low-dimensional set while noise does not, so a model
     whose tokens are about as wide as their patches (8 latent channels x 4x4 = 128 values per 128-wide token) can
     output x0 exactly where it cannot carry the noise through. Sampled by DPM-Solver with ``prediction_type="sample"``.
@@ -298,25 +244,22 @@ class SamplePrediction(_Discrete):
     weights the noisy steps where layout and shape are decided; it learned MicroShapes prompts faster).
     """
 
-    prediction_type = "sample"
+    parametrisation_class = SampleParametrisation
     WEIGHTINGS = ("v", "uniform")
 
-    def __init__(self, config: ObjectiveConfig):
-        super().__init__(config)
+    def __init__(self, config: ObjectiveConfig, parametrisation: Parametrisation | None = None):
+        super().__init__(config, parametrisation)
         if config.x0_weighting not in self.WEIGHTINGS:
             raise ConfigError(f"objective.x0_weighting must be one of {self.WEIGHTINGS}, got {config.x0_weighting!r}.")
 
-    def x0_and_eps(self, pred, noisy, t):
-        a, s = self._coefficients(t, noisy)
-        return pred, (noisy - a * pred) / s
-
     def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
-        t = self.timesteps(uniform)
-        a, s = self._coefficients(t, latents)
-        pred = model_fn(a * latents + s * noise, t)[:, : latents.shape[1]]
+        p = self.parametrisation
+        t = p.timesteps(uniform)
+        pred = model_fn(p.add_noise(latents, noise, t), t)[:, : latents.shape[1]]
         mse = mean_per_sample((pred.float() - latents.float()) ** 2, loss_mask)
         if self.config.x0_weighting == "uniform":
             return mse, {"mse": mse}
+        _, s = p.coefficients(t, latents)
         sigma = s.reshape(-1).float().clamp(min=self.config.x0_sigma_floor)  # (B,)
         loss = mse / sigma**2  # the v-space loss
         weight = self._min_snr_weight(t, v_prediction=True)
@@ -324,99 +267,22 @@ class SamplePrediction(_Discrete):
 
 
 class RectifiedFlow(Objective):
-    """Rectified flow (SD3 / FiTv2): ``x_t = (1 - t) x0 + t noise``, velocity target ``noise - x0``.
+    """Rectified flow (SD3 / FiTv2): velocity target ``noise - x0`` at logit-normal times (see
+    :class:`~dit.train.parametrisation.FlowParametrisation`)."""
 
-    ``t`` is logit-normal: ``sigmoid(mean + std * z)`` with ``z`` the normal quantile of the uniform draw. The
-    model sees ``t * num_train_timesteps``, as diffusers' ``FlowMatchEulerDiscreteScheduler`` feeds it.
-    """
+    parametrisation_class = FlowParametrisation
 
-    def __init__(self, config: ObjectiveConfig):
-        super().__init__(config)
+    def __init__(self, config: ObjectiveConfig, parametrisation: Parametrisation | None = None):
+        super().__init__(config, parametrisation)
         if config.min_snr_gamma is not None:
             raise ConfigError("objective.min_snr_gamma is not defined for rectified flow; leave it null.")
 
-    def sampling_scheduler(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.config.num_train_timesteps)
-
-    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
-        z = torch.special.ndtri(uniform.double().clamp(1e-6, 1 - 1e-6))
-        return torch.sigmoid(self.config.logit_normal_mean + self.config.logit_normal_std * z).float()
-
-    def add_noise(self, x0, eps, t):
-        sigma = _broadcast(t, x0)
-        return (1 - sigma) * x0 + sigma * eps
-
-    def x0_and_eps(self, pred, noisy, t):
-        sigma = _broadcast(t, noisy)
-        return noisy - sigma * pred, noisy + (1 - sigma) * pred
-
-    def model_time(self, t):
-        return t * self.config.num_train_timesteps
-
-    def solver_grid(self, num_steps: int) -> torch.Tensor:
-        if num_steps < 1:
-            raise ConfigError(f"The solver grid needs at least 1 step, got {num_steps}.")
-        return torch.arange(1, num_steps + 1, dtype=torch.float64).div(num_steps).float()  # 1/N, ..., 1
-
-    def consistency_scalings(self, t, timestep_scaling):
-        # x0 = x_t - sigma * v already equals x_t at sigma = 0: FlowMatchLCMScheduler's parametrisation
-        return torch.zeros_like(t, dtype=torch.float32), torch.ones_like(t, dtype=torch.float32)
-
-    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
-        from diffusers import FlowMatchLCMScheduler
-
-        return FlowMatchLCMScheduler(num_train_timesteps=self.config.num_train_timesteps)
-
     def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
-        t = self.timesteps(uniform).to(latents.device)
-        tt = _broadcast(t, latents)
-        pred = model_fn((1 - tt) * latents + tt * noise, t * self.config.num_train_timesteps)
+        p = self.parametrisation
+        t = p.timesteps(uniform).to(latents.device)
+        pred = model_fn(p.add_noise(latents, noise, t), p.model_time(t))
         mse = mean_per_sample((pred[:, : latents.shape[1]].float() - (noise - latents).float()) ** 2, loss_mask)
         return mse, {"mse": mse}
-
-
-class HybridDistillation(Objective):
-    """LiT's hybrid distillation around any objective: its loss plus ``eps_weight * ||eps_T - eps_S||^2`` and, when
-    the models output learned-sigma channels, ``var_weight * ||Sigma_T - Sigma_S||^2``, with a frozen teacher
-    evaluated on the student's exact noisy input, timestep and conditions (``teacher_fn``, given by the loop).
-
-    The first term compares the predictions in the objective's own parametrisation (ε for ``ddpm_eps``, v for
-    ``v``); the variance term exists only for learned-sigma models (``out_channels = 2 * in_channels``).
-    """
-
-    uses_teacher = True
-
-    def __init__(self, base: Objective, eps_weight: float = 0.5, var_weight: float = 0.05):
-        super().__init__(base.config)
-        self.base, self.eps_weight, self.var_weight = base, eps_weight, var_weight
-
-    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
-        return self.base.timesteps(uniform)
-
-    def sampling_scheduler(self):
-        return self.base.sampling_scheduler()
-
-    def loss(self, model_fn, latents, noise, uniform, loss_mask=None, teacher_fn: ModelFn | None = None):
-        if teacher_fn is None:
-            raise ValueError("HybridDistillation needs the teacher's prediction function (objective.distill_teacher).")
-        seen = {}
-
-        def student(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            seen["pred"], seen["inputs"] = model_fn(noisy, t), (noisy, t)
-            return seen["pred"]
-
-        loss, extra = self.base.loss(student, latents, noise, uniform, loss_mask)
-        with torch.no_grad():
-            target = teacher_fn(*seen["inputs"]).float()
-        pred, channels = seen["pred"].float(), latents.shape[1]
-        extra["kd_eps"] = mean_per_sample((pred[:, :channels] - target[:, :channels]) ** 2, loss_mask)
-        loss = loss + self.eps_weight * extra["kd_eps"]
-        if pred.shape[1] == 2 * channels and target.shape[1] == 2 * channels:
-            extra["kd_var"] = mean_per_sample((pred[:, channels:] - target[:, channels:]) ** 2, loss_mask)
-            loss = loss + self.var_weight * extra["kd_var"]
-        return loss, extra
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -426,10 +292,22 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "flow": RectifiedFlow,
 }
 
+#: Distillation objectives by ``objective.distill`` name, filled by :func:`register_distillation`.
+DISTILLATIONS: dict[str, type] = {}
+
+
+def register_distillation(cls: type) -> type:
+    """Class decorator: make a distillation objective (a :class:`~dit.train.distillation.Distillation` with a
+    ``name``) buildable as ``objective.distill: NAME``."""
+    DISTILLATIONS[cls.name] = cls
+    if cls.name not in DISTILL_CHOICES:
+        DISTILL_CHOICES.append(cls.name)
+    return cls
+
 
 def build_objective(config: ObjectiveConfig) -> Objective:
     """The objective ``config.name``, wrapped by the distillation ``config.distill`` names (``hybrid`` by default
-    when a teacher is configured, or ``lcm``)."""
+    when a teacher is configured)."""
     if config.name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective {config.name!r}; choose one of {sorted(OBJECTIVES)}.")
     objective = OBJECTIVES[config.name](config)
@@ -438,10 +316,7 @@ def build_objective(config: ObjectiveConfig) -> Objective:
         return objective
     if not config.distill_teacher:
         raise ConfigError(f"objective.distill={distill!r} needs objective.distill_teacher (the teacher's folder).")
-    if distill == "hybrid":
-        return HybridDistillation(objective, config.distill_eps_weight, config.distill_var_weight)
-    if distill == "lcm":
-        from .consistency import ConsistencyDistillation
-
-        return ConsistencyDistillation(objective, config.lcm)
-    raise ConfigError(f"objective.distill: unknown distillation {distill!r}; use 'hybrid' or 'lcm'.")
+    if distill not in DISTILLATIONS:
+        known = " or ".join(repr(name) for name in DISTILLATIONS)
+        raise ConfigError(f"objective.distill: unknown distillation {distill!r}; use {known}.")
+    return DISTILLATIONS[distill].from_config(objective, config)

@@ -1,5 +1,5 @@
-"""What a finished run leaves besides its checkpoints: ``output_dir/pipeline`` (a complete pipeline folder) and, for
-LCM distillation, ``output_dir/lcm``."""
+"""What a finished run leaves besides its checkpoints: ``output_dir/pipeline`` (a complete pipeline folder) and what
+its features export (LCM distillation's ``output_dir/lcm``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,26 @@ from pathlib import Path
 
 import torch
 
-from . import checkpointing
+from dit.models.controlnet import ControlNetAdapter
+from dit.models.registry import backbone_class
+
+from .checkpointing import checkpoint_dir, latest_name
+from .consistency import ConsistencyDistillation
 from .validation import extracted_with, write_pipeline
+
+
+class RunOutputs:
+    """The :class:`~dit.train.loop.Trainer`'s methods that write a run's outputs."""
+
+    def save_pipeline(self) -> Path | None:
+        """``output_dir/pipeline`` (see :func:`save_pipeline`)."""
+        return save_pipeline(self)
+
+    def save_lcm_folder(self) -> Path:
+        """``output_dir/lcm`` of a consistency-distillation run (what its objective exports at the end)."""
+        if not isinstance(self.objective, ConsistencyDistillation):
+            raise ValueError("An LCM folder is written by consistency distillation runs (objective.distill=lcm).")
+        return self.objective.export(self)
 
 
 def save_pipeline(trainer) -> Path | None:
@@ -26,7 +44,7 @@ def save_pipeline(trainer) -> Path | None:
     controlnet = _final_adapter(trainer) if trainer.config.controlnet.enabled else None
     source = extracted_with(trainer.config.data.path) or trainer.config.validation.pipeline
     folder = trainer.root / "pipeline"
-    scheduler, sampling = trainer.objective.sampling_scheduler(), sampling_defaults(trainer.config)
+    scheduler, sampling = trainer.objective.sampling_scheduler(), sampling_defaults(trainer)
     missing = write_pipeline(folder, transformer, scheduler, sampling, source, controlnet=controlnet)
     if missing:
         warnings.warn(
@@ -39,11 +57,9 @@ def save_pipeline(trainer) -> Path | None:
 
 
 def _final_transformer(trainer) -> torch.nn.Module | None:
-    import dit
-
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.config.controlnet.enabled:  # the frozen base (the adapter is the checkpoint's, _final_adapter)
-        return model.transformer
+        return trainer.backbone
     if getattr(model, "peft_config", None):
         if trainer.sharded:
             warnings.warn(
@@ -57,39 +73,23 @@ def _final_transformer(trainer) -> torch.nn.Module | None:
         fused.unload_lora()
         return fused.eval()
     weights = _latest_weights(trainer)
-    return getattr(dit, trainer.config.model.cls).from_pretrained(weights)
+    return backbone_class(trainer.config.model.cls).from_pretrained(weights)
 
 
 def _final_adapter(trainer) -> torch.nn.Module:
     """A ControlNet run's adapter from the latest checkpoint (its EMA when kept)."""
-    from dit.models.controlnet import ControlNetAdapter
-
     weights = _latest_weights(trainer)
     return ControlNetAdapter.from_pretrained(weights)
 
 
 def _latest_weights(trainer) -> Path:
     """The latest checkpoint's ``model_ema`` folder when an EMA was kept, else its ``model``."""
-    latest = checkpointing.checkpoint_dir(trainer.root) / checkpointing.latest_name(trainer.root)
+    latest = checkpoint_dir(trainer.root) / latest_name(trainer.root)
     return latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
 
 
-def sampling_defaults(config) -> tuple[int, float]:
-    """(steps, guidance scale) recorded as the pipeline's sampling defaults."""
-    if config.objective.distill == "lcm":  # as save_lcm_folder: fixed guidance is distilled in
-        lcm = config.objective.lcm
-        return 4, (lcm.guidance_scale if lcm.guidance_range is not None else 1.0)
-    return config.validation.steps, config.validation.guidance_scale
-
-
-def save_lcm_folder(trainer) -> Path:
-    """``output_dir/lcm``: the distilled student (EMA weights when kept) as an LCM folder for
-    ``dit.pipelines.load_lcm`` / ``dit generate --lcm-folder``, with its consistency scheduler."""
-    from dit.pipelines.lcm import save_lcm
-
-    lcm = trainer.config.objective.lcm
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    guidance = lcm.guidance_scale if lcm.guidance_range is not None else 1.0  # fixed: guidance distilled in
-    context = trainer.ema.swapped_in(model) if trainer.ema is not None else contextlib.nullcontext()
-    with context:
-        return save_lcm(trainer.root / "lcm", model, trainer.objective.sampling_scheduler(), guidance_scale=guidance)
+def sampling_defaults(trainer) -> tuple[int, float]:
+    """(steps, guidance scale) recorded as the pipeline's sampling defaults: the objective's (an LCM student's few
+    steps), else the validation settings."""
+    validation = trainer.config.validation
+    return trainer.objective.sampling_defaults() or (validation.steps, validation.guidance_scale)

@@ -1,9 +1,10 @@
-"""What one training step feeds the model besides the batch: per-sample random draws, substituted captions, and
-PixArt-α's micro-conditions, made without reading the device on the host."""
+"""What one training step feeds the networks besides the batch: per-sample random draws, substituted captions, and
+the call of a network with the step's conditions, made without reading the device on the host."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def sample_draws(
@@ -45,11 +46,19 @@ def _with_caption(text, mask, caption, where: torch.Tensor) -> tuple[torch.Tenso
     return text, mask
 
 
-def _micro_conditions(model, latents: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """PixArt-α micro-conditions from the latent size (image pixels = latent x 8)."""
-    if not getattr(model, "use_additional_conditions", False):
-        return {"resolution": None, "aspect_ratio": None}
-    batch, height, width = latents.shape[0], latents.shape[-2] * 8, latents.shape[-1] * 8
-    like = {"dtype": latents.dtype, "device": latents.device}  # filled on the device: no host-to-device copy
-    resolution = torch.cat([torch.full((batch, 1), height, **like), torch.full((batch, 1), width, **like)], dim=1)
-    return {"resolution": resolution, "aspect_ratio": torch.full((batch, 1), height / width, **like)}
+def call_network(
+    network: nn.Module,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    captions: dict[bool, tuple[torch.Tensor, torch.Tensor]],
+    uncond: bool = False,
+    guidance: torch.Tensor | None = None,
+    **features,
+) -> torch.Tensor:
+    """``network``'s prediction for ``noisy`` at model time ``t`` with the step's text (``captions[uncond]``), a
+    guidance-embedding student's guidance scale ``guidance`` (B,) and the features' keyword arguments (the
+    student's only). The network computes its own micro-conditions and guidance embedding."""
+    text, text_mask = captions[uncond]
+    extra = {} if guidance is None else {"guidance": guidance}
+    return network(noisy, text, t, encoder_attention_mask=text_mask, **extra, **features).sample

@@ -14,8 +14,12 @@ import torch
 from PIL import Image
 
 from dit.pipelines.assemble import assemble
+from dit.pipelines.controlnet import ControlNetPipeline
+from dit.pipelines.defaults import save_sampling_defaults
+from dit.pipelines.text_to_image import TextToImagePipeline
 
 from .config import ConfigError, TrainConfig, ValidationConfig
+from .extract import load_encoders
 
 EXTRACT_CONFIG = "extract_config.json"  # beside the shards: {"pipeline": the folder `dit extract` encoded with}
 ENCODERS = ("tokenizer", "text_encoder", "vae")
@@ -48,8 +52,6 @@ class Validator:
 
     def _components(self, device: torch.device) -> dict:
         if self._parts is None:
-            from .extract import load_encoders
-
             tokenizer, text_encoder, vae = load_encoders(self.config.pipeline, device)
             self._parts = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
         return self._parts
@@ -57,8 +59,6 @@ class Validator:
     @torch.no_grad()
     def run(self, transformer: torch.nn.Module, step: int) -> tuple[Path, np.ndarray]:
         """Sample every prompt with the validation seed; returns the grid's path and its (H, W, 3) uint8 array."""
-        from dit.pipelines import TextToImagePipeline
-
         cfg, device = self.config, next(transformer.parameters()).device
         pipe = TextToImagePipeline(transformer=transformer, scheduler=self.scheduler, **self._components(device))
         pipe.set_progress_bar_config(disable=True)
@@ -150,9 +150,6 @@ def write_pipeline(
 
 
 def _assemble_controlnet(folder: Path, transformer, controlnet, scheduler, sampling: tuple[int, float]) -> None:
-    from dit.pipelines import ControlNetPipeline
-    from dit.pipelines.defaults import save_sampling_defaults
-
     pipe = ControlNetPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                               scheduler=scheduler, controlnet=controlnet)  # fmt: skip
     pipe.save_pretrained(folder)

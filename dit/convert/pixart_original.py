@@ -12,6 +12,7 @@ import re
 import torch
 
 from ..checkpoint import check_keys, load_state_dict_file
+from ..models.pixart_transformer import PixArtTransformer
 
 # original prefix -> diffusers prefix, for the tensors that are renamed only
 _RENAMES = {
@@ -148,8 +149,6 @@ def load_original_pixart(
         allow_pickle: opt in to reading a pickle checkpoint.
         torch_dtype: cast the weights to this dtype.
     """
-    from ..models import PixArtTransformer
-
     state_dict = convert_pixart_original_state_dict(load_state_dict_file(path, allow_pickle=allow_pickle))
     model = PixArtTransformer(**infer_pixart_config(state_dict, sample_size, attention_head_dim, interpolation_scale))
     check_keys(model.state_dict().keys(), state_dict.keys(), where=f"converted checkpoint {os.fspath(path)!r}")

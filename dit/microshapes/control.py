@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
+from ..pipelines.controlnet import ControlNetPipeline
 from .evaluator import palette_labels, score
 from .world import BACKGROUNDS, Scene, caption, edges, random_scene, silhouette
 
@@ -82,9 +84,6 @@ def evaluate_control(
 def control_generator(pipe, steps: int = 20, guidance_scale: float = 4.5, **call_kwargs) -> Generate:
     """A ``generate`` function for :func:`evaluate_control` from a pipeline: a ControlNet pipeline gets the control
     images (and ``call_kwargs``, e.g. ``controlnet_conditioning_scale``); a text-to-image pipeline ignores them."""
-    import torch
-
-    from ..pipelines import ControlNetPipeline
 
     def generate(prompts: list[str], controls: list[np.ndarray], seed: int) -> list[np.ndarray]:
         height, width = controls[0].shape[:2]

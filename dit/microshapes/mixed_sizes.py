@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..train.extract import load_encoders
+from ..train.feature_writer import FeatureWriter
 from .recipe import to_tensor
 from .world import paraphrase, random_scene, render
 
@@ -60,8 +62,6 @@ def write_mixed_features(
 ) -> dict[str, int]:
     """Encode every size group into shards under ``out`` (one bucket per size) plus the empty caption's features;
     returns the number of samples per ``"HxW"`` pixel size."""
-    from dit.train.extract import FeatureWriter
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = FeatureWriter(out, tokenizer, text_encoder, vae, max_length, shard_size=4096, rank=0)
@@ -80,8 +80,6 @@ def build(
 ) -> dict:
     """Render, encode and write ``n`` mixed-size scenes to ``out``, unless ``out`` already holds the same (its
     ``mixed_sizes_report.json`` names the same ``n``, seed, sides and encoders); returns that report."""
-    from dit.train.extract import load_encoders
-
     out, encoders = Path(out), Path(encoders) if encoders else shipped_encoders()
     wanted = {"images": n, "seed": seed, "sides": list(sides), "encoders": str(encoders)}
     report_file = out / REPORT

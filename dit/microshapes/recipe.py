@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -33,9 +34,14 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from ..models.registry import backbone_class
 from ..pipelines.assemble import assemble
 from ..tiny import WORDS, tiny_t5, tiny_tokenizer
+from ..train import Trainer, load_config
+from ..train.feature_writer import FeatureWriter
 from .evaluator import PALETTE as _PALETTE
+from .shipped import default_model
+from .suite import evaluate, prompt_suite
 from .text_encoder import LOG_EVERY, placed, resolve_device, to_device, train_text_encoder
 from .world import caption, paraphrase, random_scene, render
 
@@ -148,8 +154,6 @@ def train_vae(
 def autoencoder_ceiling(vae, n: int = 60, device: str | torch.device | None = None) -> dict:
     """The evaluator's report on ground-truth images passed through ``vae`` (encode mean, decode) on ``device``: the
     best a model generating in this latent space can score. ``vae`` is left on the device it came on."""
-    from .suite import evaluate, prompt_suite
-
     device = resolve_device(device)
     scenes = {caption(s): s for group in prompt_suite(n).values() for s in group}
 
@@ -176,8 +180,6 @@ def write_features(
 ) -> None:
     """Feature shards of ``images`` and ``captions``, encoded on ``device`` in batches of ``batch_size`` (default
     :data:`FEATURE_BATCH` of the device); the encoders are left on the device they came on."""
-    from dit.train.extract import FeatureWriter
-
     device = resolve_device(device)
     batch_size = batch_size or FEATURE_BATCH.get(device.type, FEATURE_BATCH["cuda"])
     out.mkdir(parents=True, exist_ok=True)
@@ -268,9 +270,6 @@ def _run(
     reuse_encoders: bool,
     device: torch.device,
 ) -> dict:
-    import dit
-    from dit.train import Trainer, load_config
-
     started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     stage_file = root / "encoder_stages.json"
@@ -298,7 +297,7 @@ def _run(
     latest = checkpoints / (checkpoints / "latest").read_text()
     # the EMA weights when the config trains with an EMA, else the raw ones
     weights = latest / "model_ema" if (latest / "model_ema").is_dir() else latest / "model"
-    transformer = getattr(dit, trainer.config.model.cls).from_pretrained(weights)
+    transformer = backbone_class(trainer.config.model.cls).from_pretrained(weights)
     sampling = (trainer.config.validation.steps, trainer.config.validation.guidance_scale)
     assemble(root / "pipeline", tokenizer, text_encoder, vae, transformer, trainer.objective.sampling_scheduler(),
              sampling)  # fmt: skip
@@ -334,10 +333,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def ship(pipeline: Path) -> Path:
     """Copy a pipeline folder to the package's default-model location (``dit generate`` without ``--model``)."""
-    import shutil
-
-    from dit.cli import default_model
-
     target = default_model()
     if target.exists():
         shutil.rmtree(target)

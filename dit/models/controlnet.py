@@ -9,7 +9,6 @@ copies the first 13 blocks (positions 0..12); slimmer adapters keep fewer positi
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import os
 from collections.abc import Sequence
@@ -23,25 +22,21 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..nn.blocks import residual
+from ..nn.context import BlockContext
 from ..nn.linear import Linear
-from .base import BackboneMixin
+from .mixins import AttentionBackendMixin, BlockRunnerMixin, StrictIOMixin
+from .registry import BACKBONES
 
 __all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetAdapter", "block_controls"]
 
 
 def _backbone_class(name: str) -> type:
-    """A backbone class of the toolkit by name (never an arbitrary import path from a config file)."""
-    from .. import models
-
-    cls = getattr(models, name, None)
-    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not _has_block_loop(cls):
+    """A backbone class of the toolkit by name (never an arbitrary import path from a config file) whose forward
+    takes ``block_controls``, the hook adapters inject their residuals through."""
+    cls = BACKBONES.get(name)
+    if cls is None or not cls.supports_block_controls:
         raise ValueError(f"transformer_class={name!r} is not a backbone class of dit.models with a block loop.")
     return cls
-
-
-def _has_block_loop(cls: type) -> bool:
-    """Whether a backbone's forward takes ``block_controls`` (the hook adapters inject their residuals through)."""
-    return "block_controls" in inspect.signature(cls.forward).parameters
 
 
 def _width(config) -> int:
@@ -61,13 +56,13 @@ class ControlNetBlock(nn.Module):
         self.transformer_block = transformer_block
         self.after_proj = Linear(dim, dim)
 
-    def forward(self, control: torch.Tensor, *block_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """``control`` (B, N, D) and the base block's other inputs -> (next control state, residual), (B, N, D)."""
-        control = self.transformer_block(control, *block_inputs)  # (B, N, D)
+    def forward(self, control: torch.Tensor, context: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``control`` (B, N, D) and the base forward's context -> (next control state, residual), (B, N, D)."""
+        control = self.transformer_block(control, context)  # (B, N, D)
         return control, self.after_proj(control)
 
 
-class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
+class ControlNetAdapter(AttentionBackendMixin, BlockRunnerMixin, StrictIOMixin, ModelMixin, ConfigMixin):
     """PixArt-δ ControlNet-Transformer adapter: trainable copies of base blocks at ``positions``.
 
     Build it from a (frozen) base with :meth:`from_transformer`; save and load it as its own diffusers-format
@@ -166,10 +161,6 @@ class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
                           if k.startswith(prefix)})  # fmt: skip
         return _materialise(slim, state, next(self.parameters())).train(self.training)
 
-    @classmethod
-    def from_pixart(cls, source, **overrides):
-        raise NotImplementedError("Build a ControlNetAdapter with ControlNetAdapter.from_transformer(base_model).")
-
     # ----- use ------------------------------------------------------------------------------------------
     @property
     def width(self) -> int:
@@ -195,13 +186,13 @@ class ControlNetAdapter(BackboneMixin, ModelMixin, ConfigMixin):
                 f"{theirs['num_layers']} blocks."
             )
 
-    def run_block(self, j: int, control: torch.Tensor, *block_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_block(self, j: int, control: torch.Tensor, context: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Control block ``j`` (gradient-checkpointed when enabled): (next control state, unscaled residual)."""
-        return self._run_block(self.controlnet_blocks[j], control, *block_inputs)
+        return self._run_block(self.controlnet_blocks[j], control, context)
 
 
 def _check_backbone(transformer: nn.Module) -> None:
-    if not hasattr(transformer, "transformer_blocks") or not _has_block_loop(type(transformer)):
+    if not getattr(transformer, "supports_block_controls", False):
         raise TypeError(
             f"{type(transformer).__name__} is not a toolkit backbone with a block loop (block_controls); ControlNet "
             "adapters run on dit backbones (PixArtTransformer, LiTTransformer, MicroDiTTransformer, FiTTransformer)."
@@ -285,22 +276,22 @@ class _ControlRun:
         self.index = {p: j for j, p in enumerate(adapter.positions)}
         self.control: torch.Tensor | None = None
 
-    def _start(self, hidden_states: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+    def _start(self, hidden_states: torch.Tensor, context: BlockContext) -> torch.Tensor:
         """Base block 0's output plus the control latent embedded by the base (B, N, D)."""
         cond, batch = self.cond, hidden_states.shape[0]
         if cond.shape[0] not in (1, batch):
             raise ValueError(f"{cond.shape[0]} control latents were given for a batch of {batch}.")
-        embedded = self.transformer.control_tokens(cond.to(hidden_states.dtype), block_inputs)  # (B or 1, N, D)
+        embedded = self.transformer.control_tokens(cond.to(hidden_states.dtype), context)  # (B or 1, N, D)
         return hidden_states + self.adapter.before_proj(embedded)  # (B, N, D)
 
-    def __call__(self, index: int, hidden_states: torch.Tensor, *block_inputs) -> torch.Tensor | None:
+    def __call__(self, index: int, hidden_states: torch.Tensor, context: BlockContext) -> torch.Tensor | None:
         """The scaled residual for the input of base block ``index + 1`` (None where this adapter has no block)."""
         if index == 0:
-            self.control = self._start(hidden_states, block_inputs)
+            self.control = self._start(hidden_states, context)
         j = self.index.get(index)
         if j is None:
             return None
-        self.control, out = self.adapter.run_block(j, self.control, *block_inputs)  # (B, N, D) each
+        self.control, out = self.adapter.run_block(j, self.control, context)  # (B, N, D) each
         return out if self.scale == 1.0 else out * self.scale
 
 
@@ -314,8 +305,8 @@ class BlockControls:
     def __init__(self, runs: list[_ControlRun]):
         self.runs = runs
 
-    def __call__(self, index: int, hidden_states: torch.Tensor, *block_inputs) -> torch.Tensor:
-        residuals = [r for run in self.runs if (r := run(index, hidden_states, *block_inputs)) is not None]
+    def __call__(self, index: int, hidden_states: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        residuals = [r for run in self.runs if (r := run(index, hidden_states, context)) is not None]
         for update in residuals:
             hidden_states = residual(hidden_states, update)  # (B, N, D)
         return hidden_states

@@ -15,121 +15,31 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..nn.attention import DiTAttention
+from ..nn.attention.backends import AttentionBackend
 from ..nn.attention.ops import keep_mask_to_bias
-from ..nn.attention.rope import RotaryEmbedding, get_extrapolation, rotary_embedding
-from ..nn.blocks import modulated_sublayers
+from ..nn.attention.rope import get_extrapolation, rotary_embedding
+from ..nn.blocks import FiTBlock
+from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
 from ..nn.linear import Linear
+from ..nn.normalization import add_output_head, output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
-from .base import BackboneMixin, check_positive_ints, is_positive_int
-from .pixart_transformer import _check_control_size, _text_tokens
+from .config_checks import check_positive_ints, is_positive_int
+from .inputs import check_control_size, check_guidance, check_inputs, text_tokens
+from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin, StrictIOMixin
 
-__all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]
-
-
-class SwiGLUProjection(nn.Module):
-    """``hidden * silu(gate)`` from one projection ``proj`` (d -> 2 * inner), as diffusers' ``SwiGLU``."""
-
-    def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
-        super().__init__()
-        self.proj = Linear(dim_in, 2 * dim_out, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
-        return hidden * F.silu(gate)
+__all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
 
 
-class SwiGLUFeedForward(nn.Module):
-    """``net.0.proj`` -> SwiGLU -> dropout -> ``net.2``: diffusers' ``FeedForward(activation_fn="swiglu")`` keys."""
-
-    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.ModuleList([SwiGLUProjection(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class LowRankModulation(nn.Module):
-    """The per-block branch of AdaLN-LoRA: ``linear_2(linear_1(c))``, d -> r -> 6d, ``linear_2`` zero-initialised."""
-
-    def __init__(self, dim: int, rank: int):
-        super().__init__()
-        self.linear_1 = Linear(dim, rank)
-        self.linear_2 = Linear(rank, 6 * dim)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.linear_1(cond))  # (B, 6D)
-
-
-class FiTBlock(nn.Module):
-    """FiTv2 block: gated QK-norm + 2D-RoPE self-attention, un-gated cross-attention to text, gated SwiGLU.
-
-    The six modulation vectors are the model's shared ``Linear(d, 6d)`` output plus this block's low-rank
-    ``adaln_lora`` of the same (SiLU-activated) condition (FiTv2's AdaLN-LoRA).
-
-    Args:
-        dim: token width.
-        num_attention_heads: heads.
-        attention_head_dim: width of one head (divisible by 4 for 2D RoPE).
-        cross_attention_dim: width of the text tokens; None for a block without cross-attention.
-        ff_inner_dim: hidden width of the SwiGLU.
-        adaln_lora_dim: rank of the per-block modulation.
-        qk_norm: per-head non-affine LayerNorm on queries and keys (both attentions).
-        attention_bias: bias on q/k/v projections.
-        dropout: dropout in attention outputs and the feed-forward.
-        norm_eps: LayerNorm epsilon.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_attention_heads: int,
-        attention_head_dim: int,
-        cross_attention_dim: int | None,
-        ff_inner_dim: int,
-        adaln_lora_dim: int,
-        qk_norm: bool = True,
-        attention_bias: bool = True,
-        dropout: float = 0.0,
-        norm_eps: float = 1e-6,
-    ):
-        super().__init__()
-        heads, head_dim = num_attention_heads, attention_head_dim
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm)
-        self.attn2 = None
-        if cross_attention_dim is not None:
-            self.attn2 = DiTAttention(
-                dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm
-            )
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.ff = SwiGLUFeedForward(dim, ff_inner_dim, dropout)
-        self.adaln_lora = LowRankModulation(dim, adaln_lora_dim)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        cond: torch.Tensor,
-        shared_modulation: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        encoder_attention_mask: torch.Tensor | None,
-        rotary: RotaryEmbedding,
-    ) -> torch.Tensor:
-        """``hidden_states`` (B, N, D); ``cond`` the SiLU-activated condition (B, D); ``shared_modulation`` (B, 6D);
-        masks in kernel format; ``rotary`` the tables of the N tokens."""
-        modulation = (shared_modulation + self.adaln_lora(cond)).unflatten(1, (6, -1))  # (B, 6, D)
-        return modulated_sublayers(
-            self, hidden_states, modulation, encoder_hidden_states, attention_mask, encoder_attention_mask,
-            rotary=rotary,
-        )  # fmt: skip
-
-
-class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class FiTTransformer(
+    BackboneMixin,
+    AttentionBackendMixin,
+    BlockRunnerMixin,
+    StrictIOMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+):
     """FiT / FiTv2 flexible-resolution diffusion transformer (arXiv 2402.12376, 2410.13925), text- or class-conditioned.
 
     An image of any size is a variable-length sequence of ``p x p`` patch tokens (up to ``max_tokens``) placed by
@@ -183,6 +93,8 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     prediction_type = "flow"
     #: Trained at native sizes and aspect ratios: pipelines snap to patch multiples, not PixArt's aspect-ratio bins.
     native_resolution = True
+    supports_image_sizes = True
+    supports_block_controls = True
 
     @register_to_config
     def __init__(
@@ -254,7 +166,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
                 for _ in range(num_layers)
             ]
         )
-        self._build_output_head(inner_dim, patch_size * patch_size * self.out_channels)
+        add_output_head(self, inner_dim, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -280,11 +192,6 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Image tokens of the training grid (``train_grid`` h * w), the reference of resolution-dependent shifts."""
         return self.train_grid[0] * self.train_grid[1]
 
-    @property
-    def text_embed_dim(self) -> int | None:
-        """Width the ``encoder_hidden_states`` must have."""
-        return self.config.caption_channels or self.config.cross_attention_dim
-
     def set_extrapolation(self, method: str = "none", logit_scale: bool | None = None) -> None:
         """Choose the training-free RoPE extrapolation (and, if given, the attention logit scale) for later forwards.
 
@@ -307,6 +214,7 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         block_controls: Callable[..., torch.Tensor] | None = None,
         image_sizes: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        guidance: None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict the velocity for a batch of latents of possibly different sizes.
 
@@ -319,51 +227,72 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
             cross_attention_kwargs: accepted for diffusers compatibility; not read.
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
-            block_controls: called after every block as ``block_controls(index, hidden_states, *block_inputs)``
-                (``block_inputs``: text tokens, condition, shared modulation, masks in kernel format, rotary
-                embedding, as block ``index`` got them); returns the hidden states for the next block.
+            block_controls: called after every block as ``block_controls(index, hidden_states, context)`` with the
+                forward's :class:`~dit.nn.context.BlockContext`; returns the hidden states for the next block.
             image_sizes: (B, 2) latent (height, width) of each sample, divisible by ``patch_size``; None: every
                 sample fills H x W.
             class_labels: (B,) class ids of a class-conditional model; None (or id ``num_classes``): the null class.
+            guidance: accepted as None only (the model does not embed a guidance scale: no ``time_cond_proj_dim``).
 
         Returns:
             (B, out_channels, H, W), zero outside each sample's valid region.
         """
+        check_inputs(self, hidden_states, encoder_hidden_states, timestep)
+        check_guidance(guidance, None, None)
         layout = self._layout(hidden_states, image_sizes)
-        self._check_inputs(hidden_states, encoder_hidden_states, timestep)
-        batch, p, cfg = hidden_states.shape[0], self.config.patch_size, self.config
+        batch, p = hidden_states.shape[0], self.config.patch_size
         backend = self._attention_backend(hidden_states.device)
 
-        # 1. Input: each sample's patches packed into one padded sequence, and the per-token position terms
+        # 1. Input: each sample's patches packed into one padded sequence, and the blocks' context
         x = self._embed(hidden_states, layout)  # (B, L, D)
-        length, dtype = x.shape[1], x.dtype
-        emb = self._condition(timestep, class_labels, batch, dtype, x.device)  # (B, D)
-        cond = F.silu(emb)  # (B, D)
-        shared = self.adaln_shared(cond)  # (B, 6D)
-        context, cross_bias = _text_tokens(encoder_hidden_states, encoder_attention_mask, dtype)  # (B, L', C)
-        if self.caption_projection is not None and context is not None:
-            context = self.caption_projection(context)  # (B, L', D)
-        heads = cfg.num_attention_heads
-        cross_mask = None if cross_bias is None else backend.adapt_mask(cross_bias, heads, length)
-        self_mask = None
-        if layout.padded:
-            self_mask = backend.adapt_mask(keep_mask_to_bias(layout.keep, dtype), heads, length)
-        rotary = rotary_embedding(
-            layout.positions, layout.sizes, cfg.attention_head_dim, self.train_grid, cfg.rope_extrapolation,
-            cfg.attention_logit_scale, cfg.rope_theta, dtype, grid=layout.grid,
-        )  # fmt: skip
+        emb = self._condition(timestep, class_labels, batch, x.dtype, x.device)  # (B, D)
+        text, cross_bias = text_tokens(self.caption_projection, encoder_hidden_states, encoder_attention_mask, x.dtype)
+        context = self._block_context(backend, layout, text, cross_bias, emb, x.dtype)
 
         # 2. Blocks
-        block_inputs = (context, cond, shared, self_mask, cross_mask, rotary)
         for index, block in enumerate(self.transformer_blocks):
-            x = self._run_block(block, x, *block_inputs)  # (B, L, D)
+            x = self._run_block(block, x, context)  # (B, L, D)
             if block_controls is not None:
-                x = block_controls(index, x, *block_inputs)  # (B, L, D)
+                x = block_controls(index, x, context)  # (B, L, D)
 
         # 3. Output head, back to each sample's place on the canvas
-        x = self._output_head(x, emb)  # (B, L, p*p*C)
+        x = output_head(self, x, emb)  # (B, L, p*p*C)
         output = unpatchify(unpack(x, layout), layout.grid, p)  # (B, C, H, W), zeros outside valid regions
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _block_context(
+        self,
+        backend: AttentionBackend,
+        layout: TokenLayout,
+        text: torch.Tensor | None,
+        cross_bias: torch.Tensor | None,
+        emb: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> BlockContext:
+        """The blocks' context: condition and shared modulation from ``emb`` (B, D), masks in the backend's format
+        (a key mask over padding when the samples came with their own sizes), rotary tables of the tokens."""
+        cfg, length = self.config, layout.positions.shape[1]
+        cond = F.silu(emb)  # (B, D)
+        self_mask = None
+        if layout.padded:
+            self_mask = backend.adapt_mask(keep_mask_to_bias(layout.keep, dtype), cfg.num_attention_heads, length)
+        rotary = rotary_embedding(
+            layout.positions, layout.sizes, cfg.attention_head_dim, self.train_grid, cfg.rope_extrapolation,
+            cfg.attention_logit_scale, cfg.rope_theta, dtype,
+        )  # fmt: skip
+        return BlockContext(
+            encoder_hidden_states=text,  # (B, L', D)
+            encoder_attention_mask=None
+            if cross_bias is None
+            else backend.adapt_mask(cross_bias, cfg.num_attention_heads, length),
+            attention_mask=self_mask,
+            shared_modulation=self.adaln_shared(cond),  # (B, 6D)
+            condition=cond,  # (B, D)
+            grid=layout.grid,
+            rotary=rotary,
+            positions=layout.positions,  # (B, L, 2)
+            image_sizes=layout.sizes,  # (B, 2)
+        )
 
     def _embed(self, latents: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Latents (B, C, H, W) laid out by ``layout`` -> tokens (B, L, D), zero at padding."""
@@ -372,21 +301,19 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
             x = x + fractional_sincos(layout.positions, layout.sizes, self.train_grid, self.inner_dim).to(x.dtype)
         return x * layout.keep[..., None].to(x.dtype)  # (B, L, D)
 
-    def control_tokens(self, controlnet_cond: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+    def control_tokens(self, controlnet_cond: torch.Tensor, context: BlockContext) -> torch.Tensor:
         """A ControlNet's control latent (B, C, H, W) as tokens like the latents: this model's patch embedding
-        (and absolute position, if any), (B, N, D). Every sample must fill the canvas: ``block_inputs`` are block
-        0's (text, condition, modulation, self mask, cross mask, rotary embedding); a self mask means the batch came
-        with ``image_sizes``, which are then read on the host and must all equal the canvas."""
-        rotary, p = block_inputs[-1], self.config.patch_size
-        grid = rotary.grid
-        if block_inputs[3] is not None:
-            sizes = sorted({tuple(s) for s in rotary.sizes.tolist()})
+        (and absolute position, if any), (B, N, D). Every sample must fill the canvas: when the batch came with
+        ``image_sizes`` (a self-attention mask in ``context``), they are read on the host and must all equal it."""
+        grid = context.grid
+        if context.attention_mask is not None:
+            sizes = sorted({tuple(s) for s in context.image_sizes.tolist()})
             if sizes != [tuple(grid)]:
                 raise ValueError(
                     "ControlNet on FiTTransformer takes batches of one image size that fills the canvas; this batch "
                     f"mixes {sizes} (patch grids) on a {grid[0]}x{grid[1]} canvas."
                 )
-        _check_control_size(controlnet_cond, (grid[0] * p, grid[1] * p))
+        check_control_size(controlnet_cond, grid, self.config.patch_size)
         return self._embed(controlnet_cond, self._layout(controlnet_cond, None))  # (B, N, D)
 
     def _condition(self, timestep, class_labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -403,20 +330,14 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
         return emb + self.class_embedder(labels).to(dtype)
 
     def _layout(self, hidden_states: torch.Tensor, image_sizes) -> TokenLayout:
-        """Check the canvas and per-sample sizes and lay the samples out as tokens.
+        """Check the per-sample sizes (the canvas is checked by ``check_inputs``) and lay the samples out as tokens.
 
         The sequence length comes from the canvas alone (capped at ``max_tokens`` without extrapolation), so it is
         the same for every batch on one canvas. The sizes are checked on the host in eager mode: keep them on the
         CPU (as the trainer does) and the check costs no device sync; compiled graphs skip it.
         """
-        if hidden_states.ndim != 4:
-            raise ValueError(
-                f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
-            )
         batch, _, height, width = hidden_states.shape
         p, device = self.config.patch_size, hidden_states.device
-        if height % p or width % p:
-            raise ValueError(f"Latent size {height}x{width} is not divisible by the patch size {p}.")
         grid = (height // p, width // p)
         if image_sizes is None:
             self._check_token_counts([grid])
@@ -452,29 +373,6 @@ class FiTTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
                     "Enable a RoPE extrapolation (set_extrapolation('vision_ntk'), or the rope_extrapolation config) "
                     "to go beyond the training length."
                 )
-
-    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep) -> None:
-        if hidden_states.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"hidden_states has {hidden_states.shape[1]} channels; this model takes {self.config.in_channels}."
-            )
-        if timestep is None:
-            raise ValueError("timestep is required.")
-        has_text = self.transformer_blocks and self.transformer_blocks[0].attn2 is not None
-        if encoder_hidden_states is None:
-            if has_text:
-                raise ValueError("encoder_hidden_states is required: this model has cross-attention to text.")
-            return
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != hidden_states.shape[0]:
-            raise ValueError(
-                f"encoder_hidden_states must be (batch={hidden_states.shape[0]}, tokens, width), "
-                f"got shape {tuple(encoder_hidden_states.shape)}."
-            )
-        if encoder_hidden_states.shape[-1] != self.text_embed_dim:
-            raise ValueError(
-                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}; this model's text embedding "
-                f"width (caption_channels / cross_attention_dim) is {self.text_embed_dim}."
-            )
 
 
 def _as_sizes(image_sizes, batch: int) -> torch.Tensor:

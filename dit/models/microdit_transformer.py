@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from dataclasses import replace
 
 import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
 
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..nn.blocks import FeedForward, PixArtBlock
+from ..nn.context import BlockContext
 from ..nn.masking import gather_tokens
 from ..nn.moe import ExpertChoiceFeedForward
-from .base import check_positive_ints
+from .config_checks import check_positive_ints
 from .pixart_transformer import PixArtTransformer
 
 __all__ = ["MicroDiTTransformer", "ModelMixin"]
@@ -53,12 +57,11 @@ class MicroDiTTransformer(PixArtTransformer):
 
     _no_split_modules = ["PixArtBlock", "PatchEmbed"]
 
+    @register_to_config  # records PixArt's fields and MicroDiT's (its signature below) before the blocks are built
     def __init__(self, *args, **kwargs):
         micro = {name: kwargs.pop(name, default) for name, default in MICRODIT_DEFAULTS.items()}
         _validate(micro)
-        self._micro = micro  # read by _block_options while PixArtTransformer builds the blocks
-        super().__init__(*args, **kwargs)
-        self.register_to_config(**micro)
+        super().__init__(*args, **kwargs)  # its blocks read MicroDiT's options from self.config (_block_options)
         cfg = self.config
         self.patch_mixer = nn.ModuleList(
             [
@@ -80,16 +83,14 @@ class MicroDiTTransformer(PixArtTransformer):
 
     # ----- construction -------------------------------------------------------------------------------------
     def _block_options(self, index: int) -> dict:
-        micro, heads = self._micro, self.config.num_attention_heads
+        cfg = self.config
         options = super()._block_options(index)
-        depth = self.config.num_layers
-        inner = 4 * self.inner_dim
-        if micro["attention_multipliers"] is not None:
-            options["attention_heads"] = max(
-                1, round(_linear_at(micro["attention_multipliers"], index, depth) * heads)
-            )
-        if micro["ffn_multipliers"] is not None:
-            inner = max(1, round(_linear_at(micro["ffn_multipliers"], index, depth) * self.inner_dim))
+        depth, inner = cfg.num_layers, 4 * self.inner_dim
+        if cfg.attention_multipliers is not None:
+            scale = _linear_at(cfg.attention_multipliers, index, depth)
+            options["attention_heads"] = max(1, round(scale * cfg.num_attention_heads))
+        if cfg.ffn_multipliers is not None:
+            inner = max(1, round(_linear_at(cfg.ffn_multipliers, index, depth) * self.inner_dim))
         options["feed_forward"] = self._moe(index, inner, last=depth - 1) or FeedForward(
             self.inner_dim, dropout=self.config.dropout, activation_fn=self.config.activation_fn, inner_dim=inner
         )
@@ -97,25 +98,28 @@ class MicroDiTTransformer(PixArtTransformer):
 
     def _moe(self, index: int, inner_dim: int, last: int | None = None) -> ExpertChoiceFeedForward | None:
         """An expert-choice MoE for block ``index`` (never block ``last``), or None for a dense MLP there."""
-        micro = self._micro
-        if micro["num_experts"] is None or (index + 1) % micro["experts_every_n"] or index == last:
+        cfg = self.config
+        if cfg.num_experts is None or (index + 1) % cfg.experts_every_n or index == last:
             return None
-        return ExpertChoiceFeedForward(self.inner_dim, micro["num_experts"], micro["expert_capacity"], inner_dim)
+        return ExpertChoiceFeedForward(self.inner_dim, cfg.num_experts, cfg.expert_capacity, inner_dim)
 
     # ----- forward pieces -----------------------------------------------------------------------------------
-    def _mix_and_mask(self, x, keep_indices, context, t6, cross_mask_for, grid):
-        """Patch-mixer on all tokens then masking (deferred), or masking then the mixer (naive)."""
-        if keep_indices is not None:
-            self._check_maskable(keep_indices, x.shape[1])
+    def _mix_and_mask(
+        self, x: torch.Tensor, keep_indices: torch.Tensor | None, context: BlockContext, kept: BlockContext
+    ) -> torch.Tensor:
+        """Patch-mixer on all tokens then masking (deferred), or masking then the mixer (naive): (B, N, D) ->
+        (B, K, D). The mixer runs with ``context`` on all tokens, ``kept`` on the kept ones (naive), and attends
+        over every token it gets (no image-token ``attention_mask``)."""
         naive = keep_indices is not None and not self.config.deferred_masking
         if naive:
-            x, grid = gather_tokens(x, keep_indices), None  # (B, K, D)
-        cross_mask = cross_mask_for(x.shape[1])
+            x, context = gather_tokens(x, keep_indices), kept  # (B, K, D)
+        if context.attention_mask is not None:
+            context = replace(context, attention_mask=None)
         for block in self.patch_mixer:
-            x = self._run_block(block, x, context, t6, None, cross_mask, grid)  # (B, N or K, D)
+            x = self._run_block(block, x, context)  # (B, N or K, D)
         if keep_indices is None or naive:
-            return x, grid
-        return gather_tokens(x, keep_indices), None  # (B, K, D)
+            return x
+        return gather_tokens(x, keep_indices)  # (B, K, D)
 
     def routing_stats(self) -> dict[str, float]:
         """Expert utilisation of the last forward, averaged over the MoE layers: ``token_coverage`` (share of tokens
@@ -147,10 +151,13 @@ def _validate(micro: dict) -> None:
             raise ValueError(f"{name} must be two positive numbers (first block, last block), got {value!r}.")
 
 
-# diffusers reads a class's config fields (and their defaults) from the signature of its __init__.
-MicroDiTTransformer.__init__.__signature__ = inspect.signature(PixArtTransformer.__init__).replace(
-    parameters=[
-        *inspect.signature(PixArtTransformer.__init__).parameters.values(),
-        *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in MICRODIT_DEFAULTS.items()),
-    ]
+# diffusers reads a class's config fields (and their defaults) from the signature of its __init__, both when
+# loading (the decorated function) and in register_to_config (the function it wraps).
+MicroDiTTransformer.__init__.__signature__ = MicroDiTTransformer.__init__.__wrapped__.__signature__ = (
+    inspect.signature(PixArtTransformer.__init__).replace(
+        parameters=[
+            *inspect.signature(PixArtTransformer.__init__).parameters.values(),
+            *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in MICRODIT_DEFAULTS.items()),
+        ]
+    )
 )

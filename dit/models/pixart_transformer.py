@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,17 +16,37 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..nn.attention.ops import keep_mask_to_bias
+from ..nn.attention.backends import AttentionBackend
 from ..nn.blocks import PixArtBlock
+from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, PatchEmbed
 from ..nn.masking import gather_tokens, scatter_tokens
-from ..nn.normalization import AdaLayerNormSingle
-from .base import BackboneMixin, check_kv_compression, check_positive_ints
+from ..nn.normalization import AdaLayerNormSingle, add_output_head, output_head
+from .config_checks import check_kv_compression, check_positive_ints
+from .inheritance import inherit_from
+from .inputs import (
+    as_bias,
+    check_control_size,
+    check_guidance,
+    check_inputs,
+    guidance_condition,
+    micro_conditions,
+    text_tokens,
+)
+from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin, StrictIOMixin
 
-__all__ = ["ModelMixin", "PixArtTransformer"]
+__all__ = ["ModelMixin", "PixArtTransformer", "as_pixart_model"]
 
 
-class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class PixArtTransformer(
+    BackboneMixin,
+    AttentionBackendMixin,
+    BlockRunnerMixin,
+    StrictIOMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+):
     """PixArt-α / PixArt-Σ diffusion transformer.
 
     Config fields, forward signature and state-dict keys are those of diffusers' ``PixArtTransformer2DModel``,
@@ -67,6 +88,8 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
         time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's
             guidance embedding, see :func:`dit.nn.embeddings.guidance_scale_embedding`); None: no such input.
+        vae_scale_factor: image pixels per latent pixel, for the micro-conditions the model computes itself when
+            ``added_cond_kwargs`` gives none (8 for PixArt's VAE).
     """
 
     _supports_gradient_checkpointing = True
@@ -74,6 +97,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
     #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
     _repeated_blocks = ["PixArtBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single"]
+    supports_token_masking = True
+    supports_block_controls = True
+    #: Config values a model converted by :meth:`from_pixart` gets unless the caller overrides them.
+    _inherit_config: dict = {}
+    #: Parameter-name fragments that are re-initialised rather than inherited (the layers a variant replaces).
+    _inherit_skip: tuple[str, ...] = ()
 
     @register_to_config
     def __init__(
@@ -107,11 +136,12 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         linear_attention_heads: int | None = None,
         attention_conv_kernel_size: int | None = None,
         time_cond_proj_dim: int | None = None,
+        vae_scale_factor: int = 8,
     ):
         super().__init__()
         check_positive_ints(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
-            num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
+            num_layers=num_layers, sample_size=sample_size, patch_size=patch_size, vae_scale_factor=vae_scale_factor,
         )  # fmt: skip
         check_positive_ints(
             optional=True, out_channels=out_channels, cross_attention_dim=cross_attention_dim,
@@ -157,7 +187,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
                 for index in range(num_layers)
             ]
         )
-        self._build_output_head(inner_dim, patch_size * patch_size * self.out_channels)
+        add_output_head(self, inner_dim, patch_size * patch_size * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions, time_cond_proj_dim)
         self.caption_projection = None
         if caption_channels is not None:
@@ -188,14 +218,20 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             options.update(kv_compress_ratio=cfg.kv_compress_ratio, kv_compress_mode=cfg.kv_compress_mode)
         return options
 
-    @property
-    def text_embed_dim(self) -> int | None:
-        """Width the ``encoder_hidden_states`` must have."""
-        return self.config.caption_channels or self.config.cross_attention_dim
+    @classmethod
+    def from_pixart(cls, source, **overrides):
+        """Build this backbone from a PixArt model (a module, a transformer folder, or a pipeline folder), inheriting
+        every weight with the same name and shape except those this class replaces.
+
+        ``overrides`` change the config (e.g. ``kv_compress_ratio=2``). The returned model carries
+        ``inheritance_report``: ``inherited`` (count), ``new`` (parameters it starts fresh, e.g. a KV-compression
+        conv) and ``dropped`` (source parameters it has no use for); it is also logged.
+        """
+        return inherit_from(cls, as_pixart_model(source), overrides, cls._inherit_config, cls._inherit_skip)
 
     def null_caption(self, batch_size: int, length: int) -> torch.Tensor:
         """The learned null caption, ``(batch_size, length, caption_channels)``, for the unconditional CFG branch."""
-        if not hasattr(self, "y_embedding"):
+        if not self.has_null_caption:
             raise ValueError("This model has no learned null caption (config.null_caption_length is None).")
         if length > self.y_embedding.shape[0]:
             raise ValueError(f"The null caption has {self.y_embedding.shape[0]} tokens; {length} were asked for.")
@@ -214,6 +250,7 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         timestep_cond: torch.Tensor | None = None,
         block_controls: Callable[..., torch.Tensor] | None = None,
         keep_indices: torch.Tensor | None = None,
+        guidance: torch.Tensor | float | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and variance channels) for latents.
 
@@ -221,54 +258,54 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
             hidden_states: latents (B, in_channels, H, W), H and W divisible by ``patch_size``.
             encoder_hidden_states: text features (B, L, caption_channels).
             timestep: (B,) or a scalar, integer or fractional.
-            added_cond_kwargs: ``{"resolution": (B, 2), "aspect_ratio": (B, 1)}`` with micro-conditions.
+            added_cond_kwargs: ``{"resolution": (B, 2), "aspect_ratio": (B, 1)}`` with micro-conditions; those not
+                given are the image's, from the latent size times ``vae_scale_factor``.
             cross_attention_kwargs: accepted for diffusers compatibility; no option is read from it.
             attention_mask: image-token keep-mask (B, N) (1 = keep), or an additive bias (B, 1, N).
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
-            timestep_cond: (B, time_cond_proj_dim) added to the timestep embedding (LCM guidance embedding).
-            block_controls: called after every block as ``block_controls(index, hidden_states, *block_inputs)``
-                (``block_inputs``: the text tokens, modulation, masks in kernel format and token grid that block
-                ``index`` got); returns the hidden states for the next block. ControlNet adapters add their residuals
-                here (:func:`dit.models.controlnet.block_controls`); None: nothing is injected.
+            timestep_cond: (B, time_cond_proj_dim) added to the timestep embedding (LCM guidance embedding), as
+                diffusers passes it; excludes ``guidance``.
+            block_controls: called after every block as ``block_controls(index, hidden_states, context)`` with the
+                forward's :class:`~dit.nn.context.BlockContext`; returns the hidden states for the next block.
+                ControlNet adapters add their residuals here (:func:`dit.models.controlnet.block_controls`); None:
+                nothing is injected.
             keep_indices: (B, K) row-major patch indices, ascending (training only, see :mod:`dit.nn.masking`): the
                 blocks run on these K tokens of each sample only and the output is zero at every other patch.
+            guidance: the classifier-free guidance scale g, (B,) or a scalar, of a model with ``time_cond_proj_dim``
+                (an LCM student), embedded as ``guidance_scale_embedding(g - 1)``.
         """
-        self._check_inputs(hidden_states, encoder_hidden_states, timestep)
+        check_inputs(self, hidden_states, encoder_hidden_states, timestep)
+        check_guidance(guidance, timestep_cond, self.config.time_cond_proj_dim)
         batch, _, height, width = hidden_states.shape
         p = self.config.patch_size
         backend = self._attention_backend(hidden_states.device)
 
-        # 1. Input
+        # 1. Input: tokens, modulation, text and masks (the blocks' context)
         x = self.pos_embed(hidden_states)  # (B, N, D)
-        dtype = x.dtype
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)  # (B,)
-        t6, emb = self.adaln_single(
-            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype, timestep_cond=timestep_cond
-        )  # (B, 6D), (B, D)
-        context, cross_bias = _text_tokens(encoder_hidden_states, encoder_attention_mask, dtype)  # (B, L', C)
-        if self.caption_projection is not None:
-            context = self.caption_projection(context)  # (B, L', D)
-        heads = self.config.num_attention_heads
-        self_bias = _as_bias(attention_mask, dtype)
-        if keep_indices is not None and (self_bias is not None or block_controls is not None):
-            raise ValueError("keep_indices (token masking) cannot be combined with attention_mask or block_controls.")
-
-        def cross_mask_for(n_tokens: int) -> torch.Tensor | None:
-            return None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens)
+        t6, emb = self._modulation(hidden_states, timestep, added_cond_kwargs, timestep_cond, guidance, x.dtype)
+        text, cross_bias = text_tokens(self.caption_projection, encoder_hidden_states, encoder_attention_mask, x.dtype)
+        self_bias = as_bias(attention_mask, x.dtype)
+        n_all = x.shape[1]
+        if keep_indices is not None:
+            if self_bias is not None or block_controls is not None:
+                raise ValueError(
+                    "keep_indices (token masking) cannot be combined with attention_mask or block_controls."
+                )
+            self._check_maskable(keep_indices, n_all)
+        parts = (backend, text, cross_bias, t6)
+        context = self._block_context(*parts, self_bias, (height // p, width // p), n_all)
+        kept = context if keep_indices is None else self._block_context(*parts, None, None, keep_indices.shape[1])
 
         # 2. Patch mixer and token masking (training), then the blocks on the tokens left
-        grid, n_all = (height // p, width // p), x.shape[1]
-        x, grid = self._mix_and_mask(x, keep_indices, context, t6, cross_mask_for, grid)  # (B, K, D)
-        cross_mask = cross_mask_for(x.shape[1])
-        self_mask = None if self_bias is None else backend.adapt_mask(self_bias, heads, x.shape[1])
+        x = self._mix_and_mask(x, keep_indices, context, kept)  # (B, K, D)
         for index, block in enumerate(self.transformer_blocks):
-            x = self._run_block(block, x, context, t6, self_mask, cross_mask, grid)  # (B, N, D)
+            x = self._run_block(block, x, kept)  # (B, K, D)
             if block_controls is not None:
-                x = block_controls(index, x, context, t6, self_mask, cross_mask, grid)  # (B, N, D)
+                x = block_controls(index, x, kept)  # (B, N, D)
 
         # 3. Output head and unpatchify
-        x = self._output_head(x, emb)  # (B, K, p*p*C)
+        x = output_head(self, x, emb)  # (B, K, p*p*C)
         if keep_indices is not None:
             x = scatter_tokens(x, keep_indices, n_all)  # (B, N, p*p*C), zeros at the masked patches
         h, w, c = height // p, width // p, self.out_channels
@@ -276,61 +313,67 @@ class PixArtTransformer(BackboneMixin, ModelMixin, ConfigMixin, PeftAdapterMixin
         output = x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
-    def control_tokens(self, controlnet_cond: torch.Tensor, block_inputs: tuple) -> torch.Tensor:
+    def _modulation(self, hidden_states, timestep, added_cond_kwargs, timestep_cond, guidance, dtype):
+        """adaLN-single of the timestep, the micro-conditions (given, or the image's) and the guidance embedding:
+        the shared modulation (B, 6D) and the condition embedding of the output head (B, D)."""
+        batch, device = hidden_states.shape[0], hidden_states.device
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (B,)
+        if guidance is not None:
+            dim = self.config.time_cond_proj_dim
+            timestep_cond = guidance_condition(guidance, batch, dim, hidden_states.dtype, device)  # (B, dim)
+        if self.use_additional_conditions:
+            added_cond_kwargs = micro_conditions(added_cond_kwargs, hidden_states, self.config.vae_scale_factor)
+        return self.adaln_single(
+            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=dtype, timestep_cond=timestep_cond
+        )  # (B, 6D), (B, D)
+
+    def _block_context(
+        self,
+        backend: AttentionBackend,
+        text: torch.Tensor | None,
+        cross_bias: torch.Tensor | None,
+        t6: torch.Tensor,
+        self_bias: torch.Tensor | None,
+        grid: tuple[int, int] | None,
+        n_tokens: int,
+    ) -> BlockContext:
+        """The blocks' context for ``n_tokens`` image tokens on ``grid`` (None: tokens were dropped), masks made
+        once in the backend's format from the (B, 1, 1, L) biases."""
+        heads = self.config.num_attention_heads
+        return BlockContext(
+            encoder_hidden_states=text,  # (B, L, D)
+            encoder_attention_mask=None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens),
+            attention_mask=None if self_bias is None else backend.adapt_mask(self_bias, heads, n_tokens),
+            shared_modulation=t6,  # (B, 6D)
+            grid=grid,
+        )
+
+    def control_tokens(self, controlnet_cond: torch.Tensor, context: BlockContext) -> torch.Tensor:
         """A ControlNet's control latent (B, C, H, W) as tokens like the latents (PixArt-δ: this model's patch
-        embedding with its position table): (B, N, D). ``block_inputs`` are block 0's, the token grid last."""
-        grid, p = block_inputs[-1], self.config.patch_size
-        _check_control_size(controlnet_cond, (grid[0] * p, grid[1] * p))
+        embedding with its position table): (B, N, D). ``context`` is the forward's, its ``grid`` the latents'."""
+        check_control_size(controlnet_cond, context.grid, self.config.patch_size)
         return self.pos_embed(controlnet_cond)  # (B, N, D)
 
-    def _mix_and_mask(self, x, keep_indices, context, t6, cross_mask_for, grid):
-        """Tokens (B, N, D) -> the tokens the blocks run on and their grid (None once tokens are dropped).
+    def _mix_and_mask(
+        self, x: torch.Tensor, keep_indices: torch.Tensor | None, context: BlockContext, kept: BlockContext
+    ) -> torch.Tensor:
+        """Tokens (B, N, D) -> the tokens the blocks run on, (B, K, D) with ``keep_indices``.
 
         PixArt has no patch mixer: masking drops tokens right after the patch embedding (with positions added).
+        ``context`` is that of all N tokens, ``kept`` that of the K kept ones (``context`` itself without masking).
         """
         if keep_indices is None:
-            return x, grid
-        self._check_maskable(keep_indices, x.shape[1])
-        return gather_tokens(x, keep_indices), None  # (B, K, D)
+            return x
+        return gather_tokens(x, keep_indices)  # (B, K, D)
 
     def _check_maskable(self, keep_indices: torch.Tensor, n_tokens: int) -> None:
-        if any(block.attn1.needs_grid for block in self.transformer_blocks):
+        if self.needs_full_grid:
             raise ValueError(
                 "Token masking drops tokens from the grid, but this model's self-attention needs the full grid "
                 "(KV compression or a value convolution); train it unmasked."
             )
         if keep_indices.ndim != 2 or keep_indices.shape[1] > n_tokens:
             raise ValueError(f"keep_indices must be (batch, K <= {n_tokens}), got shape {tuple(keep_indices.shape)}.")
-
-    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep) -> None:
-        cfg = self.config
-        if hidden_states.ndim != 4:
-            raise ValueError(
-                f"hidden_states must be (batch, channels, height, width), got shape {tuple(hidden_states.shape)}."
-            )
-        if hidden_states.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"hidden_states has {hidden_states.shape[1]} channels; this model takes {cfg.in_channels}."
-            )
-        height, width = hidden_states.shape[-2:]
-        if height % cfg.patch_size or width % cfg.patch_size:
-            raise ValueError(f"Latent size {height}x{width} is not divisible by the patch size {cfg.patch_size}.")
-        if timestep is None:
-            raise ValueError("timestep is required.")
-        if encoder_hidden_states is None:
-            if self.transformer_blocks and self.transformer_blocks[0].attn2 is not None:
-                raise ValueError("encoder_hidden_states is required: this model has cross-attention to text.")
-            return
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != hidden_states.shape[0]:
-            raise ValueError(
-                f"encoder_hidden_states must be (batch={hidden_states.shape[0]}, tokens, width), "
-                f"got shape {tuple(encoder_hidden_states.shape)}."
-            )
-        if encoder_hidden_states.shape[-1] != self.text_embed_dim:
-            raise ValueError(
-                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}; this model's text embedding "
-                f"width (caption_channels / cross_attention_dim) is {self.text_embed_dim}."
-            )
 
 
 def _validate_config(
@@ -357,37 +400,10 @@ def _validate_config(
         raise ValueError("null_caption_length needs caption_channels (the null caption lives in caption space).")
 
 
-def _check_control_size(controlnet_cond: torch.Tensor, expected: tuple[int, int]) -> None:
-    """Raise a ValueError naming both sizes unless the control latent is ``expected`` (H, W)."""
-    size = tuple(controlnet_cond.shape[-2:])
-    if size != tuple(expected):
-        raise ValueError(
-            f"The control latent is {size[0]}x{size[1]}; the model's latents are {expected[0]}x{expected[1]}. "
-            "Control images must have the size of the generated image."
-        )
-
-
-def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A keep-mask (B, L) or additive bias (B, 1, L) -> additive bias (B, 1, 1, L); None stays None.
-
-    Pure tensor ops, no read on the host: a mask that keeps everything still becomes a (zero) bias.
-    """
-    if mask is None:
-        return None
-    if mask.ndim == 2:
-        return keep_mask_to_bias(mask.bool(), dtype)
-    if mask.ndim == 3:
-        return mask.to(dtype)[:, None]  # (B, 1, 1, L)
-    raise ValueError(f"A mask must be (batch, tokens) or a bias (batch, 1, tokens), got shape {tuple(mask.shape)}.")
-
-
-def _text_tokens(
-    encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The text tokens and their bias, built once per forward. Padding is not trimmed here (that needs a read on
-    the host): pipelines and the trainer trim it beforehand (:func:`dit.nn.text_padding.trim_text_padding`)."""
-    if encoder_hidden_states is not None and mask is not None and mask.shape[-1] != encoder_hidden_states.shape[1]:
-        raise ValueError(
-            f"encoder_attention_mask has shape {tuple(mask.shape)}; expected {tuple(encoder_hidden_states.shape[:2])}."
-        )
-    return encoder_hidden_states, _as_bias(mask, dtype)
+def as_pixart_model(source) -> nn.Module:
+    """A PixArt-family module, or one loaded (strictly) from a transformer or pipeline folder."""
+    if isinstance(source, nn.Module):
+        return source
+    path = os.fspath(source)
+    subfolder = "transformer" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    return PixArtTransformer.from_pretrained(path, subfolder=subfolder)

@@ -1,11 +1,14 @@
-"""Transformer blocks built from the shared attention module and adaLN-single modulation."""
+"""Transformer blocks (PixArt, FiTv2) built from the shared attention module and adaLN modulation; every block
+takes ``(hidden_states, context)`` with the per-forward :class:`~dit.nn.context.BlockContext`."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import DiTAttention
+from .context import BlockContext
 from .linear import Linear
 from .normalization import modulate
 
@@ -113,50 +116,131 @@ class PixArtBlock(nn.Module):
         self.ff = feed_forward or FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        timestep: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """``hidden_states`` (B, N, D) on the token ``grid`` (h, w); ``timestep`` the shared modulation (B, 6D);
-        masks in kernel format."""
+    def forward(self, hidden_states: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        """``hidden_states`` (B, N, D) -> (B, N, D); reads the context's shared modulation (B, 6D), text, masks and
+        token grid."""
         batch = hidden_states.shape[0]
-        modulation = self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)  # (B, 6, D)
-        return modulated_sublayers(
-            self, hidden_states, modulation, encoder_hidden_states, attention_mask, encoder_attention_mask, grid=grid
-        )
+        modulation = self.scale_shift_table[None] + context.shared_modulation.reshape(batch, 6, -1)  # (B, 6, D)
+        return modulated_sublayers(self, hidden_states, modulation, context, grid=context.grid)
 
 
 def modulated_sublayers(
     block: nn.Module,
     hidden_states: torch.Tensor,
     modulation: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    encoder_attention_mask: torch.Tensor | None,
+    context: BlockContext,
     **self_attention_kwargs,
 ) -> torch.Tensor:
     """The body shared by PixArt-style blocks: adaLN-modulated, gated self-attention (``block.attn1``, given
     ``self_attention_kwargs`` such as ``grid`` or ``rotary``), un-gated cross-attention (``block.attn2``, if any) and
-    a gated feed-forward (``block.ff``); ``modulation`` (B, 6, D) holds shift/scale/gate of both gated sublayers."""
+    a gated feed-forward (``block.ff``); ``modulation`` (B, 6, D) holds shift/scale/gate of both gated sublayers,
+    ``context`` the text tokens and masks."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
     # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
     # Without autograd the residual stream is updated in place (see residual()).
     attn_out = block.attn1(
-        modulate(block.norm1(hidden_states), shift_msa, scale_msa), mask=attention_mask, **self_attention_kwargs
+        modulate(block.norm1(hidden_states), shift_msa, scale_msa),
+        mask=context.attention_mask,
+        **self_attention_kwargs,
     )
     hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
     del attn_out
 
     if block.attn2 is not None:
-        cross_out = block.attn2(hidden_states, encoder_hidden_states, encoder_attention_mask)  # (B, N, D)
-        hidden_states = residual(hidden_states, cross_out)
+        cross_out = block.attn2(hidden_states, context.encoder_hidden_states, context.encoder_attention_mask)
+        hidden_states = residual(hidden_states, cross_out)  # (B, N, D)
         del cross_out
 
     ff_out = block.ff(modulate(block.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
     return residual(hidden_states, ff_out, gate_mlp)
+
+
+# ----- FiTv2 ----------------------------------------------------------------------------------------------------
+class SwiGLUProjection(nn.Module):
+    """``hidden * silu(gate)`` from one projection ``proj`` (d -> 2 * inner), as diffusers' ``SwiGLU``."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
+        super().__init__()
+        self.proj = Linear(dim_in, 2 * dim_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) each
+        return hidden * F.silu(gate)
+
+
+class SwiGLUFeedForward(nn.Module):
+    """``net.0.proj`` -> SwiGLU -> dropout -> ``net.2``: diffusers' ``FeedForward(activation_fn="swiglu")`` keys."""
+
+    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([SwiGLUProjection(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class LowRankModulation(nn.Module):
+    """The per-block branch of AdaLN-LoRA: ``linear_2(linear_1(c))``, d -> r -> 6d, ``linear_2`` zero-initialised."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.linear_1 = Linear(dim, rank)
+        self.linear_2 = Linear(rank, 6 * dim)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.linear_1(cond))  # (B, 6D)
+
+
+class FiTBlock(nn.Module):
+    """FiTv2 block: gated QK-norm + 2D-RoPE self-attention, un-gated cross-attention to text, gated SwiGLU.
+
+    The six modulation vectors are the model's shared ``Linear(d, 6d)`` output plus this block's low-rank
+    ``adaln_lora`` of the same (SiLU-activated) condition (FiTv2's AdaLN-LoRA).
+
+    Args:
+        dim: token width.
+        num_attention_heads: heads.
+        attention_head_dim: width of one head (divisible by 4 for 2D RoPE).
+        cross_attention_dim: width of the text tokens; None for a block without cross-attention.
+        ff_inner_dim: hidden width of the SwiGLU.
+        adaln_lora_dim: rank of the per-block modulation.
+        qk_norm: per-head non-affine LayerNorm on queries and keys (both attentions).
+        attention_bias: bias on q/k/v projections.
+        dropout: dropout in attention outputs and the feed-forward.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        cross_attention_dim: int | None,
+        ff_inner_dim: int,
+        adaln_lora_dim: int,
+        qk_norm: bool = True,
+        attention_bias: bool = True,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        heads, head_dim = num_attention_heads, attention_head_dim
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm)
+        self.attn2 = None
+        if cross_attention_dim is not None:
+            self.attn2 = DiTAttention(
+                dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm
+            )
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ff = SwiGLUFeedForward(dim, ff_inner_dim, dropout)
+        self.adaln_lora = LowRankModulation(dim, adaln_lora_dim)
+
+    def forward(self, hidden_states: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        """``hidden_states`` (B, N, D) -> (B, N, D); reads the context's condition (B, D), shared modulation
+        (B, 6D), text, masks and the rotary tables of the N tokens."""
+        modulation = (context.shared_modulation + self.adaln_lora(context.condition)).unflatten(1, (6, -1))
+        return modulated_sublayers(self, hidden_states, modulation, context, rotary=context.rotary)  # (B, N, D)

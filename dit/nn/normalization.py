@@ -1,4 +1,4 @@
-"""adaLN-single: one timestep MLP shared by every block, plus per-block learned offsets."""
+"""adaLN-single (one timestep MLP shared by every block, plus per-block learned offsets) and the adaLN output head."""
 
 from __future__ import annotations
 
@@ -52,3 +52,19 @@ class AdaLayerNormSingle(nn.Module):
             timestep_cond=timestep_cond,
         )  # (B, D)
         return self.linear(self.silu(emb)), emb  # (B, 6D), (B, D)
+
+
+# ----- the adaLN output head ----------------------------------------------------------------------------------
+def add_output_head(model: nn.Module, dim: int, out_features: int) -> None:
+    """Give ``model`` the adaLN output head's modules under diffusers' top-level keys: ``norm_out``,
+    ``scale_shift_table`` (2, D) and ``proj_out`` (D -> ``out_features``), created in that order."""
+    model.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    model.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+    model.proj_out = Linear(dim, out_features)
+
+
+def output_head(model: nn.Module, hidden_states: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The adaLN output head of :func:`add_output_head`: ``proj_out`` of ``norm_out`` modulated by
+    ``scale_shift_table`` + the condition embedding ``emb`` (B, D): (B, N, D) -> (B, N, out_features)."""
+    shift, scale = (model.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+    return model.proj_out(modulate(model.norm_out(hidden_states), shift, scale))

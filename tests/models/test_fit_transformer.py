@@ -209,8 +209,10 @@ def test_block_controls_see_every_block():
     latents, sizes = _canvas([(8, 8), (4, 6)])
     seen = []
 
-    def controls(index, hidden_states, context, cond, shared, self_mask, cross_mask, rotary):
-        seen.append((index, tuple(hidden_states.shape), self_mask is not None, tuple(rotary.cos.shape)))
+    def controls(index, hidden_states, context):
+        seen.append(
+            (index, tuple(hidden_states.shape), context.attention_mask is not None, tuple(context.rotary.cos.shape))
+        )
         return hidden_states * 0 if index == 1 else hidden_states
 
     with torch.no_grad():

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit import LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit.nn.context import BlockContext
 from dit.nn.masking import gather_tokens, keep_indices_from_scores, kept_count, patch_loss_mask, scatter_tokens
 from dit.nn.moe import ExpertChoiceFeedForward, expert_capacity
 
@@ -131,8 +132,9 @@ def test_pixart_masking_equals_blocks_on_the_gathered_tokens():
         tokens = gather_tokens(model.pos_embed(latents), keep)  # (B, K, D)
         t6, emb = model.adaln_single(t, None, batch_size=2, hidden_dtype=tokens.dtype)
         context = model.caption_projection(text)
+        context = BlockContext(encoder_hidden_states=context, shared_modulation=t6)
         for block in model.transformer_blocks:
-            tokens = block(tokens, context, t6)
+            tokens = block(tokens, context)
         shift, scale = (model.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
         tokens = model.proj_out(model.norm_out(tokens) * (1 + scale) + shift)
         full = scatter_tokens(tokens, keep, 16).reshape(2, 4, 4, 2, 2, 4).permute(0, 5, 1, 3, 2, 4)

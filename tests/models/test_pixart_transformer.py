@@ -44,10 +44,15 @@ def test_text_batch_mismatch():
         _model()(latents, torch.randn(3, 6, 32), t)
 
 
-def test_micro_conditions_required():
-    latents, text, t = _inputs()
-    with pytest.raises(ValueError, match="micro-conditions"):
-        _model("alpha")(latents, text, t)
+@pytest.mark.parametrize("height, width", [(8, 8), (8, 12)], ids=["square", "non-square"])
+def test_micro_conditions_default_to_the_image_size(height, width):
+    """Without added_cond_kwargs a micro-conditioned model uses the image's: latent size x vae_scale_factor."""
+    latents, text, t = _inputs(height=height, width=width)
+    model = _model("alpha")
+    with torch.no_grad():
+        implicit = model(latents, text, t).sample
+        explicit = model(latents, text, t, added_cond_kwargs=added_cond(2, height * 8, width * 8)).sample
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):

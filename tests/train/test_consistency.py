@@ -13,7 +13,8 @@ from dit.pipelines import TextToImagePipeline
 from dit.pipelines.lcm import lcm_defaults
 from dit.train import Trainer, load_config
 from dit.train.config import ConfigError, LCMConfig, ObjectiveConfig
-from dit.train.consistency import ConsistencyDistillation, TargetNetwork, consistency_loss
+from dit.train.consistency import ConsistencyDistillation, consistency_loss
+from dit.train.ema import target_network as TargetNetwork
 from dit.train.objectives import build_objective
 from tests.tiny import TINY, _losses, launch_two_processes, make_features, tiny_t5, tiny_tokenizer, tiny_vae
 
@@ -248,7 +249,7 @@ def test_lora_student_loads_onto_the_base(features, teacher, tmp_path):
 
 def test_pipeline_lcm_sampling_modes():
     """Fixed guidance: guidance_scale=1 means one transformer call per step without CFG. Embedded guidance: one
-    call per step at any scale, with the scale's embedding as timestep_cond."""
+    call per step at any scale, with the scale as the model's guidance input."""
     from tests.tiny import SIGMA
 
     for dim in (None, 16):
@@ -264,7 +265,7 @@ def test_pipeline_lcm_sampling_modes():
         image = pipe("a red circle", num_inference_steps=2, guidance_scale=scale, output_type="np").images
         assert image.shape == (1, 16, 16, 3) and len(calls) == 2
         assert all(c["encoder_hidden_states"].shape[0] == 1 for c in calls)  # no CFG batch
-        assert ("timestep_cond" in calls[0]) == (dim is not None)
+        assert ("guidance" in calls[0]) == (dim is not None)  # the model embeds the scale itself
 
 
 def test_two_processes_match_one(features, teacher, tmp_path):

@@ -103,7 +103,7 @@ def test_unknown_objective_is_named():
 
 @pytest.mark.parametrize("sigma", [False, True], ids=["eps_only", "learned_sigma"])
 def test_hybrid_distillation_adds_lits_teacher_terms(sigma):
-    from dit.train.objectives import HybridDistillation
+    from dit.train.distillation import HybridDistillation
 
     x0, noise, u = _draws()
     channels = 8 if sigma else 4

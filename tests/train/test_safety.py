@@ -165,7 +165,7 @@ def test_cli_config_error_is_one_line_and_non_zero(capsys):
 # ----- 8. disk full, corrupt files, resume fallback, metrics ------------------------------------------------------
 def _fail_second_save(monkeypatch, error: Exception):
     """The model folder of the second checkpoint fails after writing part of a file, as a full disk does."""
-    from dit.train import loop
+    from dit.train import run_folder as loop
 
     original, calls = loop.save_model, {"n": 0}
 

@@ -67,7 +67,7 @@ def test_checkpoint_layout_and_limit(features, tmp_path):
 def test_every_process_finishes_saving_before_the_checkpoint_is_renamed(features, tmp_path, monkeypatch):
     """accelerate's save_state ends without a barrier; the main process may only publish (rename the folder every
     rank writes its RNG state into) after all ranks are past it, or a slower rank writes into a moved folder."""
-    from dit.train import checkpointing as checkpointing_module
+    from dit.train import run_folder as checkpointing_module
 
     trainer, calls = Trainer(_config(features, tmp_path)), []
 

@@ -40,16 +40,11 @@ class RotaryEmbedding:
         sin: (B, N, 1, D) sines.
         logit_scale: (B, 1, 1, 1) factor on the attention logits (YaRN temperature and/or the resolution-aware
             attention scale), applied to the queries; None: 1.
-        sizes: (B, 2) grid (h, w) in patches of each sample the tokens came from (on the tokens' device), for hooks
-            that must lay other inputs out like the tokens (a ControlNet's control latent); None: not recorded.
-        grid: (h, w) in patches of the canvas the samples were laid out on; None: not recorded.
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     logit_scale: torch.Tensor | None = None
-    sizes: torch.Tensor | None = None
-    grid: tuple[int, int] | None = None
 
 
 # ----- frequencies --------------------------------------------------------------------------------------------
@@ -223,15 +218,13 @@ def rotary_embedding(
     logit_scale: bool = False,
     theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
-    grid: tuple[int, int] | None = None,
 ) -> RotaryEmbedding:
     """Everything attention needs for tokens at ``positions`` (B, N, 2) of images ``sizes`` (B, 2) (h, w, patches).
 
     ``logit_scale`` switches on :func:`attention_logit_scale` with ``train_tokens = h_train * w_train``; it
     multiplies with YaRN's temperature ``mscale^2``. Angles are computed in fp64 and the tables stored in ``dtype``
     (the model's, so no block casts them again); the logit scale is None when it is 1 for every sample by
-    construction (no YaRN, no attention scale). Everything is computed on ``positions``' device, with no host read;
-    ``grid`` (the canvas, in patches) is recorded for hooks.
+    construction (no YaRN, no attention scale). Everything is computed on ``positions``' device, with no host read.
     """
     sizes = sizes.to(positions.device, non_blocking=True)  # (B, 2)
     freqs_h, freqs_w, mscale = extrapolated_frequencies(sizes, head_dim, train_grid, method, theta)
@@ -241,4 +234,4 @@ def rotary_embedding(
         scale = attention_logit_scale(sizes[:, 0] * sizes[:, 1], train_grid[0] * train_grid[1])  # (B,)
         factor = scale if factor is None else factor * scale
     factor = None if factor is None else factor.to(dtype)[:, None, None, None]  # (B, 1, 1, 1)
-    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor, sizes, grid)
+    return RotaryEmbedding(cos.to(dtype), sin.to(dtype), factor)

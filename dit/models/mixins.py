@@ -1,0 +1,177 @@
+"""Small mixins, one concern each, composed by the backbones and the ControlNet adapter (before ``ModelMixin`` in
+the bases): the attention backend, the block runner with gradient checkpointing, strict safetensors I/O, and the
+capabilities a backbone declares to pipelines and the trainer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers.utils import logging
+
+from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+from ..nn.attention import DiTAttention, resolve_backend
+from ..nn.attention.backends import AttentionBackend, get_backend
+from ..nn.context import BlockContext
+
+logger = logging.get_logger(__name__)
+
+# diffusers' backend names, accepted as aliases so `set_attention_backend("native")` works as there.
+BACKEND_ALIASES = {"native": "sdpa", "_native_math": "math", "torch": "sdpa"}
+
+
+class AttentionBackendMixin:
+    """The softmax kernel of every :class:`~dit.nn.attention.DiTAttention` inside the model, chosen by name."""
+
+    _attention_backend_name: str = "sdpa"
+    _resolved_backend: tuple[tuple[str, torch.device], AttentionBackend] | None = None
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference) or ``xformers`` (CUDA).
+
+        Every attention module gets the kernel now, so the forward reads a fixed attribute (nothing a compiled graph
+        would see change); only ``xformers`` is resolved per device at the first forward (SDPA where it cannot run).
+        """
+        name = BACKEND_ALIASES.get(backend, backend)
+        get_backend(name)  # unknown names fail here, with the list of known ones
+        self._attention_backend_name = name
+        self._resolved_backend = None
+        if name != "xformers":
+            self._push_backend(get_backend(name))
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """Called by diffusers' ``enable_xformers_memory_efficient_attention()``."""
+        self.set_attention_backend("xformers" if valid else "sdpa")
+
+    def _push_backend(self, backend: AttentionBackend) -> None:
+        for module in self.modules():
+            if isinstance(module, DiTAttention):
+                module.backend = backend
+
+    def _attention_backend(self, device: torch.device) -> AttentionBackend:
+        """The backend for this forward. ``sdpa`` and ``math`` run anywhere and were pushed to the modules when set;
+        ``xformers`` is resolved for ``device`` (and pushed) when the device changes."""
+        if self._attention_backend_name != "xformers":
+            return get_backend(self._attention_backend_name)
+        key = (self._attention_backend_name, device)
+        if self._resolved_backend is not None and self._resolved_backend[0] == key:
+            return self._resolved_backend[1]
+        backend = resolve_backend(self._attention_backend_name, device)
+        self._push_backend(backend)
+        self._resolved_backend = (key, backend)
+        return backend
+
+
+class BlockRunnerMixin:
+    """Runs one block on ``(hidden_states, context)``, through diffusers' gradient checkpointing when it is enabled
+    (``enable_gradient_checkpointing()``, non-reentrant: the :class:`BlockContext` passes through as it is). The
+    class sets ``self.gradient_checkpointing = False`` in ``__init__``, the attribute diffusers switches."""
+
+    def _run_block(self, block: torch.nn.Module, hidden_states: torch.Tensor, context: BlockContext):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, hidden_states, context)
+        return block(hidden_states, context)
+
+
+class StrictIOMixin:
+    """diffusers' config and weight I/O, strict: unknown config fields and missing or unexpected weight keys are
+    errors naming them, and safetensors is the only format read (unless opted out) and written."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' ``ConfigMixin.extract_init_dict``, strict: a config field this class does not take is an error
+        naming it (diffusers would log it and build the model without it).
+
+        Tolerated as diffusers does: private keys (``_class_name``, ``_diffusers_version``, ``_name_or_path``, ...)
+        and, for a folder saved by another diffusers class (``_class_name: Transformer2DModel``), that class's own
+        fields, which diffusers drops before this check.
+        """
+        init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        unknown = sorted(key for key in unused if key in config_dict and not key.startswith("_"))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown config field(s) {unknown}. Remove them from config.json, or load the folder "
+                f"with the class that wrote it (its _class_name: {config_dict.get('_class_name', '?')!r})."
+            )
+        return init_dict, unused, hidden
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, strict: bool = True, allow_pickle: bool = False, **kwargs
+    ):
+        """diffusers' ``from_pretrained``, strict by default: a missing or unexpected key is an error that lists them.
+
+        Only safetensors weights are read unless ``allow_pickle=True``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if not allow_pickle:
+            _refuse_pickle_only_folder(path, kwargs.get("subfolder"))
+            kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        if strict and (info["missing_keys"] or info["unexpected_keys"]):
+            raise CheckpointKeyError(info["missing_keys"], info["unexpected_keys"], where=f"checkpoint at {path!r}")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """diffusers' ``save_pretrained``; safetensors is the only format written."""
+        if not safe_serialization:
+            raise ValueError("This toolkit writes safetensors only; safe_serialization=False is not supported.")
+        super().save_pretrained(save_directory, *args, safe_serialization=True, **kwargs)
+
+
+class BackboneMixin:
+    """What a backbone declares about itself, read by pipelines and the trainer instead of probing signatures.
+
+    Class attributes (the defaults here; each backbone sets its own):
+
+    - ``supports_token_masking``: ``forward`` takes ``keep_indices`` (training on a subset of patch tokens).
+    - ``supports_image_sizes``: ``forward`` takes per-sample ``image_sizes`` (a padded batch of mixed sizes).
+    - ``supports_block_controls``: ``forward`` takes ``block_controls`` (ControlNet adapters run in its block loop).
+    - ``prediction_type``: ``"flow"`` for a rectified-flow backbone; None: whatever its scheduler records.
+    - ``native_resolution``: trained at native sizes (pipelines skip PixArt's aspect-ratio bins).
+    - ``use_additional_conditions``: PixArt-α's resolution / aspect-ratio micro-conditions (set per instance).
+    """
+
+    supports_token_masking: bool = False
+    supports_image_sizes: bool = False
+    supports_block_controls: bool = False
+    prediction_type: str | None = None
+    native_resolution: bool = False
+    use_additional_conditions: bool = False
+
+    @property
+    def needs_full_grid(self) -> bool:
+        """Whether a self-attention needs the full token grid (KV compression or a value convolution)."""
+        return any(block.attn1.needs_grid for block in self.transformer_blocks)
+
+    @property
+    def has_null_caption(self) -> bool:
+        """Whether the model keeps a learned null caption (``y_embedding``, see ``null_caption``)."""
+        return getattr(self, "y_embedding", None) is not None
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether ``forward`` takes the guidance scale itself (``guidance``: an LCM student with
+        ``time_cond_proj_dim``), so a pipeline runs no CFG batch."""
+        return getattr(self.config, "time_cond_proj_dim", None) is not None
+
+    @property
+    def text_embed_dim(self) -> int | None:
+        """Width the ``encoder_hidden_states`` must have."""
+        return self.config.caption_channels or self.config.cross_attention_dim
+
+
+def _refuse_pickle_only_folder(path: str, subfolder: str | None) -> None:
+    folder = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(folder):
+        return  # a hub id: diffusers resolves it, and use_safetensors=True refuses pickle there
+    files = os.listdir(folder)
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(
+            f"{folder!r} holds only pickle weights ({', '.join(sorted(pickles))}), which can execute code when "
+            "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust their source."
+        )

@@ -1,0 +1,22 @@
+"""What a pipeline reads of its transformer. The toolkit's backbones declare their capabilities as attributes
+(:class:`dit.models.mixins.BackboneMixin`); a transformer from elsewhere (diffusers' ``PixArtTransformer2DModel``)
+gets the defaults here, those of a plain PixArt model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: Capability -> its value for a transformer that does not declare it.
+FOREIGN_DEFAULTS = {
+    "native_resolution": False,  # PixArt's aspect-ratio bins
+    "prediction_type": None,  # whatever the scheduler records
+    "use_additional_conditions": False,  # diffusers' PixArt sets it per instance, as ours
+    "has_null_caption": False,
+    "embeds_guidance": False,  # classifier-free guidance with a CFG batch
+    "supports_block_controls": False,
+}
+
+
+def capability(transformer: nn.Module, name: str):
+    """The value of capability ``name`` that ``transformer`` declares, or that of a plain PixArt model."""
+    return getattr(transformer, name, FOREIGN_DEFAULTS[name])
