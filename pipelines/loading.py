@@ -4,7 +4,7 @@
 diffusers loads a component with a missing key with one "newly initialized" warning (random weights: NaN or noise
 images), and keeps a scheduler's unknown ``prediction_type`` until the first step. Here each diffusers ``ModelMixin``
 and transformers ``PreTrainedModel`` component is loaded with its loading report first and handed to diffusers; the
-toolkit's backbones and adapters are strict on their own (:meth:`dit.models.mixins.StrictIOMixin.from_pretrained`).
+toolkit's backbones and adapters are strict on their own (:meth:`dit.models.strict_io.StrictIOMixin.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
-from ..models.mixins import StrictIOMixin
+from ..models.strict_io import StrictIOMixin
 
 #: What every noise-prediction scheduler implements.
 NOISE_PREDICTIONS = ("epsilon", "sample", "v_prediction")

@@ -24,8 +24,9 @@ from torch import nn
 from ..nn.blocks import residual
 from ..nn.context import BlockContext
 from ..nn.linear import Linear
-from .mixins import AttentionBackendMixin, BlockRunnerMixin, StrictIOMixin
+from .mixins import AttentionBackendMixin, BlockRunnerMixin
 from .registry import BACKBONES
+from .strict_io import StrictIOMixin
 
 __all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetAdapter", "block_controls"]
 

@@ -26,7 +26,8 @@ from ..nn.normalization import add_output_head, output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .config_checks import check_positive_ints, is_positive_int
 from .inputs import check_control_size, check_guidance, check_inputs, text_tokens
-from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin, StrictIOMixin
+from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin
+from .strict_io import StrictIOMixin
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
 

@@ -33,7 +33,8 @@ from .inputs import (
     micro_conditions,
     text_tokens,
 )
-from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin, StrictIOMixin
+from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin
+from .strict_io import StrictIOMixin
 
 __all__ = ["ModelMixin", "PixArtTransformer", "as_pixart_model"]
 
