@@ -8,6 +8,11 @@ from .models import (
     MultiControlNetAdapter,
     PixArtTransformer,
 )
+from .pipelines.registration import register_pipelines
+
+# DiffusionPipeline.from_pretrained(folder) resolves our pipeline classes by name from here on (imported on first
+# use); see dit.pipelines.registration.
+register_pipelines()
 
 __version__ = "0.1.0"
 __all__ = [

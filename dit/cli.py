@@ -71,11 +71,11 @@ def _load_pipeline(folder: Path, lcm: Path | None, dtype: str, device: str):
     return pipe.to(device)
 
 
-def _check_lcm_guidance(pipe, defaults: dict, guidance: float | None) -> None:
+def _check_lcm_guidance(pipe, guidance: float | None) -> None:
     """``--guidance`` with an LCM student whose guidance is baked in (distilled at a fixed scale: its lcm_config.json
     records guidance_scale 1.0 and the transformer has no guidance embedding) is an error: it samples without a CFG
     batch, so a scale <= 1 changes nothing and one > 1 stacks CFG on the distilled guidance."""
-    baked_in = not pipe.guidance_embedded and float(defaults.get("guidance_scale", 1.0)) == 1.0
+    baked_in = not pipe.guidance_embedded and pipe.sampling_defaults["guidance_scale"] == 1.0
     if guidance is None or not baked_in or guidance == 1.0:
         return
     raise ValueError(
@@ -102,7 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
         _check_sampling_args(args)
         folder = _model_folder(args.model)
         lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
-        defaults = _defaults(folder, lcm)
+        if lcm is not None:
+            _check_lcm_folder(lcm)
     except (ValueError, FileNotFoundError) as error:
         return _fail(error)
     import torch
@@ -111,7 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         pipe = _load_pipeline(folder, lcm, args.dtype, device)
         if lcm is not None:
-            _check_lcm_guidance(pipe, defaults, args.guidance)
+            _check_lcm_guidance(pipe, args.guidance)
     except (ValueError, KeyError, OSError) as error:
         return _fail(error)
     if args.compile:
@@ -122,12 +123,13 @@ def _generate(args: argparse.Namespace) -> int:
         images = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,
-            num_inference_steps=defaults["num_inference_steps"] if args.steps is None else args.steps,
-            guidance_scale=defaults["guidance_scale"] if args.guidance is None else args.guidance,
+            num_inference_steps=args.steps,  # None: the pipeline's sampling defaults (its folder's, or the LCM's)
+            guidance_scale=args.guidance,
             num_images_per_prompt=args.num_images,
             height=args.height,
             width=args.width,
             generator=generators,
+            clean_caption=False,  # captions as the trainer encodes them: lower-cased and stripped
         ).images
     except SamplingValueError as error:
         return _fail(error)
@@ -137,16 +139,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _defaults(folder: Path, lcm: Path | None) -> dict:
-    """The sampling defaults: the LCM folder's when sampling with a student, else the pipeline folder's."""
-    from dit.pipelines.defaults import sampling_defaults
-
-    if lcm is None:
-        return sampling_defaults(folder)
+def _check_lcm_folder(lcm: Path) -> None:
+    """``lcm`` is an LCM folder (it has ``lcm_config.json``), checked before any model loads."""
     from dit.pipelines.lcm import lcm_defaults
 
     try:
-        return lcm_defaults(lcm)
+        lcm_defaults(lcm)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error} (train one with objective.distill=lcm).") from None
 
@@ -163,7 +161,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         _check_sampling_args(args)
         _check_counts(n=args.n, batch_size=args.batch_size)
         folder = _model_folder(args.model)
-        defaults = _defaults(folder, None)
     except (ValueError, FileNotFoundError) as error:
         return _fail(error)
     import torch
@@ -171,12 +168,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dit.pipelines import TextToImagePipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
-    args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
     try:
         pipe = TextToImagePipeline.from_pretrained(folder).to(device)
     except (ValueError, KeyError, OSError) as error:
         return _fail(error)
+    defaults = pipe.sampling_defaults  # the folder's sampling_defaults.json, else PixArt's
+    args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
+    args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
     pipe.set_progress_bar_config(disable=True)
     generate = pipeline_generator(pipe, args.steps, args.guidance, height, width)
     report = evaluate(generate, n=args.n, batch_size=args.batch_size, progress=not args.no_progress)

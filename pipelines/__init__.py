@@ -1,7 +1,8 @@
 """Pipelines (imported as ``dit.pipelines``).
 
 The pipeline classes load on first use, so ``dit.pipelines.checks`` (the sampling-value checks) imports without
-diffusers' pipelines (``dit generate`` checks its arguments before that import).
+diffusers' pipelines (``dit generate`` checks its arguments before that import). ``import dit`` registers them
+with diffusers (:mod:`dit.pipelines.registration`), so ``DiffusionPipeline.from_pretrained`` loads our folders.
 """
 
 from importlib import import_module

@@ -73,6 +73,12 @@ def check_num_images_per_prompt(num_images_per_prompt) -> None:
         raise SamplingValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
 
 
+def check_callback_steps(callback_steps) -> None:
+    """How often the legacy ``callback`` runs: an int >= 1 (checked with or without a callback, as diffusers does)."""
+    if not is_int(callback_steps) or callback_steps < 1:
+        raise SamplingValueError(f"callback_steps must be an int >= 1, got {callback_steps!r}.")
+
+
 def check_prompt(prompt, prompt_embeds: torch.Tensor | None = None) -> int:
     """The number of prompts: ``prompt`` is a string or a non-empty list of strings (or None with ``prompt_embeds``)."""
     if prompt is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -123,7 +124,7 @@ class ControlNetPipeline(TextToImagePipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] | None = None,
+        *args,
         control_image: ControlImage | Sequence[ControlImage] | None = None,
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
@@ -132,16 +133,19 @@ class ControlNetPipeline(TextToImagePipeline):
     ) -> ImagePipelineOutput | tuple:
         """Generate images for ``prompt`` that follow ``control_image``.
 
+        Takes :meth:`TextToImagePipeline.__call__`'s arguments (diffusers' ``PixArtSigmaPipeline`` ones, in its
+        positional order, then the toolkit's keyword-only ones) and these keyword-only ones:
+
         Args:
-            prompt: as :meth:`TextToImagePipeline.__call__`.
             control_image: the control for a single adapter (an image, or a list with one per prompt); with several
                 adapters, a list with one such entry per adapter. Images must have the output size; with
                 ``height`` / ``width`` unset, they set it.
             controlnet_conditioning_scale: residual scale, one for all adapters or one per adapter.
             control_guidance_start: fraction of the steps at which each adapter starts acting.
             control_guidance_end: fraction of the steps at which each adapter stops acting.
-            kwargs: every other argument of :meth:`TextToImagePipeline.__call__`.
         """
+        kwargs = _named_arguments(self, args, kwargs)
+        prompt = kwargs.pop("prompt", None)
         if control_image is None:
             raise ValueError("ControlNetPipeline needs control_image (use TextToImagePipeline without control).")
         check_image_side("height", kwargs.get("height"))
@@ -217,3 +221,23 @@ class ControlNetPipeline(TextToImagePipeline):
         if latents.shape[0] != batch:
             raise ValueError(f"control_image has {cache[k].shape[0]} images; pass one, or one per prompt.")
         return latents
+
+
+def _named_arguments(pipe: ControlNetPipeline, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a :meth:`TextToImagePipeline.__call__` call by name (a bad call is Python's TypeError)."""
+    call = inspect.signature(TextToImagePipeline.__call__)  # forwarded signature: binds, not probes
+    bound = call.bind_partial(pipe, *args, **kwargs)
+    named = dict(bound.arguments)
+    named.pop("self")
+    return {**named, **named.pop("kwargs", {})}
+
+
+def _call_signature() -> inspect.Signature:
+    """:meth:`ControlNetPipeline.__call__`'s signature: the base call's parameters, then the control ones."""
+    base = list(inspect.signature(TextToImagePipeline.__call__).parameters.values())  # forwarded signature
+    own = inspect.signature(inspect.unwrap(ControlNetPipeline.__call__)).parameters  # forwarded signature
+    controls = [p for p in own.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return inspect.Signature(base[:-1] + controls + base[-1:])
+
+
+ControlNetPipeline.__call__.__signature__ = _call_signature()

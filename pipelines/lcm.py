@@ -31,10 +31,11 @@ def lcm_defaults(folder: str | Path) -> dict:
 
 
 def load_lcm(pipe: TextToImagePipeline, folder: str | Path) -> TextToImagePipeline:
-    """``pipe`` with the student of the LCM ``folder``: its transformer (or its LoRA on the pipeline's transformer)
-    and its consistency scheduler. Returns the same pipeline object."""
+    """``pipe`` with the student of the LCM ``folder``: its transformer (or its LoRA on the pipeline's transformer),
+    its consistency scheduler and its sampling defaults (``lcm_config.json``, then the pipeline's
+    :attr:`~dit.pipelines.TextToImagePipeline.sampling_defaults`). Returns the same pipeline object."""
     folder = Path(folder)
-    lcm_defaults(folder)  # a clear error for a folder that is not an LCM folder
+    defaults = lcm_defaults(folder)  # a clear error for a folder that is not an LCM folder
     has_transformer, has_lora = (folder / "transformer").is_dir(), (folder / LORA_FILE).is_file()
     if has_transformer == has_lora:
         raise FileNotFoundError(f"An LCM folder holds transformer/ or {LORA_FILE} (exactly one); {folder} has "
@@ -46,6 +47,7 @@ def load_lcm(pipe: TextToImagePipeline, folder: str | Path) -> TextToImagePipeli
     else:
         pipe.load_lora_weights(folder)
     pipe.register_modules(scheduler=_scheduler(folder / "scheduler"))
+    pipe.sampling_defaults = defaults
     return pipe
 
 

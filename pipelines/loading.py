@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
-from ..models.strict_io import StrictIOMixin
+from ..models.strict_io import StrictIOMixin, variant_files
 
 #: What every noise-prediction scheduler implements.
 NOISE_PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -73,6 +73,8 @@ def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
 def load_component(cls: type, folder: Path, name: str, kwargs: dict):
     """``cls.from_pretrained(folder)`` with its loading report; raises on missing or unexpected keys."""
     options = {key: kwargs[key] for key in COMPONENT_KWARGS if kwargs.get(key) is not None}
+    if "variant" in options and not variant_files(os.listdir(folder), options["variant"]):
+        del options["variant"]  # as diffusers: a component without files of the variant loads its main weights
     dtype = _component_dtype(kwargs.get("torch_dtype"), name)
     if _is_transformers_model(cls):  # transformers names it dtype and has no diffusers-only options
         options = {key: value for key, value in options.items() if key in ("variant", "use_safetensors")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -11,15 +10,24 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.image_processor import PixArtImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPipeline
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.base import compile_repeated_blocks
 from ..nn.text_padding import trim_text_padding
+from .callbacks import (
+    CALLBACK_TENSOR_INPUTS,
+    CallStateMixin,
+    StepTensors,
+    callback_tensor_names,
+    legacy_callback_due,
+)
 from .capabilities import capability
 from .checks import (
     MAX_IMAGE_TOKENS,
     SamplingValueError,
+    check_callback_steps,
     check_eta,
     check_guidance_scale,
     check_image_side,
@@ -29,7 +37,9 @@ from .checks import (
     check_num_inference_steps,
     check_prompt,
 )
+from .defaults import SamplingDefaultsMixin
 from .loading import check_scheduler, local_folder, strict_components
+from .lora import DiTLoraLoaderMixin
 from .resolution import flow_match_scheduler, flow_shift_mu, sampling_size
 
 logger = logging.get_logger(__name__)
@@ -37,13 +47,16 @@ logger = logging.get_logger(__name__)
 PromptEmbeds = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-class TextToImagePipeline(DiffusionPipeline):
+class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeline, DiTLoraLoaderMixin):
     """Text-to-image pipeline for the toolkit's diffusion transformers.
 
-    Takes the arguments of diffusers' ``PixArtSigmaPipeline`` plus ``callback_on_step_end``. Beyond it: any
-    backbone of the toolkit, the learned null caption of original PixArt checkpoints as the unconditional
-    branch (as PixArt's own inference does), and the nearest valid size for any ``sample_size`` instead of an
-    "Invalid sample size" error.
+    Takes every argument of diffusers' ``PixArtSigmaPipeline.__call__`` and ``encode_prompt`` (same names, positional
+    order and defaults; ``clean_caption`` cleans captions with diffusers' own code), diffusers' step-end callbacks
+    (:mod:`dit.pipelines.callbacks`), ``cross_attention_kwargs`` (``{"scale": s}`` for LoRA) and diffusers' pipeline
+    LoRA methods (:mod:`dit.pipelines.lora`). Beyond it: any backbone of the toolkit, the sampling defaults of the
+    folder it was loaded from (:attr:`sampling_defaults`), the learned null caption of original PixArt checkpoints
+    as the unconditional branch (as PixArt's own inference does), and the nearest valid size for any
+    ``sample_size`` instead of an "Invalid sample size" error.
 
     Args:
         tokenizer: tokenizer of the text encoder.
@@ -63,7 +76,11 @@ class TextToImagePipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["tokenizer", "text_encoder"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
+    # diffusers' caption cleaning (needs bs4 and ftfy), reused as is: PixArtSigmaPipeline's methods and their regex.
+    bad_punct_regex = PixArtSigmaPipeline.bad_punct_regex
+    _text_preprocessing = PixArtSigmaPipeline._text_preprocessing
+    _clean_caption = PixArtSigmaPipeline._clean_caption
     #: Largest number of image tokens per image a call accepts (see :data:`dit.pipelines.checks.MAX_IMAGE_TOKENS`).
     max_image_tokens: int = MAX_IMAGE_TOKENS
 
@@ -85,20 +102,24 @@ class TextToImagePipeline(DiffusionPipeline):
         random), and a scheduler ``prediction_type`` its class does not implement is a ``ValueError``.
 
         ``strict=False`` loads as diffusers does. With ``device_map``, diffusers places the components itself and
-        only the toolkit's own models (always strict) are checked.
+        only the toolkit's own models (always strict) are checked. The folder's ``sampling_defaults.json`` becomes
+        the pipeline's :attr:`sampling_defaults`.
         """
-        if not strict or kwargs.get("device_map") is not None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         folder = local_folder(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(folder, **{**strict_components(folder, kwargs), **kwargs})
+        if not strict or kwargs.get("device_map") is not None:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        else:
+            pipe = super().from_pretrained(folder, **{**strict_components(folder, kwargs), **kwargs})
+        pipe.record_sampling_defaults(folder)
+        return pipe
 
     # ----- text ---------------------------------------------------------------------------------------
     def _encode_text(
-        self, texts: list[str], max_length: int, device: torch.device
+        self, texts: list[str], max_length: int, device: torch.device, clean_caption: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("This pipeline has no tokenizer/text encoder: pass prompt_embeds and their masks.")
-        texts = [t.lower().strip() for t in texts]
+        texts = self._text_preprocessing(texts, clean_caption=clean_caption)  # diffusers': lower-cased, stripped
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
@@ -117,19 +138,28 @@ class TextToImagePipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        clean_caption: bool = False,
         max_sequence_length: int = 300,
+        *,
         use_null_caption: bool | None = None,
+        **kwargs,
     ) -> PromptEmbeds:
         """Text features and masks for the conditional and (with CFG) unconditional branch.
 
+        The arguments of diffusers' ``PixArtSigmaPipeline.encode_prompt``, in its order; ``clean_caption`` cleans
+        prompts as diffusers does (with bs4 and ftfy installed; without them diffusers' warning and no cleaning);
+        other keyword arguments are ignored with a warning (diffusers ignores them, warning on ``mask_feature``).
         The unconditional branch is, in order: ``negative_prompt_embeds``; the transformer's learned null
         caption when ``use_null_caption`` (default: when the model has one and no negative prompt is given),
         with the prompt's mask as in PixArt's inference; else the encoded ``negative_prompt``.
         """
+        warn_ignored(kwargs, "encode_prompt")
         device = device or self._execution_device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, prompt_attention_mask = self._encode_text(prompts, max_sequence_length, device)
+            prompt_embeds, prompt_attention_mask = self._encode_text(
+                prompts, max_sequence_length, device, clean_caption
+            )
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
         batch = prompt_embeds.shape[0]
@@ -139,22 +169,10 @@ class TextToImagePipeline(DiffusionPipeline):
             return prompt_embeds, prompt_attention_mask, None, None
 
         if negative_prompt_embeds is None:
-            has_null = capability(self.transformer, "has_null_caption")
-            if use_null_caption is None:
-                use_null_caption = has_null and not negative_prompt
-            if use_null_caption:
-                length = prompt_embeds.shape[1]
-                negative_prompt_embeds = self.transformer.null_caption(batch, length).to(device, prompt_embeds.dtype)
-                negative_prompt_attention_mask = prompt_attention_mask[::num_images_per_prompt]
-            else:
-                negatives = (
-                    [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-                )
-                if len(negatives) != batch:
-                    raise ValueError(f"{len(negatives)} negative prompts were given for {batch} prompts.")
-                negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
-                    negatives, prompt_embeds.shape[1], device
-                )
+            negative_prompt_embeds, negative_prompt_attention_mask = self._unconditional_text(
+                negative_prompt, prompt_embeds, prompt_attention_mask[::num_images_per_prompt], batch,
+                use_null_caption, clean_caption,
+            )  # fmt: skip
         elif negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
@@ -162,6 +180,23 @@ class TextToImagePipeline(DiffusionPipeline):
         negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         negative_prompt_attention_mask = negative_prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    def _unconditional_text(
+        self, negative_prompt, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, batch: int,
+        use_null_caption: bool | None, clean_caption: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The unconditional text of ``batch`` prompts (one row each): the learned null caption or the encoded
+        negative prompt, as long as the prompts' text."""
+        device = prompt_embeds.device
+        if use_null_caption is None:
+            use_null_caption = capability(self.transformer, "has_null_caption") and not negative_prompt
+        if use_null_caption:
+            length = prompt_embeds.shape[1]
+            return self.transformer.null_caption(batch, length).to(device, prompt_embeds.dtype), prompt_mask
+        negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+        if len(negatives) != batch:
+            raise ValueError(f"{len(negatives)} negative prompts were given for {batch} prompts.")
+        return self._encode_text(negatives, prompt_embeds.shape[1], device, clean_caption)
 
     # ----- sampling -----------------------------------------------------------------------------------
     def prepare_latents(
@@ -222,11 +257,12 @@ class TextToImagePipeline(DiffusionPipeline):
             )  # fmt: skip
         return height, width, sample_h, sample_w
 
-    def _added_cond_kwargs(self, height: int, width: int, batch: int, dtype, device) -> dict[str, torch.Tensor | None]:
+    def _added_cond_kwargs(self, height: int, width: int, dtype, device) -> dict[str, torch.Tensor | None]:
+        """The micro-conditions of one image (rows repeated to the model batch at each step)."""
         if not capability(self.transformer, "use_additional_conditions"):
             return {"resolution": None, "aspect_ratio": None}
-        resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 2)
-        aspect_ratio = torch.tensor([[height / width]], dtype=dtype, device=device).repeat(batch, 1)  # (B, 1)
+        resolution = torch.tensor([[height, width]], dtype=dtype, device=device)  # (1, 2)
+        aspect_ratio = torch.tensor([[height / width]], dtype=dtype, device=device)  # (1, 1)
         return {"resolution": resolution, "aspect_ratio": aspect_ratio}
 
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
@@ -242,24 +278,6 @@ class TextToImagePipeline(DiffusionPipeline):
         """Whether the transformer takes the guidance scale as an input (an LCM student with ``time_cond_proj_dim``):
         then there is no CFG batch, and ``guidance_scale`` is embedded as LCM's ``w = guidance_scale - 1``."""
         return capability(self.transformer, "embeds_guidance")
-
-    def load_lora_weights(self, lora: str | os.PathLike | dict[str, torch.Tensor], adapter_name: str | None = None):
-        """Load a LoRA onto the transformer (for example an LCM-LoRA written by the trainer).
-
-        ``lora`` is a folder or file with ``pytorch_lora_weights.safetensors`` (its peft metadata, ``lora_alpha``
-        included, is read as diffusers does) or a state dict (``lora_alpha`` = rank then); keys may carry diffusers'
-        ``transformer.`` prefix or none.
-        """
-        if isinstance(lora, dict):
-            keys, source, where = list(lora), lora, {}
-        else:
-            file = _lora_file(lora)
-            keys, source = _safetensors_keys(file), os.path.dirname(file)
-            where = {"weight_name": os.path.basename(file), "use_safetensors": True}
-        prefixed = all(key.startswith("transformer.") for key in keys)
-        self.transformer.load_lora_adapter(
-            source, prefix="transformer" if prefixed else None, adapter_name=adapter_name, **where
-        )
 
     def compile_transformer(self, **compile_kwargs) -> int:
         """Compile the transformer's repeated blocks, and a ControlNet adapter's, in place (regional compilation, as
@@ -277,27 +295,31 @@ class TextToImagePipeline(DiffusionPipeline):
             count += compile_repeated_blocks(controlnet, **compile_kwargs)
         return count
 
-    def _predict(self, latents, t, embeds, mask, added, guidance_scale: float) -> torch.Tensor:
+    def _predict(self, latents, t, embeds, mask, added) -> torch.Tensor:
         """One transformer call (a CFG batch when guided; the scale as an input of a guidance-embedding model),
         reduced to the latent channels."""
-        embedded = self.guidance_embedded
-        guided = guidance_scale > 1.0 and not embedded
+        guided = self.do_classifier_free_guidance
+        embeds, mask = _step_text(embeds, mask, latents.shape[0], guided)
         model_in = torch.cat([latents] * 2) if guided else latents
         if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
             model_in = self.scheduler.scale_model_input(model_in, t)
-        timestep = torch.as_tensor(t, device=latents.device).reshape(-1).expand(model_in.shape[0])
+        batch = model_in.shape[0]
+        timestep = torch.as_tensor(t, device=latents.device).reshape(-1).expand(batch)
+        extra = {"guidance": self.guidance_scale} if self.guidance_embedded else {}
+        if self.cross_attention_kwargs is not None:
+            extra["cross_attention_kwargs"] = self.cross_attention_kwargs
         pred = self.transformer(
             model_in,
             encoder_hidden_states=embeds,
             encoder_attention_mask=mask,
             timestep=timestep,
-            added_cond_kwargs=added,
+            added_cond_kwargs={k: None if v is None else v.repeat(batch, 1) for k, v in added.items()},
             return_dict=False,
-            **({"guidance": guidance_scale} if embedded else {}),
+            **extra,
         )[0]
         if guided:
             uncond, cond = pred.chunk(2)
-            pred = uncond + guidance_scale * (cond - uncond)
+            pred = uncond + self.guidance_scale * (cond - uncond)
         if pred.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the mean prediction
             pred = pred[:, : latents.shape[1]]
         return pred
@@ -318,10 +340,10 @@ class TextToImagePipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = "",
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 4.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -334,13 +356,24 @@ class TextToImagePipeline(DiffusionPipeline):
         negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback: Callable[[int, Any, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        clean_caption: bool = True,
         use_resolution_binning: bool = True,
         max_sequence_length: int = 300,
+        *,
         use_null_caption: bool | None = None,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        **kwargs,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for ``prompt`` (see diffusers' ``PixArtSigmaPipeline.__call__`` for shared arguments).
+        """Generate images for ``prompt``: diffusers' ``PixArtSigmaPipeline.__call__`` (its arguments in its order,
+        ``callback`` / ``callback_steps`` and ``clean_caption`` included), then the toolkit's keyword-only ones.
+
+        ``num_inference_steps`` / ``guidance_scale`` left None take :attr:`sampling_defaults` (the folder's
+        ``sampling_defaults.json``, else diffusers' 20 and 4.5). Other keyword arguments are ignored with a warning,
+        as diffusers ignores them.
 
         Few-step LCM students sample with diffusers' ``LCMScheduler`` (1-4 steps): a student distilled at a fixed
         guidance scale takes ``guidance_scale=1`` (no CFG batch: guidance is baked in); a guidance-embedding
@@ -348,54 +381,69 @@ class TextToImagePipeline(DiffusionPipeline):
 
         ``use_null_caption`` chooses the learned null caption as the unconditional branch (default: when the
         transformer has one and no negative prompt is given). ``callback_on_step_end(pipe, i, t, tensors)`` gets
-        the tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
+        the tensors named in ``callback_on_step_end_tensor_inputs`` (any of :attr:`_callback_tensor_inputs`) and may
+        return replacements for any of them (:mod:`dit.pipelines.callbacks`). ``cross_attention_kwargs`` goes to
+        the transformer at every step (``{"scale": s}`` scales the active LoRA adapters).
 
         Raises a ``ValueError`` (:class:`~dit.pipelines.checks.SamplingValueError`) naming the value and its allowed
         range, before any work, for: ``guidance_scale`` not finite or < 0; ``num_inference_steps`` < 1; ``height`` /
         ``width`` < 1, above 16384 px or (without binning) no multiple of :attr:`size_multiple`; more image tokens
         than :attr:`max_image_tokens`; ``latents`` of another shape or not finite; ``num_images_per_prompt`` < 1;
-        ``prompt`` neither a string nor a non-empty list of strings; ``eta`` outside [0, 1].
+        ``prompt`` neither a string nor a non-empty list of strings; ``eta`` outside [0, 1]; ``callback_steps`` < 1.
         """
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        warn_ignored(kwargs, "__call__")
+        defaults = self.sampling_defaults
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        tensor_inputs = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(
-            prompt, prompt_embeds, num_inference_steps, timesteps, sigmas, guidance_scale, eta,
+            prompt, prompt_embeds, steps, timesteps, sigmas, guidance_scale, eta,
             num_images_per_prompt, height, width, output_type, tensor_inputs,
         )  # fmt: skip
+        check_callback_steps(callback_steps)
         height, width, sample_h, sample_w = self.sampling_sizes(height, width, use_resolution_binning)
         prompts = check_prompt(prompt, prompt_embeds)
         check_latents(latents, self.latent_shape(prompts * num_images_per_prompt, sample_h, sample_w))
-        multiple = self.size_multiple
+        self._guidance_scale, self._cross_attention_kwargs = guidance_scale, cross_attention_kwargs
+        self._interrupt = False
         device = self._execution_device
 
-        guided = guidance_scale > 1.0 and not self.guidance_embedded
+        guided = self.do_classifier_free_guidance
         embeds, mask, neg_embeds, neg_mask = self.encode_prompt(
             prompt, guided, negative_prompt, num_images_per_prompt, device, prompt_embeds, negative_prompt_embeds,
-            prompt_attention_mask, negative_prompt_attention_mask, max_sequence_length, use_null_caption,
+            prompt_attention_mask, negative_prompt_attention_mask, clean_caption, max_sequence_length,
+            use_null_caption=use_null_caption,
         )  # fmt: skip
+        batch = embeds.shape[0]
         if guided:
             embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
         embeds, mask = trim_text_padding(embeds, mask)  # once per call: a few fixed key lengths, exact
-        batch = neg_embeds.shape[0] if guided else embeds.shape[0]
 
+        multiple = self.size_multiple
         mu = flow_shift_mu(self.scheduler, (sample_h // multiple) * (sample_w // multiple))
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas, **({} if mu is None else {"mu": mu})
+        timesteps, steps = retrieve_timesteps(
+            self.scheduler, steps, device, timesteps, sigmas, **({} if mu is None else {"mu": mu})
         )
+        self._num_timesteps = len(timesteps)
         latents = self.prepare_latents(batch, sample_h, sample_w, embeds.dtype, device, generator, latents)
-        added = self._added_cond_kwargs(sample_h, sample_w, embeds.shape[0], embeds.dtype, device)
+        state = StepTensors(latents, embeds, mask, negatives=batch if guided else 0)
+        added = self._added_cond_kwargs(sample_h, sample_w, embeds.dtype, device)
         step_kwargs = self._step_kwargs(generator, eta)
+        order = getattr(self.scheduler, "order", 1)
 
-        with self.progress_bar(total=num_inference_steps) as progress:
+        with self.progress_bar(total=steps) as progress:
             for i, t in enumerate(timesteps):
-                pred = self._predict(latents, t, embeds, mask, added, guidance_scale)
-                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if self.interrupt:
+                    continue
+                pred = self._predict(state.latents, t, state.prompt_embeds, state.prompt_attention_mask, added)
+                state.latents = self.scheduler.step(pred, t, state.latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds}
-                    returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
-                    latents = returned.get("latents", latents)
+                    state.run(callback_on_step_end, self, i, t, tensor_inputs)
+                if callback is not None and legacy_callback_due(i, len(timesteps), steps, order, callback_steps):
+                    callback(i // order, t, state.latents)
                 progress.update()
 
-        image = self.decode(latents, output_type)
+        image = self.decode(state.latents, output_type)
         if output_type != "latent":
             if (sample_h, sample_w) != (height, width):
                 image = self.image_processor.resize_and_crop_tensor(image, width, height)
@@ -429,17 +477,24 @@ def _check_outputs(output_type: str, tensor_inputs: list[str], allowed_tensors: 
         raise SamplingValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not in {allowed_tensors}.")
 
 
-def _lora_file(path: str | os.PathLike) -> str:
-    """A LoRA safetensors file, or ``pytorch_lora_weights.safetensors`` in a folder."""
-    path = os.fspath(path)
-    file = os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
-    if not os.path.isfile(file) or not file.endswith(".safetensors"):
-        raise FileNotFoundError(f"No LoRA weights at {file!r} (expected pytorch_lora_weights.safetensors).")
-    return file
+def warn_ignored(kwargs: dict[str, Any], where: str) -> None:
+    """Keyword arguments a method takes only for diffusers' signature: ignored, as diffusers ignores them, but said."""
+    if kwargs:
+        logger.warning("%s ignores the keyword arguments %s (diffusers' PixArtSigmaPipeline ignores them too).",
+                       where, sorted(kwargs))  # fmt: skip
 
 
-def _safetensors_keys(file: str) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as handle:
-        return list(handle.keys())
+def _step_text(embeds: torch.Tensor, mask: torch.Tensor, batch: int, guided: bool):
+    """The text rows of one step for ``batch`` latents: ``2 * batch`` with a CFG batch (unconditional first),
+    ``batch`` without; a CFG batch left after guidance was switched off (by a step-end callback) gives its
+    conditional half."""
+    rows = embeds.shape[0]
+    if not guided and rows == 2 * batch:
+        return embeds[batch:], mask[batch:]
+    if rows != (2 * batch if guided else batch):
+        raise SamplingValueError(
+            f"The text batch has {rows} rows for {batch} latents; it needs {2 * batch if guided else batch} "
+            f"({'unconditional rows first, then conditional' if guided else 'no CFG batch'}). Did a step-end "
+            "callback return prompt_embeds of another batch?"
+        )
+    return embeds, mask

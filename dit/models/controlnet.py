@@ -24,7 +24,7 @@ from torch import nn
 from ..nn.blocks import residual
 from ..nn.context import BlockContext
 from ..nn.linear import Linear
-from .mixins import AttentionBackendMixin, BlockRunnerMixin
+from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BlockRunnerMixin
 from .registry import BACKBONES
 from .strict_io import StrictIOMixin
 
@@ -63,7 +63,9 @@ class ControlNetBlock(nn.Module):
         return control, self.after_proj(control)
 
 
-class ControlNetAdapter(AttentionBackendMixin, BlockRunnerMixin, StrictIOMixin, ModelMixin, ConfigMixin):
+class ControlNetAdapter(
+    AttentionBackendMixin, AttentionProcessorMixin, BlockRunnerMixin, StrictIOMixin, ModelMixin, ConfigMixin
+):
     """PixArt-δ ControlNet-Transformer adapter: trainable copies of base blocks at ``positions``.
 
     Build it from a (frozen) base with :meth:`from_transformer`; save and load it as its own diffusers-format
@@ -231,7 +233,12 @@ def _materialise(adapter: ControlNetAdapter, state: dict, like: torch.Tensor) ->
 
 class MultiControlNetAdapter(ModelMixin):
     """Several adapters used together (multi-control): each takes its own control latent and scale, and their
-    residuals are summed. Saved as one folder with a sub-folder per adapter (``adapter_0``, ``adapter_1``, ...).
+    residuals are summed.
+
+    Saved as diffusers saves its ``MultiControlNetModel``: adapter 0 in the folder given, adapter ``i`` in the
+    folder beside it with ``_i`` appended (``controlnet``, ``controlnet_1``, ... in a pipeline folder), so that each
+    folder holds only weight files and diffusers' pipeline loader finds their ``variant``. Folders of the earlier
+    layout (``adapter_0``, ``adapter_1``, ... inside the folder) still load.
 
     Args:
         adapters: the :class:`ControlNetAdapter` s, in the order their control images and scales are given.
@@ -243,18 +250,77 @@ class MultiControlNetAdapter(ModelMixin):
             raise ValueError("MultiControlNetAdapter needs at least one adapter.")
         self.nets = nn.ModuleList(adapters)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    @staticmethod
+    def adapter_folder(save_directory: str | os.PathLike, index: int) -> Path:
+        """Where adapter ``index`` of a multi-adapter saved to ``save_directory`` lives."""
+        root = Path(save_directory)
+        return root if index == 0 else root.with_name(f"{root.name}_{index}")
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save every adapter with :meth:`ControlNetAdapter.save_pretrained` and the same options (``variant``,
+        ``max_shard_size``, ``safe_serialization`` and the others of diffusers' ``ModelMixin.save_pretrained``, such
+        as ``save_function``, in ``kwargs``), adapter ``i`` to :meth:`adapter_folder`. Adapter folders left from an
+        earlier save with more adapters (or of the earlier layout) are removed, so that loading finds these only."""
+        options = dict(is_main_process=is_main_process, safe_serialization=safe_serialization, variant=variant,
+                       max_shard_size=max_shard_size, push_to_hub=push_to_hub, use_flashpack=use_flashpack,
+                       **kwargs)  # fmt: skip
         for i, net in enumerate(self.nets):
-            net.save_pretrained(Path(save_directory) / f"adapter_{i}", **kwargs)
+            net.save_pretrained(self.adapter_folder(save_directory, i), **options)
+        if is_main_process:
+            self._remove_stale_adapters(save_directory, len(self.nets))
+
+    @classmethod
+    def _remove_stale_adapters(cls, save_directory: str | os.PathLike, count: int) -> None:
+        """Remove the adapter folders a save of ``count`` adapters to ``save_directory`` did not write."""
+        import shutil
+
+        stale = list(Path(save_directory).glob("adapter_*"))  # the earlier layout, inside the folder
+        index = count
+        while (folder := cls.adapter_folder(save_directory, index)).is_dir():
+            stale.append(folder)
+            index += 1
+        for folder in stale:
+            config = folder / "config.json"
+            if config.is_file() and ControlNetAdapter.load_config(folder).get("_class_name") == "ControlNetAdapter":
+                shutil.rmtree(folder)
+
+    @classmethod
+    def adapter_folders(cls, pretrained_model_name_or_path: str | os.PathLike) -> list[Path]:
+        """The adapter folders of a saved multi-adapter, in order (either layout)."""
+        root = Path(pretrained_model_name_or_path)
+        legacy = sorted(root.glob("adapter_*"), key=lambda p: int(p.name.split("_")[-1]))
+        if legacy and not (root / "config.json").is_file():
+            return legacy
+        folders = []
+        while (folder := cls.adapter_folder(root, len(folders))).is_dir():
+            folders.append(folder)
+        if not folders:
+            raise FileNotFoundError(f"No ControlNet adapter folder at {root} (nor adapter_<i> folders inside it).")
+        return folders
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> MultiControlNetAdapter:
-        root = Path(pretrained_model_name_or_path)
-        folders = sorted(root.glob("adapter_*"), key=lambda p: int(p.name.split("_")[-1]))
-        if not folders:
-            raise FileNotFoundError(f"No adapter_<i> folders in {root}.")
-        keep = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "strict", "allow_pickle")}
-        return cls([ControlNetAdapter.from_pretrained(folder, **keep) for folder in folders])
+        """Load every adapter of :meth:`adapter_folders` with :meth:`ControlNetAdapter.from_pretrained` and the same
+        keyword arguments (``variant``, ``torch_dtype``, ``strict``, ``allow_pickle``, ...)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        nets, info = [], {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        for i, folder in enumerate(cls.adapter_folders(pretrained_model_name_or_path)):
+            net, net_info = ControlNetAdapter.from_pretrained(folder, output_loading_info=True, **kwargs)
+            nets.append(net)
+            for key, values in info.items():
+                values.extend(f"nets.{i}.{v}" if isinstance(v, str) else v for v in net_info.get(key, ()))
+        model = cls(nets)
+        return (model, info) if want_info else model
 
 
 class _ControlRun:

@@ -13,6 +13,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from ..nn.attention.backends import AttentionBackend
@@ -24,9 +25,10 @@ from ..nn.embeddings import CaptionProjection, TimestepEmbedding, fractional_sin
 from ..nn.linear import Linear
 from ..nn.normalization import add_output_head, output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
+from .cache import StepCacheMixin
 from .config_checks import check_positive_ints, is_positive_int
 from .inputs import check_control_size, check_guidance, check_inputs, text_tokens
-from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin
+from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BackboneMixin, BlockRunnerMixin
 from .strict_io import StrictIOMixin
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
@@ -35,8 +37,10 @@ __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.
 class FiTTransformer(
     BackboneMixin,
     AttentionBackendMixin,
+    AttentionProcessorMixin,
     BlockRunnerMixin,
     StrictIOMixin,
+    StepCacheMixin,
     ModelMixin,
     ConfigMixin,
     PeftAdapterMixin,
@@ -203,6 +207,7 @@ class FiTTransformer(
         logit_scale = self.config.attention_logit_scale if logit_scale is None else bool(logit_scale)
         self.register_to_config(rope_extrapolation=method, attention_logit_scale=logit_scale)
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -225,7 +230,8 @@ class FiTTransformer(
             encoder_hidden_states: text features (B, L, caption_channels or cross_attention_dim).
             timestep: (B,) or a scalar, in diffusers' scale (0..num_train_timesteps).
             added_cond_kwargs: accepted for pipeline compatibility (PixArt's micro-conditions); not read.
-            cross_attention_kwargs: accepted for diffusers compatibility; not read.
+            cross_attention_kwargs: ``{"scale": s}`` scales the loaded PEFT LoRA layers for this call (diffusers'
+                ``apply_lora_scale``); other keys are ignored with diffusers' warning.
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
             block_controls: called after every block as ``block_controls(index, hidden_states, context)`` with the
@@ -240,6 +246,7 @@ class FiTTransformer(
         """
         check_inputs(self, hidden_states, encoder_hidden_states, timestep)
         check_guidance(guidance, None, None)
+        self._ignore_attention_kwargs(cross_attention_kwargs)
         layout = self._layout(hidden_states, image_sizes)
         batch, p = hidden_states.shape[0], self.config.patch_size
         backend = self._attention_backend(hidden_states.device)

@@ -1,20 +1,23 @@
 """Small mixins, one concern each, composed by the backbones and the ControlNet adapter (before ``ModelMixin`` in
-the bases): the attention backend, the block runner with gradient checkpointing and the
-capabilities a backbone declares to pipelines and the trainer."""
+the bases): the attention backend, diffusers' attention-processor API, the block runner with gradient checkpointing
+and the capabilities a backbone declares to pipelines and the trainer."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from diffusers.models.attention import AttentionMixin
 from diffusers.utils import logging
 
-from ..nn.attention import DiTAttention, resolve_backend
+from ..nn.attention import DiTAttention, DiTAttnProcessor, resolve_backend
 from ..nn.attention.backends import AttentionBackend, get_backend
 from ..nn.context import BlockContext
 
 logger = logging.get_logger(__name__)
 
-# diffusers' backend names, accepted as aliases so `set_attention_backend("native")` works as there.
-BACKEND_ALIASES = {"native": "sdpa", "_native_math": "math", "torch": "sdpa"}
+# Other names of our own backends (diffusers' names run through its dispatcher, see dit.nn.attention.backends).
+BACKEND_ALIASES = {"torch": "sdpa"}
 
 
 class AttentionBackendMixin:
@@ -24,7 +27,10 @@ class AttentionBackendMixin:
     _resolved_backend: tuple[tuple[str, torch.device], AttentionBackend] | None = None
 
     def set_attention_backend(self, backend: str) -> None:
-        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference) or ``xformers`` (CUDA).
+        """Choose the softmax kernel: ``sdpa`` (default), ``math`` (plain reference), ``xformers`` (CUDA), or any of
+        diffusers' backend names (``native``, ``_native_math``, ``flash``, ``flex``, ``sage``, ...), which run through
+        diffusers' ``dispatch_attention_fn``; one diffusers cannot use here (``flash`` without flash-attn) is an error
+        saying why.
 
         Every attention module gets the kernel now, so the forward reads a fixed attribute (nothing a compiled graph
         would see change); only ``xformers`` is resolved per device at the first forward (SDPA where it cannot run).
@@ -57,6 +63,29 @@ class AttentionBackendMixin:
         self._push_backend(backend)
         self._resolved_backend = (key, backend)
         return backend
+
+
+class AttentionProcessorMixin(AttentionMixin):
+    """diffusers' attention-processor API over the model's :class:`~dit.nn.attention.DiTAttention` modules (diffusers'
+    ``AttentionMixin``): ``attn_processors`` (by name, ``transformer_blocks.0.attn1.processor``, ...),
+    ``set_attn_processor`` (one for all, or a dict by name), :meth:`set_default_attn_processor`,
+    ``fuse_qkv_projections`` / ``unfuse_qkv_projections`` (exact; the state dict keeps its keys).
+
+    The default processor, :class:`~dit.nn.attention.DiTAttnProcessor`, runs the toolkit's kernels (backends, linear
+    attention, KV compression, RoPE, masks); any other is called as diffusers calls processors (PAG's, a user's)."""
+
+    def set_default_attn_processor(self) -> None:
+        """Every attention module back to :class:`~dit.nn.attention.DiTAttnProcessor`."""
+        self.set_attn_processor(DiTAttnProcessor())
+
+    def _ignore_attention_kwargs(self, cross_attention_kwargs: dict[str, Any] | None) -> None:
+        """Keys of ``cross_attention_kwargs`` besides the LoRA ``scale`` (taken by ``apply_lora_scale``) are not read;
+        they are ignored with diffusers' warning, as diffusers' PixArt model ignores those its processors lack."""
+        if cross_attention_kwargs:
+            logger.warning(
+                f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not expected by {type(self).__name__} "
+                "and will be ignored."
+            )
 
 
 class BlockRunnerMixin:

@@ -14,6 +14,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records for
 # a component (this one), so it must stay importable from here.
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from ..nn.attention.backends import AttentionBackend
@@ -22,6 +23,7 @@ from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, PatchEmbed
 from ..nn.masking import gather_tokens, scatter_tokens
 from ..nn.normalization import AdaLayerNormSingle, add_output_head, output_head
+from .cache import StepCacheMixin
 from .config_checks import check_kv_compression, check_positive_ints
 from .inheritance import inherit_from
 from .inputs import (
@@ -33,7 +35,7 @@ from .inputs import (
     micro_conditions,
     text_tokens,
 )
-from .mixins import AttentionBackendMixin, BackboneMixin, BlockRunnerMixin
+from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BackboneMixin, BlockRunnerMixin
 from .strict_io import StrictIOMixin
 
 __all__ = ["ModelMixin", "PixArtTransformer", "as_pixart_model"]
@@ -42,8 +44,10 @@ __all__ = ["ModelMixin", "PixArtTransformer", "as_pixart_model"]
 class PixArtTransformer(
     BackboneMixin,
     AttentionBackendMixin,
+    AttentionProcessorMixin,
     BlockRunnerMixin,
     StrictIOMixin,
+    StepCacheMixin,
     ModelMixin,
     ConfigMixin,
     PeftAdapterMixin,
@@ -52,11 +56,12 @@ class PixArtTransformer(
 
     Config fields, forward signature and state-dict keys are those of diffusers' ``PixArtTransformer2DModel``,
     so diffusers-format folders (also with ``_class_name`` ``Transformer2DModel``) load strictly, and the model
-    drops into ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``. Beyond diffusers: LoRA through
-    ``PeftAdapterMixin``, any latent H×W with a cached position table, masks converted once per forward, no tensor
-    read on the host (``torch.compile(fullgraph=True)`` works), PixArt's learned null caption (``y_embedding``)
-    kept when the config sets ``null_caption_length``, and token masking for micro-budget training
-    (``keep_indices`` in ``forward``).
+    drops into ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` / ``PixArtSigmaPAGPipeline``, with diffusers'
+    attention-processor API (``attn_processors``, ``set_attn_processor``, ``fuse_qkv_projections``, ...). Beyond
+    diffusers: LoRA through ``PeftAdapterMixin`` (scaled per call by ``cross_attention_kwargs={"scale": s}``), any
+    latent H×W with a cached position table, masks converted once per forward, no tensor read on the host
+    (``torch.compile(fullgraph=True)`` works), PixArt's learned null caption (``y_embedding``) kept when the config
+    sets ``null_caption_length``, and token masking for micro-budget training (``keep_indices`` in ``forward``).
 
     Args:
         num_attention_heads: heads per attention layer.
@@ -238,6 +243,7 @@ class PixArtTransformer(
             raise ValueError(f"The null caption has {self.y_embedding.shape[0]} tokens; {length} were asked for.")
         return self.y_embedding[:length][None].expand(batch_size, -1, -1)
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -261,7 +267,8 @@ class PixArtTransformer(
             timestep: (B,) or a scalar, integer or fractional.
             added_cond_kwargs: ``{"resolution": (B, 2), "aspect_ratio": (B, 1)}`` with micro-conditions; those not
                 given are the image's, from the latent size times ``vae_scale_factor``.
-            cross_attention_kwargs: accepted for diffusers compatibility; no option is read from it.
+            cross_attention_kwargs: ``{"scale": s}`` scales the loaded PEFT LoRA layers for this call (diffusers'
+                ``apply_lora_scale``; 0 is the base model); other keys are ignored with diffusers' warning.
             attention_mask: image-token keep-mask (B, N) (1 = keep), or an additive bias (B, 1, N).
             encoder_attention_mask: text keep-mask (B, L) (1 = keep), or an additive bias (B, 1, L).
             return_dict: return ``Transformer2DModelOutput`` instead of a tuple.
@@ -278,6 +285,7 @@ class PixArtTransformer(
         """
         check_inputs(self, hidden_states, encoder_hidden_states, timestep)
         check_guidance(guidance, timestep_cond, self.config.time_cond_proj_dim)
+        self._ignore_attention_kwargs(cross_attention_kwargs)
         batch, _, height, width = hidden_states.shape
         p = self.config.patch_size
         backend = self._attention_backend(hidden_states.device)

@@ -1,16 +1,24 @@
 """Strict, safetensors-first I/O for every model class of the toolkit: unknown config fields and missing or
-unexpected weights are errors that name them."""
+unexpected weights are errors that name them; variants, shards and (opted-in) pickle as diffusers has them."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections.abc import Callable
 
-from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, _add_variant
+from safetensors import safe_open
+
+from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError, check_keys
 
 
 class StrictIOMixin:
     """diffusers' config and weight I/O, strict: unknown config fields and missing or unexpected weight keys are
-    errors naming them, and safetensors is the only format read (unless opted out) and written."""
+    errors naming them. Safetensors is read and written by default; pickle only on an explicit opt-in
+    (``allow_pickle=True`` to read, ``safe_serialization=False`` to write). Variants and shards work as in
+    diffusers, also through ``DiffusionPipeline.save_pretrained`` / ``from_pretrained``."""
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -36,35 +44,110 @@ class StrictIOMixin:
     ):
         """diffusers' ``from_pretrained``, strict by default: a missing or unexpected key is an error that lists them.
 
-        Only safetensors weights are read unless ``allow_pickle=True``.
+        Reads a ``variant`` (``diffusion_pytorch_model.<variant>.safetensors``) and sharded folders (an index and
+        its shards) as diffusers does; a shard that lacks a key its index lists is an error too (diffusers checks
+        the index only, and would leave that weight uninitialised).
+
+        Only safetensors weights are read unless ``allow_pickle=True``: a folder whose weights (of the ``variant``
+        asked for) are pickle only is refused, naming its files, and so is ``use_safetensors=False`` without the
+        opt-in.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not allow_pickle:
-            _refuse_pickle_only_folder(path, kwargs.get("subfolder"))
-            kwargs.setdefault("use_safetensors", True)
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError(
+                    "use_safetensors=False reads pickle weights, which can execute code when loaded; pass "
+                    "allow_pickle=True as well if you trust their source."
+                )
+            _refuse_pickle_only_folder(path, kwargs.get("subfolder"), kwargs.get("variant"))
+            kwargs["use_safetensors"] = True  # diffusers passes None, which would fall back to pickle
+        if strict:
+            check_shards(path, kwargs.get("subfolder"), kwargs.get("variant"))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         if strict and (info["missing_keys"] or info["unexpected_keys"]):
             raise CheckpointKeyError(info["missing_keys"], info["unexpected_keys"], where=f"checkpoint at {path!r}")
         return (model, info) if want_info else model
 
-    def save_pretrained(self, save_directory, *args, safe_serialization: bool = True, **kwargs) -> None:
-        """diffusers' ``save_pretrained``; safetensors is the only format written."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ) -> None:
+        """diffusers' ``ModelMixin.save_pretrained``, each option named so that ``DiffusionPipeline.save_pretrained``
+        forwards it: ``variant="fp16"`` writes ``diffusion_pytorch_model.fp16.safetensors`` beside the main weights,
+        ``max_shard_size`` splits the weights into shards with an index.
+
+        Safetensors by default; ``safe_serialization=False`` writes pickle (``.bin``), which can execute code when
+        loaded, with a warning saying so (reading it back needs ``allow_pickle=True``).
+        """
         if not safe_serialization:
-            raise ValueError("This toolkit writes safetensors only; safe_serialization=False is not supported.")
-        super().save_pretrained(save_directory, *args, safe_serialization=True, **kwargs)
+            warnings.warn(
+                f"{type(self).__name__}.save_pretrained(safe_serialization=False) writes pickle weights (.bin) to "
+                f"{os.fspath(save_directory)!r}: they can execute code when loaded, and reading them back needs "
+                "from_pretrained(..., allow_pickle=True). Leave safe_serialization=True for safetensors.",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
+            use_flashpack=use_flashpack,
+            **kwargs,
+        )
 
 
-def _refuse_pickle_only_folder(path: str, subfolder: str | None) -> None:
+def variant_files(files: list[str], variant: str | None) -> list[str]:
+    """The weight files of ``variant`` (``name.<variant>.ext``, ``name.<variant>-00001-of-00002.ext``, and the
+    shard index ``name.ext.index.<variant>.json``); every file when no variant is asked for."""
+    if variant is None:
+        return files
+    return [f for f in files if f".{variant}." in f or f".{variant}-" in f]
+
+
+def _refuse_pickle_only_folder(path: str, subfolder: str | None, variant: str | None = None) -> None:
     folder = os.path.join(path, subfolder) if subfolder else path
     if not os.path.isdir(folder):
         return  # a hub id: diffusers resolves it, and use_safetensors=True refuses pickle there
-    files = os.listdir(folder)
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+    files = variant_files(os.listdir(folder), variant)
+    if any(".safetensors" in f for f in files):
         return
-    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES) or ".bin.index" in f]
     if pickles:
+        which = f" of variant {variant!r}" if variant is not None else ""
         raise ValueError(
-            f"{folder!r} holds only pickle weights ({', '.join(sorted(pickles))}), which can execute code when "
+            f"{folder!r} holds only pickle weights{which} ({', '.join(sorted(pickles))}), which can execute code when "
             "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust their source."
         )
+
+
+def check_shards(path: str, subfolder: str | None, variant: str | None) -> None:
+    """For a local sharded safetensors checkpoint (of ``variant``): raise :class:`CheckpointKeyError` unless its
+    shards hold exactly the keys its index lists, and ``FileNotFoundError`` for a shard that is not there."""
+    folder = os.path.join(path, subfolder) if subfolder else path
+    index = os.path.join(folder, _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant))
+    if not os.path.isfile(index):
+        return
+    with open(index) as file:
+        weight_map = json.load(file)["weight_map"]
+    found = []
+    for shard in sorted(set(weight_map.values())):
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"{index!r} lists the shard {shard!r}, which is not in {folder!r}.")
+        with safe_open(shard_path, framework="pt") as weights:
+            found.extend(weights.keys())
+    name = os.path.basename(index)
+    check_keys(weight_map, found, where=f"sharded checkpoint at {folder!r} (the keys {name} lists, in its shards)")

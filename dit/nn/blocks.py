@@ -15,9 +15,12 @@ from .normalization import modulate
 ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}
 
 
-def residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """``x + gate * update`` (or ``x + update``); without autograd ``x``, the running hidden state, is updated in place."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, update, gate)):
+def residual(
+    x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None = None, inplace: bool = True
+) -> torch.Tensor:
+    """``x + gate * update`` (or ``x + update``); without autograd ``x``, the running hidden state, is updated in place
+    unless ``inplace=False`` (a block's first residual: its input stays what the caller passed)."""
+    if not inplace or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, update, gate))):
         return x + update if gate is None else torch.addcmul(x, gate, update)
     return x.add_(update) if gate is None else x.addcmul_(gate, update)
 
@@ -138,13 +141,14 @@ def modulated_sublayers(
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
     # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
-    # Without autograd the residual stream is updated in place (see residual()).
+    # Without autograd the residual stream is updated in place (see residual()), after the first residual, which
+    # leaves the block's input unchanged (diffusers' cache hooks compare a block's output with its input).
     attn_out = block.attn1(
         modulate(block.norm1(hidden_states), shift_msa, scale_msa),
         mask=context.attention_mask,
         **self_attention_kwargs,
     )
-    hidden_states = residual(hidden_states, attn_out, gate_msa)  # (B, N, D)
+    hidden_states = residual(hidden_states, attn_out, gate_msa, inplace=False)  # (B, N, D), a new tensor
     del attn_out
 
     if block.attn2 is not None:

@@ -45,7 +45,8 @@ def test_diffusers_sigma_pipeline_loads_it_as_a_drop_in(pipe):
     theirs = PixArtSigmaPipeline.from_pretrained(FOLDER)
     theirs.set_progress_bar_config(disable=True)
     assert isinstance(theirs.transformer, PixArtTransformer)
-    kwargs = dict(num_inference_steps=4, height=64, width=64, output_type="np")
+    guidance = sampling_defaults(FOLDER)["guidance_scale"]  # diffusers' pipeline ignores sampling_defaults.json
+    kwargs = dict(num_inference_steps=4, guidance_scale=guidance, height=64, width=64, output_type="np")
     a = theirs(PROMPT, generator=torch.Generator().manual_seed(0), use_resolution_binning=False, **kwargs).images
     b = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == (1, 64, 64, 3) and np.abs(a - b).max() < 1e-4

@@ -225,11 +225,14 @@ def test_microdit_sets_nothing_before_super_init():
 
 
 def test_no_signature_probing():
-    """``inspect.signature`` only where a class's ``__init__.__signature__`` is set for diffusers' config."""
+    """``inspect.signature`` only where a class's ``__init__.__signature__`` is set for diffusers' config, or where
+    ControlNetPipeline forwards (binds and documents) the base call's arguments, marked ``# forwarded signature``;
+    never to discover what a model can do."""
     found = []
-    for folder in ("dit", "pipelines"):
+    for folder in ("dit", "pipelines", "train"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for line in path.read_text().splitlines():
-                if "inspect.signature(" in line and "PixArtTransformer.__init__" not in line:
+                allowed = "PixArtTransformer.__init__" in line or "# forwarded signature" in line
+                if "inspect.signature(" in line and not allowed:
                     found.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     assert not found, found

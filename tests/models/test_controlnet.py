@@ -109,7 +109,7 @@ def test_save_load_round_trip_is_exact_and_safetensors_only(tmp_path):
         assert torch.equal(
             _run(base, loaded, x, text, t, cond, **kwargs), _run(base, adapter, x, text, t, cond, **kwargs)
         )
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.warns(UserWarning, match="pickle"):
         adapter.save_pretrained(tmp_path / "pickle", safe_serialization=False)
     state = {k: v for k, v in adapter.state_dict().items() if k != "before_proj.bias"}
     from safetensors.torch import save_file

@@ -89,9 +89,11 @@ def test_pickle_file_needs_opt_in(tmp_path):
     assert torch.equal(load_state_dict_file(path, allow_pickle=True)["w"], torch.ones(2))
 
 
-def test_only_safetensors_written(tmp_path):
-    with pytest.raises(ValueError, match="safetensors only"):
-        _model().save_pretrained(tmp_path, safe_serialization=False)
+def test_pickle_written_only_on_explicit_opt_in_with_a_warning(tmp_path):
+    _model().save_pretrained(tmp_path / "default")
+    assert [p.suffix for p in (tmp_path / "default").glob("diffusion_pytorch_model*")] == [".safetensors"]
+    with pytest.warns(UserWarning, match="pickle"):
+        _model().save_pretrained(tmp_path / "pickle", safe_serialization=False)
 
 
 @pytest.mark.parametrize("bad", [dict(norm_type="layer_norm"), dict(attention_type="gated")])

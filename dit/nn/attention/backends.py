@@ -1,7 +1,9 @@
-"""Softmax attention backends: one plain dict from name to kernel, no if/elif ladders in the blocks."""
+"""Softmax attention backends: one plain dict from name to kernel, no if/elif ladders in the blocks; diffusers'
+backend names (``flash``, ``flex``, ``native``, ``_native_cudnn``, ``sage``, ...) run through its dispatcher."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -43,10 +45,56 @@ _warned: set[str] = set()
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend registered as ``name``; an unknown name is an error that lists the known ones."""
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}.")
-    return BACKENDS[name]
+    """The backend registered as ``name``, else diffusers' dispatcher backend of that name (checked as diffusers
+    checks it: an unusable one, e.g. ``flash`` without flash-attn, is an error saying why); an unknown name is an error
+    that lists the known ones."""
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name not in diffusers_backend_names():
+        raise ValueError(
+            f"Unknown attention backend {name!r}; choose one of {sorted(BACKENDS)} or diffusers' "
+            f"{sorted(diffusers_backend_names()) or '(diffusers has no attention dispatcher here)'}."
+        )
+    return _diffusers_backend(name)
+
+
+@functools.cache
+def diffusers_backend_names() -> frozenset[str]:
+    """The backend names of diffusers' attention dispatcher (``AttentionBackendName``); empty without one."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except ImportError:
+        return frozenset()
+    return frozenset(member.value for member in AttentionBackendName)
+
+
+@functools.cache
+def _diffusers_backend(name: str) -> AttentionBackend:
+    """diffusers' backend ``name`` as a kernel: ``dispatch_attention_fn(q, k, v, attn_mask=bias, backend=name)`` on
+    (B, L, H, D) tensors, the layout both use. diffusers' own requirement check runs first (installed package and
+    version), and hub kernels are fetched as diffusers fetches them."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    backend = dispatch.AttentionBackendName(name)
+    try:
+        dispatch._check_attention_backend_requirements(backend)
+        dispatch._maybe_download_kernel_for_backend(backend)
+    except (ImportError, RuntimeError) as error:
+        raise RuntimeError(f"Attention backend {name!r} cannot be used here: {error}") from error
+    kernel = functools.partial(_dispatch, backend=backend, dispatch_fn=dispatch.dispatch_attention_fn)
+    return AttentionBackend(name, kernel)
+
+
+def _dispatch(q, k, v, mask=None, *, backend, dispatch_fn) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return dispatch_fn(q, k, v, attn_mask=mask, backend=backend)  # (B, Lq, H, D)
+    try:
+        return dispatch_fn(q, k, v, attn_mask=mask, backend=backend)  # (B, Lq, H, D)
+    except (RuntimeError, ValueError) as error:  # e.g. a CUDA-only kernel on the CPU: say which backend failed
+        kind = ValueError if isinstance(error, ValueError) else RuntimeError
+        raise kind(
+            f"Attention backend {backend.value!r} failed on {q.device.type} {q.dtype} inputs: {error}"
+        ) from error
 
 
 def resolve_backend(name: str, device: torch.device) -> AttentionBackend:

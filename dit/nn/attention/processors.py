@@ -1,0 +1,172 @@
+"""Attention processors of :class:`~dit.nn.attention.DiTAttention`, in diffusers' processor protocol.
+
+:class:`DiTAttnProcessor` is the default: it runs the toolkit's kernels (softmax backends, ReLU linear attention, KV
+compression, value convolution, QK-norm, rotary embedding) on masks already in the kernel's format. Any other processor
+(diffusers' ``AttnProcessor2_0``, PAG's identity processors, a user's) is called the way diffusers' ``Attention``
+calls it: ``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=<(B, 1, Lk) additive bias>,
+**kwargs)``, with ``kwargs`` the extra keywords the caller of the module gave.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.utils import logging
+
+from .ops import (
+    MASKED_BIAS,
+    grid_to_tokens,
+    keep_from_mask,
+    merge_heads,
+    relu_linear_attention,
+    split_heads,
+    tokens_to_grid,
+)
+from .rope import RotaryEmbedding, apply_rotary
+
+logger = logging.get_logger(__name__)
+
+# ``attn`` below is a :class:`~dit.nn.attention.DiTAttention` (a diffusers ``Attention``; this module is below it).
+
+
+def _softmax(attn: Attention, q, k, v, mask):
+    return attn.backend.kernel(q, k, v, mask)  # the registered softmax backend (sdpa / math / xformers / diffusers')
+
+
+def _linear(attn: Attention, q, k, v, mask):
+    return relu_linear_attention(q, k, v, keep_from_mask(mask))
+
+
+#: ``kernel`` option -> ``(module, q, k, v, mask) -> out``, all ``(B, L, H, D)``.
+KERNELS = {"softmax": _softmax, "linear": _linear}
+
+
+class DiTAttnProcessor:
+    """The default processor: the toolkit's kernels, with every option of the module (see :class:`DiTAttention`).
+
+    ``mask`` is in the kernel's format (made once per forward by the model, see ``AttentionBackend``), ``grid`` the
+    (h, w) token grid of ``hidden_states`` and ``rotary`` the rotary tables of self-attention. Subclass it to customise
+    the computation and keep these inputs; any processor that is not one is called as diffusers calls processors.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` (B, N, C) attend to ``encoder_hidden_states`` (B, L, C') or to themselves: (B, N, C)."""
+        if attn.needs_grid and grid is None:
+            raise ValueError(
+                "This attention compresses keys or convolves values over the token grid: pass grid=(h, w)."
+            )
+        if rotary is not None and (encoder_hidden_states is not None or attn.kv_compress is not None):
+            raise ValueError("Rotary embedding needs queries and keys at the same positions: self-attention only.")
+        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, N, C), (B, L, C) x 2
+        local = None if attn.dwc is None else _value_conv(attn, v, mask, grid)  # (B, N, C)
+        if attn.kv_compress is not None:
+            if mask is not None:
+                raise ValueError("KV compression cannot pool an image-token mask; drop attention_mask or the ratio.")
+            k, v = attn.kv_compress(k, grid), attn.kv_compress(v, grid)  # (B, L', C): one module for both
+        q, k, v = (split_heads(t, attn.heads) for t in (q, k, v))  # (B, *, H, D)
+        q, k = _position_queries_keys(attn, q, k, rotary)  # (B, *, H, D)
+        out = merge_heads(KERNELS[attn.kernel](attn, q, k, v, mask))  # (B, N, C)
+        if local is not None:
+            out = out + local
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def project_qkv(
+    attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values before the heads are split; one product with fused projections (``to_qkv`` for
+    self-attention, ``to_kv`` for cross-attention), unless PEFT wrapped the separate ones (their adapters count)."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    fused = attn.fused_projection()
+    if fused is None:
+        return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if encoder_hidden_states is None and not attn.is_cross_attention:
+        return fused(hidden_states).split(attn.fused_sizes, dim=-1)  # (B, N, C) x 3
+    k, v = fused(context).split(attn.fused_sizes, dim=-1)  # (B, L, C) x 2
+    return attn.to_q(hidden_states), k, v
+
+
+def _position_queries_keys(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, rotary: RotaryEmbedding | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm, then rotation, then the logit scale on the queries; each step only where it is enabled."""
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)  # (B, *, H, D), per head
+    if rotary is None:
+        return q, k
+    q, k = apply_rotary(q, rotary.cos, rotary.sin), apply_rotary(k, rotary.cos, rotary.sin)  # (B, N, H, D)
+    if rotary.logit_scale is not None:
+        q = q * rotary.logit_scale.to(q.dtype)  # (B, N, H, D): logits times the scale
+    return q, k
+
+
+def _value_conv(attn: Attention, v: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+    keep = keep_from_mask(mask)
+    if keep is not None:
+        v = v * keep[:, :, None].to(v.dtype)  # padding contributes nothing to its neighbours
+    return grid_to_tokens(attn.dwc(tokens_to_grid(v, grid)))  # (B, N, C)
+
+
+# ----- any other processor, called as diffusers calls it ---------------------------------------------------------
+def diffusers_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A kernel-format key mask -> diffusers' ``attention_mask``: an additive bias (B, 1, Lk), 0 kept, -10000 dropped."""
+    keep = keep_from_mask(mask)
+    if keep is None:
+        return None
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)  # (B, Lk)
+    return bias.masked_fill_(~keep, MASKED_BIAS)[:, None, :]  # (B, 1, Lk)
+
+
+def _options_outside(attn: Attention, rotary: RotaryEmbedding | None) -> list[str]:
+    """The options of ``attn`` that only :class:`DiTAttnProcessor` computes."""
+    options = {
+        "the ReLU linear kernel": attn.kernel != "softmax",
+        "key/value compression": attn.kv_compress is not None,
+        "the value convolution": attn.dwc is not None,
+        "rotary position embedding": rotary is not None,
+    }
+    return [name for name, used in options.items() if used]
+
+
+def warn_unused_kwargs(processor: Any, unused: list[str]) -> None:
+    """diffusers' warning for ``cross_attention_kwargs`` a processor does not take (they are ignored)."""
+    logger.warning(
+        f"cross_attention_kwargs {unused} are not expected by {type(processor).__name__} and will be ignored."
+    )
+
+
+def call_processor(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    rotary: RotaryEmbedding | None,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Run a processor that is not a :class:`DiTAttnProcessor` with diffusers' arguments; an attention whose options
+    such a processor cannot see is an error naming them (it would silently compute another attention)."""
+    processor = attn.processor
+    outside = _options_outside(attn, rotary)
+    if outside:
+        raise ValueError(
+            f"{type(processor).__name__} is called as diffusers calls processors and cannot compute this attention's "
+            f"{', '.join(outside)}; only DiTAttnProcessor (the default, set_default_attn_processor()) or a subclass "
+            "of it can."
+        )
+    return processor(
+        attn,
+        hidden_states,
+        encoder_hidden_states=encoder_hidden_states,
+        attention_mask=diffusers_mask(mask, hidden_states.dtype),
+        **kwargs,
+    )
