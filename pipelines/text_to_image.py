@@ -151,7 +151,8 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
         other keyword arguments are ignored with a warning (diffusers ignores them, warning on ``mask_feature``).
         The unconditional branch is, in order: ``negative_prompt_embeds``; the transformer's learned null
         caption when ``use_null_caption`` (default: when the model has one and no negative prompt is given),
-        with the prompt's mask as in PixArt's inference; else the encoded ``negative_prompt``.
+        with the prompt's mask as in PixArt-α's inference; else the encoded ``negative_prompt`` (``""``: the
+        empty-prompt encoding PixArt-Σ's inference uses; pass ``use_null_caption=False`` for a Σ checkpoint).
         """
         warn_ignored(kwargs, "encode_prompt")
         device = device or self._execution_device
@@ -379,8 +380,9 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
         guidance scale takes ``guidance_scale=1`` (no CFG batch: guidance is baked in); a guidance-embedding
         student (``time_cond_proj_dim``) takes the scale it should imitate, embedded without a CFG batch.
 
-        ``use_null_caption`` chooses the learned null caption as the unconditional branch (default: when the
-        transformer has one and no negative prompt is given). ``callback_on_step_end(pipe, i, t, tensors)`` gets
+        ``use_null_caption``: the unconditional branch is ``y_embedding`` (default when the model has one and no
+        negative prompt is given: PixArt-α's inference) or, with False, the encoded empty prompt (PixArt-Σ's).
+        ``callback_on_step_end(pipe, i, t, tensors)`` gets
         the tensors named in ``callback_on_step_end_tensor_inputs`` (any of :attr:`_callback_tensor_inputs`) and may
         return replacements for any of them (:mod:`dit.pipelines.callbacks`). ``cross_attention_kwargs`` goes to
         the transformer at every step (``{"scale": s}`` scales the active LoRA adapters).

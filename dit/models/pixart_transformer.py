@@ -87,8 +87,14 @@ class PixArtTransformer(
         attention_type: must be ``default``.
         null_caption_length: tokens of the learned null caption ``y_embedding`` (None: none kept).
         kv_compress_ratio: PixArt-Σ key/value compression stride of the self-attention, an int >= 2 (None: off).
-        kv_compress_mode: ``conv`` (depthwise conv + LayerNorm, PixArt-Σ), ``avg`` or ``uniform``.
+        kv_compress_mode: ``conv`` (depthwise conv + LayerNorm, PixArt-Σ), ``avg``, ``uniform`` or ``ave``
+            (PixArt-Σ's mode of that name: nearest-neighbour subsampling, no parameters).
         kv_compress_layers: blocks that compress (None: the deep half, as PixArt-Σ).
+        kv_compress_padding: grids whose sides do not divide by the ratio: ``replicate`` pads them (every token
+            reaches a key cell); ``none`` drops the remainder rows/columns, as PixArt-Σ's original code
+            (``Conv2d(kernel=stride=ratio)``), and is what :func:`dit.convert.load_original_pixart` sets.
+        qk_norm: None, or ``layer_norm_across_heads``: PixArt-Σ's ``qk_norm=True``, an affine LayerNorm over the
+            full width (eps 1e-5) on the self-attention's queries and keys, before KV compression.
         self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
         linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
@@ -143,6 +149,8 @@ class PixArtTransformer(
         attention_conv_kernel_size: int | None = None,
         time_cond_proj_dim: int | None = None,
         vae_scale_factor: int = 8,
+        kv_compress_padding: str = "replicate",
+        qk_norm: str | None = None,
     ):
         super().__init__()
         check_positive_ints(
@@ -222,6 +230,12 @@ class PixArtTransformer(
             layers = range(cfg.num_layers // 2, cfg.num_layers)
         if cfg.kv_compress_ratio is not None and index in layers:
             options.update(kv_compress_ratio=cfg.kv_compress_ratio, kv_compress_mode=cfg.kv_compress_mode)
+            options["kv_compress_padding"] = getattr(cfg, "kv_compress_padding", "replicate")
+        qk_norm = getattr(cfg, "qk_norm", None)
+        if qk_norm not in (None, "layer_norm_across_heads"):
+            raise ValueError(f"qk_norm must be None or 'layer_norm_across_heads', got {qk_norm!r}.")
+        if qk_norm is not None:
+            options["qk_norm"] = qk_norm
         return options
 
     @classmethod

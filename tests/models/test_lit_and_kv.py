@@ -82,9 +82,14 @@ def test_original_sigma_checkpoint_with_kv_compression_loads_exactly(tmp_path):
     loaded = load_original_pixart(tmp_path / "sigma-kv.safetensors", sample_size=8, attention_head_dim=12,
                                   interpolation_scale=1).eval()  # fmt: skip
     assert loaded.config.kv_compress_ratio == 2 and list(loaded.config.kv_compress_layers) == [2, 3]
-    x, text, t = _inputs((6, 10))
+    # the original's Conv2d(kernel=stride=2) drops the odd grid's last row/column; ours replicate-pads by default
+    assert loaded.config.kv_compress_padding == "none" and model.config.kv_compress_padding == "replicate"
+    dropping = PixArtTransformer(**CONFIG, kv_compress_ratio=2, kv_compress_padding="none").eval()
+    dropping.load_state_dict(model.state_dict())
+    x, text, t = _inputs((6, 10))  # a 3x5 token grid: 1x2 key cells (2x3 when padded)
     with torch.no_grad():
-        assert (loaded(x, text, t).sample - model(x, text, t).sample).abs().max() <= 1e-5
+        assert (loaded(x, text, t).sample - dropping(x, text, t).sample).abs().max() <= 1e-5
+        assert (loaded(x, text, t).sample - model(x, text, t).sample).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("cls", [LiTTransformer, PixArtTransformer], ids=["lit", "kv"])

@@ -114,3 +114,54 @@ def test_value_convolution_starts_at_zero_and_sees_neighbours_only_on_the_grid()
         assert torch.allclose(attn(x, grid=(3, 4)), plain(x), atol=1e-6)  # zero-initialised
         attn.dwc.weight.normal_()
         assert not torch.allclose(attn(x, grid=(3, 4)), plain(x), atol=1e-3)
+
+
+def test_no_padding_drops_the_remainder_as_the_original_conv():
+    """``kv_compress_padding="none"``: Conv2d(kernel=stride=r) without padding, floor(h/r) x floor(w/r) cells."""
+    torch.manual_seed(0)
+    module = KVCompress(16, 2, "conv", padding="none")
+    torch.nn.init.normal_(module.conv.weight)
+    x = torch.randn(2, 3 * 5, 16)
+    grid = x.transpose(1, 2).unflatten(-1, (3, 5))  # (B, C, 3, 5)
+    expected = module.norm(module.conv(grid).flatten(2).transpose(1, 2))  # (B, 1*2, C)
+    assert module(x, (3, 5)).shape == (2, 2, 16)
+    assert torch.allclose(module(x, (3, 5)), expected, atol=1e-6)
+    assert KVCompress(16, 2, "conv")(x, (3, 5)).shape == (2, 6, 16)  # the default replicate-pads: 2x3 cells
+
+
+@pytest.mark.parametrize("padding", ["none", "replicate"])
+def test_ave_is_nearest_subsampling(padding):
+    """PixArt-Σ's ``ave`` is F.interpolate(mode="nearest"): the top-left token of each cell, no averaging."""
+    x = torch.randn(2, 13 * 19, 16)
+    grid = x.transpose(1, 2).unflatten(-1, (13, 19))  # (B, C, 13, 19)
+    ave = KVCompress(16, 2, "ave", padding=padding)(x, (13, 19))
+    if padding == "none":
+        expected = F.interpolate(grid, scale_factor=0.5, mode="nearest").flatten(2).transpose(1, 2)  # (B, 6*9, C)
+    else:
+        expected = grid[..., ::2, ::2].flatten(2).transpose(1, 2)  # (B, 7*10, C)
+    assert torch.equal(ave, expected)
+
+
+def test_uniform_without_padding_matches_ave():
+    x = torch.randn(1, 15 * 15, 8)
+    a, b = (KVCompress(8, 3, mode, padding="none")(x, (15, 15)) for mode in ("uniform", "ave"))
+    assert a.shape == (1, 25, 8) and torch.equal(a, b)
+
+
+def test_qk_norm_across_heads_is_pixart_sigmas_layer_norm():
+    """``qk_norm="layer_norm_across_heads"``: affine LayerNorm(width, eps 1e-5) on q and k before compression."""
+    torch.manual_seed(0)
+    attn = DiTAttention(16, 2, 8, qk_norm="layer_norm_across_heads", kv_compress_ratio=2).eval()
+    assert attn.norm_q.weight.shape == (16,) and attn.norm_q.eps == 1e-5
+    for norm in (attn.norm_q, attn.norm_k):
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 16)
+    q, k, v = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x)), attn.to_v(x)
+    k, v = attn.kv_compress(k, (4, 4)), attn.kv_compress(v, (4, 4))  # (B, 4, C)
+    split = lambda t: t.unflatten(-1, (2, 8)).transpose(1, 2)  # noqa: E731 (B, H, L, D)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+    with torch.no_grad():
+        assert torch.allclose(attn(x, grid=(4, 4)), attn.to_out[0](out), atol=1e-5)
+    with pytest.raises(ValueError, match="qk_norm"):
+        DiTAttention(16, 2, 8, qk_norm="rms")

@@ -15,21 +15,35 @@ def _pad_to_multiple(x: torch.Tensor, ratio: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
 
 
+def _crop_to_multiple(x: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Drop the bottom rows / right columns of a ``(B, C, h, w)`` grid that do not fill a ``ratio`` cell."""
+    return x[..., : x.shape[-2] // ratio * ratio, : x.shape[-1] // ratio * ratio]
+
+
+#: How a grid whose sides do not divide by the ratio is made to: ``replicate`` pads (ceil(h/r) x ceil(w/r) cells,
+#: every token is seen), ``none`` drops the remainder (floor(h/r) x floor(w/r) cells, as PixArt-Σ's original code).
+PADDINGS = {"replicate": _pad_to_multiple, "none": _crop_to_multiple}
+
+
 def _conv(module: KVCompress, x: torch.Tensor) -> torch.Tensor:
-    return module.conv(_pad_to_multiple(x, module.ratio))  # (B, C, ceil(h/r), ceil(w/r))
+    return module.conv(x)  # (B, C, h/r, w/r)
 
 
 def _avg(module: KVCompress, x: torch.Tensor) -> torch.Tensor:
-    # ceil_mode: the last, partial window of an odd side averages the tokens it has
-    return F.avg_pool2d(x, module.ratio, ceil_mode=True)
+    return F.avg_pool2d(x, module.ratio)  # (B, C, h/r, w/r)
 
 
 def _uniform(module: KVCompress, x: torch.Tensor) -> torch.Tensor:
-    return x[..., :: module.ratio, :: module.ratio]  # ceil-sized; the grid is read from the result
+    return x[..., :: module.ratio, :: module.ratio]  # (B, C, h/r, w/r)
 
 
-#: How a mode reduces a ``(B, C, h, w)`` grid.
-MODES = {"conv": _conv, "avg": _avg, "uniform": _uniform}
+def _ave(module: KVCompress, x: torch.Tensor) -> torch.Tensor:
+    # PixArt-Σ's ``ave``: despite the name, nearest-neighbour resizing, i.e. the cells' top-left tokens
+    return F.interpolate(x, scale_factor=1 / module.ratio, mode="nearest")  # (B, C, h/r, w/r)
+
+
+#: How a mode reduces a ``(B, C, h, w)`` grid whose sides divide by the ratio (after :data:`PADDINGS`).
+MODES = {"conv": _conv, "avg": _avg, "uniform": _uniform, "ave": _ave}
 
 
 class KVCompress(nn.Module):
@@ -37,22 +51,28 @@ class KVCompress(nn.Module):
 
     Modes: ``conv`` (PixArt-Σ: depthwise conv with kernel = stride = ratio, initialised to averaging, then a
     LayerNorm; keys ``conv`` / ``norm``, converted from the original ``attn.sr`` / ``attn.norm``), ``avg``
-    (average pooling) and ``uniform`` (every ``ratio``-th token). Any h×w works: odd sides keep their last row or
-    column (the original ``uniform`` mode crashed there).
+    (average pooling), ``uniform`` (every ``ratio``-th token) and ``ave`` (PixArt-Σ's mode of that name:
+    nearest-neighbour resizing, which keeps the same tokens as ``uniform``). Any h×w works. With ``padding``
+    ``replicate`` (the default) sides that do not divide by the ratio are replicate-padded, so their last row or
+    column is kept (the original ``uniform`` crashed there); ``none`` drops that remainder, as the original
+    ``Conv2d(kernel=stride=ratio)`` and ``ave`` do.
 
     Args:
         dim: token width.
         ratio: spatial stride (2 halves each side: 4x fewer keys).
-        mode: ``conv``, ``avg`` or ``uniform``.
+        mode: ``conv``, ``avg``, ``uniform`` or ``ave``.
+        padding: ``replicate`` or ``none`` (see :data:`PADDINGS`).
     """
 
-    def __init__(self, dim: int, ratio: int, mode: str = "conv"):
+    def __init__(self, dim: int, ratio: int, mode: str = "conv", padding: str = "replicate"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"Unknown kv_compress_mode {mode!r}; choose one of {sorted(MODES)}.")
+        if padding not in PADDINGS:
+            raise ValueError(f"Unknown kv_compress_padding {padding!r}; choose one of {sorted(PADDINGS)}.")
         if ratio < 2:
             raise ValueError(f"kv_compress_ratio must be >= 2, got {ratio}.")
-        self.ratio, self.mode = ratio, mode
+        self.ratio, self.mode, self.padding = ratio, mode, padding
         self.norm = nn.Identity()  # parameter-free, so the pooling modes keep an empty state dict
         if mode == "conv":
             self.conv = nn.Conv2d(dim, dim, ratio, stride=ratio, groups=dim)
@@ -66,5 +86,6 @@ class KVCompress(nn.Module):
         self.conv.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``tokens`` (B, h*w, C) on ``grid`` (h, w) -> (B, ceil(h/r)*ceil(w/r), C)."""
-        return self.norm(grid_to_tokens(MODES[self.mode](self, tokens_to_grid(tokens, grid))))  # (B, N', C)
+        """``tokens`` (B, h*w, C) on ``grid`` (h, w) -> (B, h'*w', C), h' = ceil(h/r) (``replicate``) or floor."""
+        x = PADDINGS[self.padding](tokens_to_grid(tokens, grid), self.ratio)  # (B, C, h'*r, w'*r)
+        return self.norm(grid_to_tokens(MODES[self.mode](self, x)))  # (B, h'*w', C)

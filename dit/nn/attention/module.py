@@ -28,8 +28,11 @@ class DiTAttention(Attention, AttentionModuleMixin):
     - ``kv_compress_ratio``: keys and values on a coarser grid (PixArt-Σ), queries untouched (:class:`KVCompress`).
     - ``conv_kernel_size``: a depthwise convolution of the values over the token grid added to the output (``dwc``,
       LiT's locality term; zero-initialised, so an inherited model starts from plain linear attention).
-    - ``qk_norm``: a non-affine LayerNorm over each head of the queries and keys (FiTv2), before any rotary
-      embedding; it has no parameters, so the state dict is unchanged.
+    - ``qk_norm``: ``True`` (or ``"layer_norm"``) is a non-affine LayerNorm over each head of the queries and keys
+      (FiTv2), before any rotary embedding; it has no parameters, so the state dict is unchanged.
+      ``"layer_norm_across_heads"`` (diffusers' name) is PixArt-Σ's: an affine LayerNorm over the full width
+      (eps 1e-5, keys ``norm_q`` / ``norm_k``) on queries and keys before the heads are split and before KV
+      compression.
     - rotary position embedding (FiT's 2D RoPE, :mod:`dit.nn.attention.rope`): ``rotary=RotaryEmbedding(...)`` in
       ``forward`` rotates queries and keys of self-attention and applies its logit scale to the queries.
 
@@ -51,9 +54,11 @@ class DiTAttention(Attention, AttentionModuleMixin):
         dropout: dropout after the output projection.
         kernel: ``softmax`` or ``linear``.
         kv_compress_ratio: spatial stride of key/value compression (None: off).
-        kv_compress_mode: ``conv``, ``avg`` or ``uniform``.
+        kv_compress_mode: ``conv``, ``avg``, ``uniform`` or ``ave``.
+        kv_compress_padding: ``replicate`` (any grid, every token kept) or ``none`` (PixArt-Σ: drop the remainder).
         conv_kernel_size: side of the depthwise value convolution (None: off).
-        qk_norm: LayerNorm (no affine parameters, eps 1e-6) over each query and key head.
+        qk_norm: False; True / ``"layer_norm"`` (per head, no affine parameters, eps 1e-6); or
+            ``"layer_norm_across_heads"`` (PixArt-Σ: full width, affine, eps 1e-5).
     """
 
     _default_processor_cls = DiTAttnProcessor
@@ -72,8 +77,9 @@ class DiTAttention(Attention, AttentionModuleMixin):
         kernel: str = "softmax",
         kv_compress_ratio: int | None = None,
         kv_compress_mode: str = "conv",
+        kv_compress_padding: str = "replicate",
         conv_kernel_size: int | None = None,
-        qk_norm: bool = False,
+        qk_norm: bool | str = False,
     ):
         nn.Module.__init__(self)  # not Attention.__init__: the modules are built here, with the same names
         if kernel not in KERNELS:
@@ -87,7 +93,9 @@ class DiTAttention(Attention, AttentionModuleMixin):
         self.to_k = Linear(kv_dim, inner_dim, bias=bias)
         self.to_v = Linear(kv_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
-        self.kv_compress = KVCompress(inner_dim, kv_compress_ratio, kv_compress_mode) if kv_compress_ratio else None
+        self.kv_compress = None
+        if kv_compress_ratio:
+            self.kv_compress = KVCompress(inner_dim, kv_compress_ratio, kv_compress_mode, kv_compress_padding)
         self.dwc = None
         if conv_kernel_size:
             self.dwc = nn.Conv2d(
@@ -96,9 +104,12 @@ class DiTAttention(Attention, AttentionModuleMixin):
             nn.init.zeros_(self.dwc.weight)
             nn.init.zeros_(self.dwc.bias)
         self.norm_q = self.norm_k = None
-        if qk_norm:
+        self.qk_norm = _qk_norm_type(qk_norm)
+        if self.qk_norm == "layer_norm":
             self.norm_q = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
             self.norm_k = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
+        elif self.qk_norm == "layer_norm_across_heads":
+            self.norm_q, self.norm_k = nn.LayerNorm(inner_dim, eps=1e-5), nn.LayerNorm(inner_dim, eps=1e-5)
         self.backend: AttentionBackend = get_backend("sdpa")
         _set_diffusers_attributes(self, query_dim, dim_head, inner_dim, cross_attention_dim, bias, dropout)
         self.processor = DiTAttnProcessor()
@@ -174,6 +185,19 @@ class DiTAttention(Attention, AttentionModuleMixin):
         if not self.fused_projections or not all(isinstance(m, nn.Linear) for m in (self.to_q, self.to_k, self.to_v)):
             return None
         return getattr(self, _fused_name(self))
+
+
+def _qk_norm_type(qk_norm: bool | str) -> str | None:
+    """``qk_norm`` as one name: None (off), ``layer_norm`` (per head) or ``layer_norm_across_heads`` (full width)."""
+    if qk_norm is False or qk_norm is None:
+        return None
+    if qk_norm is True:
+        return "layer_norm"
+    if qk_norm not in ("layer_norm", "layer_norm_across_heads"):
+        raise ValueError(
+            f"Unknown qk_norm {qk_norm!r}; choose False, True ('layer_norm', per head) or 'layer_norm_across_heads'."
+        )
+    return qk_norm
 
 
 def _set_diffusers_attributes(

@@ -69,6 +69,8 @@ class DiTAttnProcessor:
             raise ValueError("Rotary embedding needs queries and keys at the same positions: self-attention only.")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, N, C), (B, L, C) x 2
         local = None if attn.dwc is None else _value_conv(attn, v, mask, grid)  # (B, N, C)
+        if getattr(attn, "qk_norm", None) == "layer_norm_across_heads":
+            q, k = attn.norm_q(q), attn.norm_k(k)  # (B, N, C), over the full width, before compression
         if attn.kv_compress is not None:
             if mask is not None:
                 raise ValueError("KV compression cannot pool an image-token mask; drop attention_mask or the ratio.")
@@ -100,7 +102,7 @@ def _position_queries_keys(
     attn: Attention, q: torch.Tensor, k: torch.Tensor, rotary: RotaryEmbedding | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QK-norm, then rotation, then the logit scale on the queries; each step only where it is enabled."""
-    if attn.norm_q is not None:
+    if attn.norm_q is not None and getattr(attn, "qk_norm", None) != "layer_norm_across_heads":
         q, k = attn.norm_q(q), attn.norm_k(k)  # (B, *, H, D), per head
     if rotary is None:
         return q, k
