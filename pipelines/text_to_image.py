@@ -15,6 +15,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.base import compile_repeated_blocks
+from ..models.capabilities import capability
 from ..nn.text_padding import trim_text_padding
 from .callbacks import (
     CALLBACK_TENSOR_INPUTS,
@@ -23,7 +24,6 @@ from .callbacks import (
     callback_tensor_names,
     legacy_callback_due,
 )
-from .capabilities import capability
 from .checks import (
     MAX_IMAGE_TOKENS,
     SamplingValueError,

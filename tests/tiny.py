@@ -15,7 +15,7 @@ from diffusers import PixArtTransformer2DModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from dit import PixArtTransformer
+from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
 from dit.pipelines import TextToImagePipeline
 from dit.tiny import tiny_t5, tiny_tokenizer, tiny_vae  # noqa: F401  (re-exported for the tests)
 from dit.train.objectives import Objective
@@ -82,14 +82,21 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: f
     assert difference <= tolerance * scale, f"max |diff| {difference:.3g} > {tolerance:g} x {scale:.3g}"
 
 
+#: One tiny config of every backbone class, by name: (class, config).
+BACKBONES = {
+    "pixart": (PixArtTransformer, SIGMA),
+    "lit": (LiTTransformer, SIGMA),
+    "microdit": (MicroDiTTransformer, {**SIGMA, "num_experts": 2, "patch_mixer_layers": 1}),
+    "fit": (FiTTransformer, FIT),
+}
+
+
 # ----- one forward of every backbone variant, for compile, sync and placement checks ------------------------------
 FORWARD_VARIANTS = ["alpha-mask", "sigma-mask", "sigma-kv", "lit", "fit-mixed", "microdit-masked"]
 
 
 def variant_model(name: str) -> torch.nn.Module:
     """A tiny model of backbone variant ``name`` (see :data:`FORWARD_VARIANTS`), fp32, on the CPU."""
-    from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer
-
     torch.manual_seed(0)
     if name == "alpha-mask":
         return PixArtTransformer(**ALPHA).eval()

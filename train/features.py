@@ -18,13 +18,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from dit.models.capabilities import capability
+
 from .config import ConfigError
-
-
-def capability(backbone: nn.Module, name: str) -> Any:
-    """A capability the backbone declares (``supports_token_masking``, ``supports_image_sizes``,
-    ``supports_block_controls``, ``needs_full_grid``, ``has_null_caption``, ...); False when it declares none."""
-    return getattr(backbone, name, False)
 
 
 @dataclass

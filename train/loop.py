@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from dit.models.base import compile_repeated_blocks
+from dit.models.capabilities import capability
 from dit.nn.text_padding import trimmed_text_length
 
 from .checkpointing import METRICS, checkpoint_dir, truncate_metrics
@@ -29,7 +30,7 @@ from .config import ConfigError, TrainConfig, validate
 from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
 from .ema import EMA, is_sharded
 from .engine import _check_engine, _tracker
-from .features import Feature, StepInputs, capability, check_features, merge
+from .features import Feature, StepInputs, check_features, merge
 from .model_setup import build_backbone, build_features, check_base_objective, wrap_model
 from .objectives import build_objective
 from .optim import build_optimizer, lr_factor

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dit.models.capabilities import capability
 from dit.nn.masking import keep_indices_from_scores, kept_count, patch_loss_mask, patch_scores
 
 from .config import ConfigError, MaskingConfig, TrainConfig
-from .features import Contribution, Feature, StepInputs, capability
+from .features import Contribution, Feature, StepInputs
 
 
 class TokenMasking(Feature):

@@ -11,19 +11,12 @@ from dit import (
     ControlNetAdapter,
     FiTTransformer,
     LiTTransformer,
-    MicroDiTTransformer,
     MultiControlNetAdapter,
     PixArtTransformer,
 )
 from dit.checkpoint import CheckpointKeyError
-from tests.tiny import FIT, SIGMA, randomize_
+from tests.tiny import BACKBONES, randomize_
 
-BACKBONES = {
-    "pixart": (PixArtTransformer, SIGMA),
-    "lit": (LiTTransformer, SIGMA),
-    "microdit": (MicroDiTTransformer, {**SIGMA, "num_experts": 2, "patch_mixer_layers": 1}),
-    "fit": (FiTTransformer, FIT),
-}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 #: what DiffusionPipeline.save_pretrained forwards to a component only when its save_pretrained names it
 PIPELINE_OPTIONS = ("safe_serialization", "variant", "max_shard_size", "use_flashpack")

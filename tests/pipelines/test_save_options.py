@@ -6,17 +6,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit import ControlNetAdapter, PixArtTransformer
 from dit.pipelines import ControlNetPipeline, TextToImagePipeline
-from tests.tiny import FIT, SIGMA, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
+from tests.tiny import BACKBONES, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
 
 PROMPT = "a large red circle on the left, on a white background"
-BACKBONES = {
-    "pixart": (PixArtTransformer, SIGMA),
-    "lit": (LiTTransformer, SIGMA),
-    "microdit": (MicroDiTTransformer, {**SIGMA, "num_experts": 2, "patch_mixer_layers": 1}),
-    "fit": (FiTTransformer, FIT),
-}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -1,6 +1,7 @@
-"""What a pipeline reads of its transformer. The toolkit's backbones declare their capabilities as attributes
-(:class:`dit.models.mixins.BackboneMixin`); a transformer from elsewhere (diffusers' ``PixArtTransformer2DModel``)
-gets the defaults here, those of a plain PixArt model."""
+"""What pipelines and the trainer read of a backbone. The toolkit's backbones declare their capabilities as
+attributes (:class:`dit.models.mixins.BackboneMixin`); a module from elsewhere (diffusers'
+``PixArtTransformer2DModel``, a test double) gets the defaults here, those of a plain PixArt model that can do
+nothing beyond it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ FOREIGN_DEFAULTS = {
     "has_null_caption": False,
     "embeds_guidance": False,  # classifier-free guidance with a CFG batch
     "supports_block_controls": False,
+    "supports_token_masking": False,
+    "supports_image_sizes": False,
+    "needs_full_grid": False,
 }
 
 
 def capability(transformer: nn.Module, name: str):
-    """The value of capability ``name`` that ``transformer`` declares, or that of a plain PixArt model."""
+    """The value of capability ``name`` (a key of :data:`FOREIGN_DEFAULTS`) that ``transformer`` declares, or that
+    of a plain PixArt model."""
     return getattr(transformer, name, FOREIGN_DEFAULTS[name])
