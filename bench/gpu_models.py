@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -186,7 +187,12 @@ def train_part(args, peak_tflops: float) -> dict:
     cases = []
     for size, batch in ((64, 2),) if args.tiny else ((512, 8), (1024, 2)):
         with tempfile.TemporaryDirectory() as tmp:
-            cases.append(_train_case(args, peak_tflops, size, batch, Path(tmp)))
+            try:
+                cases.append(_train_case(args, peak_tflops, size, batch, Path(tmp)))
+            except Exception as error:  # one broken case is recorded; the others keep their figures
+                traceback.print_exc()
+                cases.append({"size_px": size, "batch": batch, "error": f"{type(error).__name__}: {error}",
+                              "met": False})  # fmt: skip
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -23,8 +23,9 @@ CPU_SCORES = {"one_object": 0.95, "two_object": 0.67, "held_out": 0.60}
 def pytest_part(args) -> dict:
     """``pytest -m gpu`` (tests/gpu: the trainer's exactness tests and the sync-free forward, on CUDA)."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/gpu"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", "tests/gpu"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.pytest_timeout)
+    (args.out_dir / "gpu_pytest.log").write_text(result.stdout + result.stderr)  # the tracebacks, beside the JSON
     tail = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
     failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]

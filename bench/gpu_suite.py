@@ -1,8 +1,8 @@
 """The GPU benchmark suite: one command on one H100 or H200 (sized for about 8 minutes), JSON under bench/results/.
 
 On the lent machines, which have no diffusers and no network: ``bash bench/gpu_session.sh [options]`` (see its
-header), in two calls if one would pass the 10-minute limit: ``--parts forward,train``, then
-``--parts pytest,microshapes,lcm,recipe``.
+header), in calls that each fit the 10-minute limit: ``--parts forward,train`` (about 4 min on an H200), then
+``--parts pytest,attention,lit``, then ``--parts microshapes,lcm,recipe``.
 
 Parts (all by default, in this order; ``--parts`` picks some):
 
@@ -11,7 +11,11 @@ Parts (all by default, in this order; ``--parts`` picks some):
   rate measured first (``gpu_forward.json``);
 - ``train``: one training step at 28 layers, 512 px batch 8 and 1024 px batch 2, EMA on, ours (eager, and with
   compiled blocks) against diffusers' plain step, with MFU (``gpu_train.json``);
-- ``pytest``: ``pytest -m gpu`` (``gpu_pytest.json``);
+- ``pytest``: ``pytest -m gpu`` (``gpu_pytest.json``, its output in ``gpu_pytest.log``);
+- ``attention``: one attention layer and block at PixArt-XL width, 1k-64k tokens, softmax / KV ratio 2 / LiT linear,
+  the Triton kernels against their torch fallback (``gpu_attention.json``, ``attention_scaling_cuda.json`` + PNG);
+- ``lit``: LiT-XL against PixArt-XL, forward at 1024 px batch 4 and a training step (``gpu_lit.json``,
+  ``lit_speed_cuda.json``);
 - ``microshapes``: the shipped model's generation time and ``dit eval microshapes`` on CUDA
   (``gpu_microshapes.json``);
 - ``lcm``: a 1024 px image from a PixArt-XL-shaped LCM student in 4 steps against the teacher's 20
@@ -39,11 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, matmul_peak  # noqa: E402
+from gpu_kernels import attention_part, lit_part  # noqa: E402
 from gpu_models import forward_part, train_part  # noqa: E402
 from gpu_pipelines import lcm_part, microshapes_part, pytest_part, recipe_part  # noqa: E402
 
-PARTS = {"forward": forward_part, "train": train_part, "pytest": pytest_part, "microshapes": microshapes_part,
-         "lcm": lcm_part, "recipe": recipe_part}  # fmt: skip
+PARTS = {"forward": forward_part, "train": train_part, "pytest": pytest_part, "attention": attention_part,
+         "lit": lit_part, "microshapes": microshapes_part, "lcm": lcm_part, "recipe": recipe_part}  # fmt: skip
 NEEDS_PEAK = {"forward", "train"}
 
 

@@ -64,6 +64,17 @@ def build(args, folder: Path, model_config: dict = XL, ema_decay: float | None =
     return trainer, reference, optimizer
 
 
+def micro_conditions(reference, latents: torch.Tensor) -> dict | None:
+    """diffusers' ``added_cond_kwargs`` where its model uses micro-conditions (sample_size 128 turns them on): the
+    image size in pixels and its aspect ratio, as our model computes them from the latent size."""
+    if not reference.use_additional_conditions:
+        return None
+    batch, (height, width) = latents.shape[0], latents.shape[-2:]
+    resolution = torch.tensor([[height * 8.0, width * 8.0]], device=latents.device).expand(batch, 2)  # (B, 2)
+    aspect_ratio = torch.tensor([[height / width]], device=latents.device).expand(batch, 1)  # (B, 1)
+    return {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+
 def reference_step(reference, optimizer, batch: dict, device: str, dtype: str) -> None:
     latents = batch["latent_mean"].to(device)
     noise = torch.randn_like(latents)
@@ -73,7 +84,11 @@ def reference_step(reference, optimizer, batch: dict, device: str, dtype: str) -
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
     with autocast:
         pred = reference(
-            noisy, batch["text_embeds"].to(device), t, encoder_attention_mask=batch["text_mask"].to(device)
+            noisy,
+            batch["text_embeds"].to(device),
+            t,
+            encoder_attention_mask=batch["text_mask"].to(device),
+            added_cond_kwargs=micro_conditions(reference, latents),
         ).sample
     loss = ((pred[:, :4].float() - noise) ** 2).mean()
     loss.backward()

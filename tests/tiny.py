@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 from PIL import Image
@@ -19,6 +21,14 @@ from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTrans
 from dit.pipelines import TextToImagePipeline
 from dit.tiny import tiny_t5, tiny_tokenizer, tiny_vae  # noqa: F401  (re-exported for the tests)
 from dit.train.objectives import Objective
+
+#: Where the Triton kernels' tests run: CUDA when there is one, else the CPU through ``TRITON_INTERPRET=1``
+#: (tests/conftest.py sets it before triton is imported).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed (pip install triton; on CPU its interpreter runs the kernels)",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"  # the tiny PixArt training config

@@ -22,7 +22,7 @@ def suite(tmp_path_factory):
 
 def test_every_part_runs_and_writes_its_json(suite):
     out, summary = suite
-    assert set(summary["parts"]) == {"forward", "train", "pytest", "microshapes", "lcm", "recipe"}
+    assert set(summary["parts"]) == {"forward", "train", "pytest", "attention", "lit", "microshapes", "lcm", "recipe"}
     errors = {name: part["error"] for name, part in summary["parts"].items() if "error" in part}
     assert not errors
     for name in summary["parts"]:
@@ -54,3 +54,15 @@ def test_the_suite_refuses_to_measure_without_a_gpu_unless_tiny(monkeypatch):
         gpu_suite.parse_args([])
     with pytest.raises(SystemExit):
         gpu_suite.parse_args(["--tiny", "--parts", "forward,nonsense"])
+
+
+def test_attention_and_lit_compare_every_variant(suite):
+    out, _ = suite
+    attention = json.loads((out / "gpu_attention.json").read_text())
+    assert [row["tokens"] for row in attention["rows"]] == [16, 64]
+    for row in attention["rows"]:
+        assert set(row["layer"]) == {"softmax", "kv_compress_2", "linear"}  # CPU: no Triton variants to compare
+        assert all(v["median_s"] > 0 for v in row["layer"].values())
+    lit = json.loads((out / "gpu_lit.json").read_text())
+    assert {"pixart_xl", "lit_xl_torch"} <= set(lit["forward"]) and {"pixart_xl", "lit_xl_torch"} <= set(lit["train"])
+    assert {"forward_speedup", "train_speedup"} <= set(lit["figures"])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import use_kernels
 from .ops import grid_to_tokens, tokens_to_grid
 
 
@@ -87,5 +88,12 @@ class KVCompress(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``tokens`` (B, h*w, C) on ``grid`` (h, w) -> (B, h'*w', C), h' = ceil(h/r) (``replicate``) or floor."""
+        if use_kernels(
+            tokens, batch_tokens=tokens.shape[0] * tokens.shape[1]
+        ):  # one Triton kernel, token layout in/out
+            from ..kernels.kv_pool import triton_kv_pool
+
+            weight, bias = (self.conv.weight, self.conv.bias) if self.mode == "conv" else (None, None)
+            return self.norm(triton_kv_pool(tokens, grid, self.ratio, self.mode, self.padding, weight, bias))
         x = PADDINGS[self.padding](tokens_to_grid(tokens, grid), self.ratio)  # (B, C, h'*r, w'*r)
         return self.norm(grid_to_tokens(MODES[self.mode](self, x)))  # (B, h'*w', C)

@@ -15,6 +15,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import logging
 
+from ..kernels import use_kernels
 from .ops import (
     MASKED_BIAS,
     grid_to_tokens,
@@ -36,6 +37,10 @@ def _softmax(attn: Attention, q, k, v, mask):
 
 
 def _linear(attn: Attention, q, k, v, mask):
+    if use_kernels(q, k, v, batch_tokens=q.shape[0] * q.shape[1]):  # Triton (CUDA): fp32 state, bf16 tensor cores
+        from ..kernels.linear_attention import triton_linear_attention
+
+        return triton_linear_attention(q, k, v, keep_from_mask(mask))
     return relu_linear_attention(q, k, v, keep_from_mask(mask))
 
 
@@ -68,7 +73,7 @@ class DiTAttnProcessor:
         if rotary is not None and (encoder_hidden_states is not None or attn.kv_compress is not None):
             raise ValueError("Rotary embedding needs queries and keys at the same positions: self-attention only.")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)  # (B, N, C), (B, L, C) x 2
-        local = None if attn.dwc is None else _value_conv(attn, v, mask, grid)  # (B, N, C)
+        values = v  # (B, N, C): the value convolution's input
         if getattr(attn, "qk_norm", None) == "layer_norm_across_heads":
             q, k = attn.norm_q(q), attn.norm_k(k)  # (B, N, C), over the full width, before compression
         if attn.kv_compress is not None:
@@ -78,8 +83,8 @@ class DiTAttnProcessor:
         q, k, v = (split_heads(t, attn.heads) for t in (q, k, v))  # (B, *, H, D)
         q, k = _position_queries_keys(attn, q, k, rotary)  # (B, *, H, D)
         out = merge_heads(KERNELS[attn.kernel](attn, q, k, v, mask))  # (B, N, C)
-        if local is not None:
-            out = out + local
+        if attn.dwc is not None:
+            out = _add_value_conv(attn, out, values, mask, grid)  # (B, N, C)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -112,11 +117,18 @@ def _position_queries_keys(
     return q, k
 
 
-def _value_conv(attn: Attention, v: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+def _add_value_conv(
+    attn: Attention, out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]
+) -> torch.Tensor:
+    """``out`` plus the depthwise convolution of the values on their grid (LiT); padding tokens count as zeros."""
     keep = keep_from_mask(mask)
+    if use_kernels(v, out, batch_tokens=v.shape[0] * v.shape[1]):  # one Triton kernel, token layout, sum included
+        from ..kernels.depthwise_conv import triton_token_dwc
+
+        return triton_token_dwc(v, grid, attn.dwc.weight, attn.dwc.bias, keep=keep, residual=out)  # (B, N, C)
     if keep is not None:
         v = v * keep[:, :, None].to(v.dtype)  # padding contributes nothing to its neighbours
-    return grid_to_tokens(attn.dwc(tokens_to_grid(v, grid)))  # (B, N, C)
+    return out + grid_to_tokens(attn.dwc(tokens_to_grid(v, grid)))  # (B, N, C)
 
 
 # ----- any other processor, called as diffusers calls it ---------------------------------------------------------

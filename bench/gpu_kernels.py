@@ -1,0 +1,41 @@
+"""The GPU suite's attention parts (issue 20): one attention layer and block against token count
+(``bench/attention_scaling.py``), and LiT-XL against PixArt-XL (``bench/lit_speed.py``), each in its own process
+(attention_scaling re-executes itself on the CPU for its memory figures). Used by ``bench/gpu_suite.py``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(script: str, options: list[str], out: Path, timeout: int) -> dict:
+    """Run ``bench/<script>`` with ``options``; its JSON at ``out``, with the command and its output's tail."""
+    cmd = [sys.executable, str(HERE / script), *options]
+    result = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    print(result.stdout[-3000:], result.stderr[-3000:] if result.returncode else "", flush=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+    payload = json.loads(out.read_text())
+    # the suite names the part and the machine; the script's own per-target verdicts become ``targets_met``
+    own = {k: v for k, v in payload.items() if k not in ("benchmark", "device", "machine", "tiny", "met")}
+    return {"command": " ".join(cmd[1:]), "script_json": out.name, **own, "targets_met": payload["met"]}
+
+
+def attention_part(args) -> dict:
+    """One self-attention layer and one PixArt-XL block at 1k-64k tokens: softmax, KV ratio 2 and LiT linear (the
+    Triton kernels and their torch fallback on CUDA); ``attention_scaling_<device>.json`` and its plot beside."""
+    options = ["--device", args.device, "--out-dir", str(args.out_dir), "--runs", str(args.runs)]
+    if args.tiny:
+        options += ["--tokens", "16", "64", "--runs", "1"]
+    return _run("attention_scaling.py", options, args.out_dir / f"attention_scaling_{args.device}.json", 600)
+
+
+def lit_part(args) -> dict:
+    """LiT-XL's forward (1024 px, batch 4) and training step (batch 2) against PixArt-XL's (``lit_speed``)."""
+    out = args.out_dir / f"lit_speed_{args.device}.json"
+    options = ["--device", args.device, "--out", str(out), "--runs", str(args.runs)]
+    return _run("lit_speed.py", options + (["--tiny"] if args.tiny else []), out, 600)
