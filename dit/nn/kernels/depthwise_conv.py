@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import row_channel_tile
+
 
 @triton.jit
 def _neighbours(rows, cols, di, dj, height, width, tok_ok):
@@ -53,13 +55,7 @@ def _dwc_tokens(
     """Forward: ``out = sum_taps w[tap] * (x * keep)[token + tap - pad] (+ bias) (+ res)``. BACKWARD (the gradient of
     ``v`` from the output gradient ``x``): ``out = keep * sum_taps w[tap] * x[token - tap + pad]``. ``w`` is
     ``(k*k, C)`` contiguous, ``out`` ``(B, N, C)`` contiguous."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    toks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,)
-    tok_ok = toks < N
-    chan_ok = chans < C
+    b, toks, chans, tok_ok, chan_ok = row_channel_tile(N, C, BLOCK_N, BLOCK_C)  # (BN,), (BC,)
     rows = toks // width
     cols = toks % width
     x_base = x_ptr + b * sxb + chans.to(tl.int64)[None, :] * sxc  # (1, BC)
@@ -97,20 +93,14 @@ def _dwc_bwd_weight(
 ):  # fmt: skip
     """Partials ``(B, tiles, k*k + 1, C)`` fp32: per tap ``sum_tokens g * (v * keep)[token + tap - pad]``, then
     ``sum_tokens g`` (the bias row), over this program's ``BLOCK_N`` tokens."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    toks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,)
-    tok_ok = toks < N
-    chan_ok = chans < C
+    b, toks, chans, tok_ok, chan_ok = row_channel_tile(N, C, BLOCK_N, BLOCK_C)  # (BN,), (BC,)
     rows = toks // width
     cols = toks % width
     g_offs = b * sgb + toks.to(tl.int64)[:, None] * sgn + chans.to(tl.int64)[None, :] * sgc
     g = tl.load(g_ptr + g_offs, mask=tok_ok[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)  # (BN, BC)
     v_base = v_ptr + b * svb + chans.to(tl.int64)[None, :] * svc  # (1, BC)
     keep_base = keep_ptr + b * skb
-    part_base = part_ptr + ((b * tl.num_programs(0) + pid_n) * (K * K + 1)) * C + chans  # (BC,)
+    part_base = part_ptr + ((b * tl.num_programs(0) + tl.program_id(0)) * (K * K + 1)) * C + chans  # (BC,)
     for di in tl.static_range(K):
         for dj in tl.static_range(K):
             idx, ok = _neighbours(rows, cols, di - K // 2, dj - K // 2, height, width, tok_ok)

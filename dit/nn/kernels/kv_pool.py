@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import row_channel_tile
+
 #: Mode names -> kernel mode ids: 0 depthwise conv, 1 mean, 2 top-left token (``uniform`` and ``ave`` alike).
 _MODE_IDS = {"conv": 0, "avg": 1, "uniform": 2, "ave": 2}
 _PADDINGS = ("replicate", "none")
@@ -44,13 +46,8 @@ def _kv_pool_fwd(
     RATIO: tl.constexpr, MODE: tl.constexpr, REPLICATE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    cells = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (BL,)
-    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,)
-    chan_ok = chans < C
-    mask = (cells < L)[:, None] & chan_ok[None, :]  # (BL, BC)
+    b, cells, chans, cell_ok, chan_ok = row_channel_tile(L, C, BLOCK_L, BLOCK_C)  # (BL,), (BC,)
+    mask = cell_ok[:, None] & chan_ok[None, :]  # (BL, BC)
     top = (cells // cells_w) * RATIO
     left = (cells % cells_w) * RATIO
     x_base = x_ptr + b * sxb + chans.to(tl.int64)[None, :] * sxc  # (1, BC)
@@ -84,13 +81,7 @@ def _kv_pool_bwd_tokens(
     RATIO: tl.constexpr, MODE: tl.constexpr, REPLICATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    toks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,)
-    chan_ok = chans < C
-    tok_ok = toks < N
+    b, toks, chans, tok_ok, chan_ok = row_channel_tile(N, C, BLOCK_N, BLOCK_C)  # (BN,), (BC,)
     row = toks // width
     col = toks % width
     di = row % RATIO  # the token's tap inside its cell
@@ -134,20 +125,15 @@ def _kv_pool_bwd_weight(
     sxb, sxn, sxc, sgb, sgl, sgc,
     RATIO: tl.constexpr, REPLICATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    cells = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (BL,)
-    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BC,)
-    chan_ok = chans < C
-    mask = (cells < L)[:, None] & chan_ok[None, :]  # (BL, BC)
+    b, cells, chans, cell_ok, chan_ok = row_channel_tile(L, C, BLOCK_L, BLOCK_C)  # (BL,), (BC,)
+    mask = cell_ok[:, None] & chan_ok[None, :]  # (BL, BC)
     top = (cells // cells_w) * RATIO
     left = (cells % cells_w) * RATIO
     g_offs = b * sgb + cells.to(tl.int64)[:, None] * sgl + chans.to(tl.int64)[None, :] * sgc
     g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)  # (BL, BC)
     x_base = x_ptr + b * sxb + chans.to(tl.int64)[None, :] * sxc
     # partials (B, tiles, r*r + 1, C): one row per tap, then the bias row
-    part_base = part_ptr + ((b * tl.num_programs(0) + pid_l) * (RATIO * RATIO + 1)) * C + chans
+    part_base = part_ptr + ((b * tl.num_programs(0) + tl.program_id(0)) * (RATIO * RATIO + 1)) * C + chans
     for di in tl.static_range(RATIO):
         for dj in tl.static_range(RATIO):
             tok = _tap_offsets(top, left, di, dj, height, width, REPLICATE)
