@@ -1,6 +1,6 @@
 """CUDA-only tests (marker ``gpu``; ``pytest -m gpu`` on a GPU machine). Skipped without CUDA.
 
-Deterministic algorithms are on in every test here (cuBLAS workspace fixed before CUDA starts), so the trainer's
+Deterministic algorithms are on and TF32 off in every test here (cuBLAS workspace fixed before CUDA starts), so the trainer's
 exactness tests (bit-exact resume above all) compare runs of the same ops in the same order on one GPU. Where an op
 has no deterministic CUDA kernel, torch warns (``warn_only``) instead of failing, and the test shows whether the
 result still matches exactly.
@@ -29,9 +29,13 @@ def _deterministic():
     if not torch.cuda.is_available():
         yield
         return
-    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    # fp32 as on the CPU: cuDNN convolutions take TF32 by default, which the exactness tolerances do not allow
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.use_deterministic_algorithms(previous[0])
     torch.backends.cudnn.benchmark = previous[1]
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous[2:]

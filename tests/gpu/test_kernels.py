@@ -16,15 +16,6 @@ pytestmark = needs_triton
 LOW = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def _exact_fp32_references():
-    """The references' fp32 convolutions and matmuls in full fp32 (cuDNN takes TF32 by default)."""
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 @pytest.mark.parametrize("case", linear.CASES, ids=linear.IDS)
 def test_linear_attention(case):
     linear.check_forward("cuda", case)

@@ -96,19 +96,23 @@ def test_loss_ignores_padding_and_equals_the_unpadded_loss(features, tmp_path, p
     torch.testing.assert_close(per_sample_poisoned, per_sample, rtol=1e-6, atol=1e-7)
 
     draws = sample_draws(config.seed, 5, list(range(4)), (4, *dataset.max_size), "cpu")
-    objective = trainer.objective
+    objective, device = trainer.objective, per_sample.device  # CUDA in tests/gpu
     for i, index in enumerate(_one_per_size(dataset)):
         sample = dataset[index]
         h, w = sample["latent_mean"].shape[-2:]
         x0 = sample["latent_mean"][None]  # (1, 4, h, w), unpadded
         if posterior:
             x0 = x0 + sample["latent_std"][None] * draws["eps"][i : i + 1, :, :h, :w]
-        noise, t = draws["noise"][i : i + 1, :, :h, :w], objective.timesteps(draws["uniform"][i : i + 1])  # (1,)
+        noise, t = (
+            draws["noise"][i : i + 1, :, :h, :w],
+            objective.timesteps(draws["uniform"][i : i + 1].to(device)),
+        )  # (1,)
+        x0, noise = x0.to(device), noise.to(device)
         tt = t.view(-1, 1, 1, 1)
         with torch.no_grad():
             pred = model(
-                (1 - tt) * x0 + tt * noise, sample["text_embeds"][None], t * 1000,
-                encoder_attention_mask=sample["text_mask"][None],
+                (1 - tt) * x0 + tt * noise, sample["text_embeds"][None].to(device), t * 1000,
+                encoder_attention_mask=sample["text_mask"][None].to(device),
             ).sample  # fmt: skip
         alone = ((pred - (noise - x0)) ** 2).mean()
         torch.testing.assert_close(per_sample[i], alone, rtol=1e-5, atol=1e-6)
