@@ -88,9 +88,8 @@ class KVCompress(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``tokens`` (B, h*w, C) on ``grid`` (h, w) -> (B, h'*w', C), h' = ceil(h/r) (``replicate``) or floor."""
-        if use_kernels(
-            tokens, batch_tokens=tokens.shape[0] * tokens.shape[1]
-        ):  # one Triton kernel, token layout in/out
+        batch_tokens = tokens.shape[0] * tokens.shape[1]
+        if use_kernels(tokens, *self.parameters(), batch_tokens=batch_tokens):  # one Triton kernel, token layout
             from ..kernels.kv_pool import triton_kv_pool
 
             weight, bias = (self.conv.weight, self.conv.bias) if self.mode == "conv" else (None, None)
