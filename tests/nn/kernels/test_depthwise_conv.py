@@ -26,6 +26,7 @@ TILE_CASES = [
     (5, (9, 6), True, 16, 8),
     (5, (3, 10), False, 32, 64),
     (7, (6, 5), True, 8, 16),
+    (5, (9, 8), True, 4, 16),  # the weight gradient's tiles: 16 tokens, 3 sample-wide partial rows over 72 tokens
 ]
 BATCH, CHANNELS = 2, 24
 
