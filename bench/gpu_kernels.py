@@ -39,3 +39,18 @@ def lit_part(args) -> dict:
     out = args.out_dir / f"lit_speed_{args.device}.json"
     options = ["--device", args.device, "--out", str(out), "--runs", str(args.runs)]
     return _run("lit_speed.py", options + (["--tiny"] if args.tiny else []), out, 600)
+
+
+def profile_part(args) -> dict:
+    """torch.profiler tables of one attention layer per variant at 4096 tokens, and on CUDA the host time per call and
+    per Triton launch (``bench/profile_attention.py``): ``profile_attention.txt`` beside the JSON."""
+    out = args.out_dir / "profile_attention.txt"
+    tokens = "16" if args.tiny else "4096"
+    cmd = [sys.executable, str(HERE / "profile_attention.py"), "--device", args.device, "--tokens", tokens,
+           "--out", str(out)] + (["--calls", "1", "--rows", "3"] if args.tiny else [])  # fmt: skip
+    result = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"profile_attention.py failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+    host = [line for line in out.read_text().splitlines() if "ms/call to enqueue" in line]
+    print("\n".join(host), flush=True)
+    return {"command": " ".join(cmd[1:]), "tables": out.name, "host_times": host, "met": True}

@@ -2,7 +2,7 @@
 
 On the lent machines, which have no diffusers and no network: ``bash bench/gpu_session.sh [options]`` (see its
 header), in calls that each fit the 10-minute limit: ``--parts forward,train`` (about 4 min on an H200), then
-``--parts pytest,attention,lit``, then ``--parts microshapes,lcm,recipe``.
+``--parts pytest,attention,lit,profile``, then ``--parts microshapes,lcm,recipe``.
 
 Parts (all by default, in this order; ``--parts`` picks some):
 
@@ -16,6 +16,7 @@ Parts (all by default, in this order; ``--parts`` picks some):
   the Triton kernels against their torch fallback (``gpu_attention.json``, ``attention_scaling_cuda.json`` + PNG);
 - ``lit``: LiT-XL against PixArt-XL, forward at 1024 px batch 4 and a training step (``gpu_lit.json``,
   ``lit_speed_cuda.json``);
+- ``profile``: where one attention layer's time goes at 4096 tokens, device and host (``profile_attention.txt``);
 - ``microshapes``: the shipped model's generation time and ``dit eval microshapes`` on CUDA
   (``gpu_microshapes.json``);
 - ``lcm``: a 1024 px image from a PixArt-XL-shaped LCM student in 4 steps against the teacher's 20
@@ -43,12 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, matmul_peak  # noqa: E402
-from gpu_kernels import attention_part, lit_part  # noqa: E402
+from gpu_kernels import attention_part, lit_part, profile_part  # noqa: E402
 from gpu_models import forward_part, train_part  # noqa: E402
 from gpu_pipelines import lcm_part, microshapes_part, pytest_part, recipe_part  # noqa: E402
 
 PARTS = {"forward": forward_part, "train": train_part, "pytest": pytest_part, "attention": attention_part,
-         "lit": lit_part, "microshapes": microshapes_part, "lcm": lcm_part, "recipe": recipe_part}  # fmt: skip
+         "lit": lit_part, "profile": profile_part, "microshapes": microshapes_part, "lcm": lcm_part,
+         "recipe": recipe_part}  # fmt: skip
 NEEDS_PEAK = {"forward", "train"}
 
 

@@ -22,7 +22,17 @@ def suite(tmp_path_factory):
 
 def test_every_part_runs_and_writes_its_json(suite):
     out, summary = suite
-    assert set(summary["parts"]) == {"forward", "train", "pytest", "attention", "lit", "microshapes", "lcm", "recipe"}
+    assert set(summary["parts"]) == {
+        "forward",
+        "train",
+        "pytest",
+        "attention",
+        "lit",
+        "profile",
+        "microshapes",
+        "lcm",
+        "recipe",
+    }
     errors = {name: part["error"] for name, part in summary["parts"].items() if "error" in part}
     assert not errors
     for name in summary["parts"]:
