@@ -26,7 +26,7 @@ from common import RESULTS, alternate, machine, peak_bytes  # noqa: E402
 from dit.nn.attention import DiTAttention  # noqa: E402
 from dit.nn.blocks import PixArtBlock  # noqa: E402
 from dit.nn.context import BlockContext  # noqa: E402
-from dit.nn.kernels import set_kernels, triton_installed  # noqa: E402
+from dit.nn.kernels import kernel_mode, triton_installed  # noqa: E402
 
 WIDTH, HEADS, TEXT = 1152, 16, 120  # PixArt-XL
 VARIANTS = {
@@ -79,13 +79,10 @@ def _with_kernels(mode: str | None, module, grid_or_context, x: torch.Tensor):
     the default policy decides (None, ``auto``)."""
 
     def run():
-        set_kernels(mode)
-        try:
+        with kernel_mode(mode):
             if isinstance(grid_or_context, tuple):
                 return module(x, grid=grid_or_context)
             return module(x.clone(), grid_or_context)
-        finally:
-            set_kernels(None)
 
     return run
 

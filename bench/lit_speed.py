@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, peak_bytes, write_json  # noqa: E402
 
 from dit import LiTTransformer, PixArtTransformer  # noqa: E402
-from dit.nn.kernels import set_kernels, triton_installed  # noqa: E402
+from dit.nn.kernels import kernel_mode, triton_installed  # noqa: E402
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
           sample_size=128, patch_size=2, caption_channels=4096, interpolation_scale=2, num_layers=28,
@@ -58,11 +58,8 @@ def _with_kernels(mode: str | None, fn):
     """``fn`` with the Triton kernels forced on ("1") or off ("0"); softmax models (None) have none to choose."""
 
     def run():
-        set_kernels(mode)
-        try:
+        with kernel_mode(mode):
             return fn()
-        finally:
-            set_kernels(None)
 
     return run
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_scaling import HEADS, VARIANTS, WIDTH  # noqa: E402
 
 from dit.nn.attention import DiTAttention  # noqa: E402
-from dit.nn.kernels import set_kernels  # noqa: E402
+from dit.nn.kernels import kernel_mode  # noqa: E402
 
 
 def _layer(options: dict, device: str, dtype: torch.dtype) -> DiTAttention:
@@ -37,8 +37,7 @@ def table(name: str, options: dict, mode: str | None, tokens: int, calls: int, d
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = _layer(options, device, dtype)
     x = torch.randn(1, side * side, WIDTH, device=device, dtype=dtype)  # (1, N, C)
-    set_kernels(mode)
-    try:
+    with kernel_mode(mode):
         for _ in range(3):
             layer(x, grid=(side, side))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -47,8 +46,6 @@ def table(name: str, options: dict, mode: str | None, tokens: int, calls: int, d
                 layer(x, grid=(side, side))
             if device == "cuda":
                 torch.cuda.synchronize()
-    finally:
-        set_kernels(None)
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     label = {"0": "torch ops", "1": "Triton kernels"}.get(mode, "auto")
     title = f"== {name} ({label}), {side * side} tokens, {calls} calls"
@@ -80,21 +77,20 @@ def host_times(name: str, options: dict, mode: str | None, tokens: int, calls: i
         finally:
             launches[self.fn.__name__].append(time.perf_counter() - started)
 
-    set_kernels(mode)
-    try:
+    with kernel_mode(mode):
         for _ in range(3):
             layer(x, grid=(side, side))
         sync()
         kernel_cls.run = timed_run
-        started = time.perf_counter()
-        for _ in range(calls):
-            layer(x, grid=(side, side))
-        enqueued = time.perf_counter() - started
-        sync()
-        total = time.perf_counter() - started
-    finally:
-        kernel_cls.run = run
-        set_kernels(None)
+        try:
+            started = time.perf_counter()
+            for _ in range(calls):
+                layer(x, grid=(side, side))
+            enqueued = time.perf_counter() - started
+            sync()
+            total = time.perf_counter() - started
+        finally:
+            kernel_cls.run = run
     per_kernel = ", ".join(f"{k} {1e6 * sum(v) / len(v):.0f} us x{len(v) // calls}" for k, v in launches.items())
     return (f"== {name} ({mode or 'auto'}), {side * side} tokens: host {1e3 * enqueued / calls:.3f} ms/call to "
             f"enqueue, {1e3 * total / calls:.3f} ms/call in all; Triton launches: {per_kernel or 'none'}")  # fmt: skip

@@ -6,14 +6,17 @@ Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also ru
 tests them.
 
 ``DIT_TRITON`` chooses: ``auto`` (default, see :func:`use_kernels`), ``0`` (never), ``1`` (whenever triton is
-installed: CUDA tensors, and CPU tensors when interpreting). :func:`set_kernels` does the same from Python.
+installed: CUDA tensors, and CPU tensors when interpreting). :func:`set_kernels` (or the ``with`` block
+:func:`kernel_mode`) does the same from Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -44,6 +47,16 @@ def set_kernels(mode: str | None) -> None:
     if mode is not None and mode not in _MODES:
         raise ValueError(f"Unknown Triton kernel mode {mode!r}; choose one of {_MODES}.")
     _override = mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str | None) -> Iterator[None]:
+    """:func:`set_kernels` for a ``with`` block, restoring ``DIT_TRITON`` / ``auto`` after it."""
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(None)
 
 
 def _mode() -> str:
