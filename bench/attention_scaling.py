@@ -4,15 +4,14 @@
 
 For each square token grid, times one self-attention layer (projections included) and one full PixArt-XL block
 (self-attention, 120-token cross-attention, MLP) per variant, alternating and taking medians, and records peak memory.
-Writes ``bench/results/attention_scaling_<device>.json`` and a PNG plot of time against tokens (``pip install
-".[bench]"`` for matplotlib). Targets at 4096 tokens (1024 px): linear >= 3x faster than softmax, KV ratio 2 >= 2x
-faster than softmax; linear time grows at most 4.5x from 1024 to 4096 tokens.
+Writes the JSON (``--out bench/results/attention_scaling_<device>.json`` records it) and beside it a PNG plot of time
+against tokens (``pip install ".[bench]"`` for matplotlib). Targets at 4096 tokens (1024 px): linear >= 3x faster
+than softmax, KV ratio 2 >= 2x faster than softmax; linear time grows at most 4.5x from 1024 to 4096 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, alternate, machine, peak_bytes  # noqa: E402
+from common import add_out_argument, alternate, machine, peak_bytes, result_path, write_json  # noqa: E402
 
 from dit.nn.attention import DiTAttention  # noqa: E402
 from dit.nn.blocks import PixArtBlock  # noqa: E402
@@ -134,7 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None, help="fp32 on CPU, bf16 on CUDA by default")
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and plot go")
+    add_out_argument(parser, "attention_scaling_<device>.json")  # the plot goes beside it, as .png
     args = parser.parse_args(argv)
     dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -146,9 +145,10 @@ def main(argv=None) -> None:
         rows.append(measure(n, args.device, dtype, args.runs, kernels))
         print(n, {k: round(v["median_s"] * 1e3, 3) for k, v in rows[-1]["layer"].items()}, "ms", flush=True)
     figures, met = _figures(rows, targets)
-    stem = f"attention_scaling_{args.device}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot = _plot(rows, args.out_dir / f"{stem}.png")
+    name = f"attention_scaling_{args.device}.json"
+    path = result_path(args.out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot = _plot(rows, path.with_suffix(".png"))
     payload = {
         "benchmark": "attention_scaling",
         "device": args.device,
@@ -171,9 +171,8 @@ def main(argv=None) -> None:
         "all_met": bool(met) and all(met.values()),
         "plot": plot,
     }
-    path = args.out_dir / f"{stem}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print({k: round(v, 2) for k, v in figures.items()}, met, f"wrote {path}")
+    print({k: round(v, 2) for k, v in figures.items()}, met)
+    write_json(args.out, payload, name)
 
 
 if __name__ == "__main__":

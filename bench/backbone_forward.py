@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, matmul_peak, reset_peak_rss, rss_bytes, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_argument,
+    alternate,
+    machine,
+    matmul_peak,
+    reset_peak_rss,
+    rss_bytes,
+    write_json,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {
@@ -174,7 +182,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", default=None, help="file name under bench/results/")
+    add_out_argument(parser, "backbone_forward_<device>.json")
     parser.add_argument("--memory-probe", nargs=4, metavar=("MODEL", "VARIANT", "SIZE", "DTYPE"))
     args = parser.parse_args()
     if args.memory_probe:
@@ -204,8 +212,8 @@ def main() -> None:
         "cases": cases,
         "all_met": all(c["met"] for c in cases),
     }
-    path = write_json(args.out or f"backbone_forward_{args.device}.json", payload)
-    print(f"wrote {path}; all targets met: {payload['all_met']}")
+    print(f"all targets met: {payload['all_met']}")
+    write_json(args.out, payload, f"backbone_forward_{args.device}.json")
 
 
 if __name__ == "__main__":

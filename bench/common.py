@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: machine description, alternating median timing, peak memory, matmul peak, JSON."""
+"""Shared benchmark helpers: machine description, alternating median timing, peak memory, matmul peak, and the
+result JSON (``--out``: ``bench/results/`` is written only when asked)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+#: The committed results: written only where a benchmark's ``--out`` names them.
 RESULTS = Path(__file__).parent / "results"
+#: Where a benchmark run without ``--out`` writes (relative to the working directory; ``runs/`` is git-ignored).
+SCRATCH = Path("runs") / "bench"
 
 
 def machine(device: str) -> dict:
@@ -110,8 +115,27 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
     return rss_bytes("VmHWM") - start
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out PATH``: the result file. The committed ``bench/results/`` is written only when ``--out`` names it; a
+    plain run writes ``runs/bench/<name>`` (and prints the figures)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help=f"the result JSON, e.g. bench/results/{name} to record it (default: {SCRATCH}/{name})",
+    )
+
+
+def result_path(out: str | os.PathLike | None, name: str) -> Path:
+    """``out``, or ``runs/bench/<name>`` when no ``--out`` was given (never ``bench/results/``)."""
+    return Path(out) if out is not None else SCRATCH / name
+
+
+def write_json(out: str | os.PathLike | None, payload: dict, name: str) -> Path:
+    """Write ``payload`` to :func:`result_path` and say where (and how to record it when it is the scratch copy)."""
+    path = result_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    hint = "" if out is not None else f" (--out bench/results/{name} records it)"
+    print(f"wrote {path}{hint}", flush=True)
     return path

@@ -1,7 +1,8 @@
 """ControlNet (PixArt-δ) quality at micro scale on MicroShapes, with RelaCtrl relevance and a slim adapter.
 
-    python bench/controlnet_quality.py --base dit/assets/microshapes --steps 2000 --out runs/controlnet_quality
-    python bench/controlnet_quality.py --tiny --out runs/controlnet_tiny          # smoke run: seconds, random base
+    python bench/controlnet_quality.py --base dit/assets/microshapes --steps 2000 \
+        --out bench/results/controlnet_quality_cpu.json
+    python bench/controlnet_quality.py --tiny --work runs/controlnet_tiny         # smoke run: seconds, random base
 
 1. Features: MicroShapes scenes at the base's resolution; images, captions and controls (the silhouette, or its edges,
    as a 3-channel image in [-1, 1]) through the base pipeline's own VAE (posterior mean x scaling factor) and T5,
@@ -14,8 +15,8 @@
 4. Relevance (RelaCtrl): the quality drop when each block is skipped; a slim adapter at the most relevant positions,
    both the trained blocks kept and fresh copies trained for ``--slim-steps``; parameters and quality vs the full one.
 
-Targets: IoU >= 0.8, colour accuracy >= 0.9, scale 0 exact. Writes ``bench/results/controlnet_quality_cpu.json``
-(``--tiny``: ``OUT/controlnet_quality_tiny.json``).
+Targets: IoU >= 0.8, colour accuracy >= 0.9, scale 0 exact. Writes the JSON to ``--out`` (default:
+``runs/bench/controlnet_quality_<device>.json``; ``--tiny``: ``WORK/controlnet_quality_tiny.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import add_out_argument, machine, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "controlnet_microshapes.yaml"
@@ -128,7 +129,7 @@ def _base(args) -> Path:
         raise SystemExit("--base PATH is required (a pipeline folder, e.g. dit/assets/microshapes) unless --tiny.")
     from dit.tiny import tiny_pipeline
 
-    folder = Path(args.out) / "tiny_base"
+    folder = Path(args.work) / "tiny_base"
     tiny_pipeline(num_layers=4).save_pretrained(folder)
     return folder
 
@@ -137,8 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="base pipeline folder (tokenizer, text_encoder, vae, transformer, scheduler)")
     parser.add_argument("--steps", type=int, default=2000, help="adapter training steps")
-    parser.add_argument("--out", default="runs/controlnet_quality", help="working folder (features, runs)")
-    parser.add_argument("--json", help="result file (default: bench/results/controlnet_quality_cpu.json)")
+    parser.add_argument("--work", default="runs/controlnet_quality", help="working folder (features, runs)")
+    add_out_argument(parser, "controlnet_quality_<device>.json")
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny settings (and a random base)")
     parser.add_argument("--num-blocks", type=int, help="default: every base block but the last, at most 13")
     parser.add_argument("--control", choices=["silhouette", "edges"], default="silhouette")
@@ -160,7 +161,7 @@ def main() -> None:
     from dit.pipelines import TextToImagePipeline
     from dit.pipelines.defaults import sampling_defaults
 
-    out, base = Path(args.out), _base(args)
+    out, base = Path(args.work), _base(args)
     if args.guidance is None:
         args.guidance = sampling_defaults(base)["guidance_scale"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,7 +172,7 @@ def main() -> None:
     write_features(base_pipe, out / "features", args.images, args.control)
     cls = type(base_pipe.transformer).__name__
     common = [f"model.cls={'PixArtTransformer' if 'Transformer2DModel' in cls else cls}",
-              f"model.pretrained={base / 'transformer'}", f"data.path={out / 'features'}", f"checkpoint_every={10**9}",
+              f"model.pretrained={base / 'transformer'}", f"data.path={out / 'features'}", f"validation.pipeline={base}", f"checkpoint_every={10**9}",
               *objective_overrides(base_pipe.scheduler), *args.overrides]  # fmt: skip
     full, full_s = train("full", out, [*common, f"controlnet.num_blocks={num_blocks}", f"max_steps={args.steps}"])
 
@@ -204,13 +205,9 @@ def main() -> None:
                     "color_accuracy >= 0.9": evaluations["full"]["color_accuracy"] >= TARGETS["color_accuracy"],
                     "scale_zero_exact": zero["exact"]},
     }  # fmt: skip
-    path = Path(args.json) if args.json else (out / "controlnet_quality_tiny.json" if args.tiny else None)
-    if path is None:
-        path = write_json("controlnet_quality_cpu.json" if device == "cpu" else "controlnet_quality_cuda.json", result)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("parameters", "targets")}, indent=2), f"\nwrote {path}")
+    print(json.dumps({k: result[k] for k in ("parameters", "targets")}, indent=2))
+    tiny = args.tiny and args.out is None
+    write_json(out / "controlnet_quality_tiny.json" if tiny else args.out, result, f"controlnet_quality_{device}.json")
 
 
 if __name__ == "__main__":

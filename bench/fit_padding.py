@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: latent (h, w): 256, 256, 256, 240, 240, 224, 144, 64 tokens of 2x2 patches (FiT's 256-token budget)
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="images per size")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="file name under bench/results/")
+    add_out_argument(parser, "fit_padding_<device>.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +175,7 @@ def main() -> None:
         "both arms (alternated, so both equally on average) and wall times are noisier; process CPU seconds "
         "(time.process_time) are not inflated by waiting for a core.",
     }
-    path = write_json(args.out or f"fit_padding_{args.device}.json", payload)
+    path = write_json(args.out, payload, f"fit_padding_{args.device}.json")
     print(f"{len(sizes)} images in {len(buckets)} size buckets: padded tokens / real {stats['token_overhead']}x "
           f"(attention entries {stats['attention_entry_overhead']}x); padded {timing['padded']['median_s']:.3f}s, "
           f"bucketed {timing['bucketed']['median_s']:.3f}s, ratio {time_ratio} (CPU seconds {cpu_ratio}); "

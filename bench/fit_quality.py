@@ -17,7 +17,8 @@ Stages (cached under ``--work``):
    ``T`` (``one_object_denoise_T``: the layout is given, what is scored is denoising at that size), plus the autoencoder's
    ceiling at every size.
 
-Writes ``bench/results/fit_quality_cpu.json`` (or ``--out``): machine, config, training time, the table, targets.
+Writes ``--out`` (``bench/results/fit_quality_cpu.json`` records it; default ``runs/bench/``): machine, config,
+training time, the table, targets.
 
     python bench/fit_quality.py --measure 40                 # steps/s of this machine
     python bench/fit_quality.py --steps 3000 --n 30
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import add_out_argument, machine, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "microshapes_fit.yaml"
@@ -272,7 +273,7 @@ def main() -> None:
         "--suite-seed", type=int, default=1234, help="seed of the scored prompts (a replicate: another)"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fit_quality_cpu.json"))
+    add_out_argument(parser, "fit_quality_cpu.json")
     parser.add_argument("overrides", nargs="*", help="trainer key=value overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -322,13 +323,8 @@ def main() -> None:
         "table": {m: table(results, m) for m in next(iter(results["in_distribution"].values()))},
         "results": results,
     }
-    out = Path(args.out)
-    path = write_json(out.name, payload) if out.parent == ROOT / "bench" / "results" else out
-    if path is out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload["table"], indent=2))
-    print(f"wrote {path}")
+    write_json(args.out, payload, "fit_quality_cpu.json")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import machine, write_json  # noqa: E402
+from common import add_out_argument, machine, write_json  # noqa: E402
 
 from tests.train.test_fsdp import launch_fsdp  # noqa: E402
 from tests.train.test_trainer import TINY, _losses, make_features  # noqa: E402
@@ -100,7 +100,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
     parser.add_argument("--processes", type=int, default=torch.cuda.device_count() if cuda else 2)
-    parser.add_argument("--out", default=f"fsdp_check_{'cuda' if cuda else 'cpu'}.json")
+    name = f"fsdp_check_{'cuda' if cuda else 'cpu'}.json"
+    add_out_argument(parser, name)
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +110,7 @@ def main() -> int:
             print(json.dumps(runs[-1]), flush=True)
     fp32 = runs[0]
     ok = fp32["losses_match"] and all(r["resume_close"] for r in runs)  # GPU kernels may not be bit-deterministic
-    path = write_json(args.out, {"machine": machine("cuda" if cuda else "cpu"), "runs": runs, "ok": ok})
+    path = write_json(args.out, {"machine": machine("cuda" if cuda else "cpu"), "runs": runs, "ok": ok}, name)
     print(f"{'OK' if ok else 'FAILED'}: {path}")
     return 0 if ok else 1
 

@@ -28,10 +28,11 @@ def _run(script: str, options: list[str], out: Path, timeout: int) -> dict:
 def attention_part(args) -> dict:
     """One self-attention layer and one PixArt-XL block at 1k-64k tokens: softmax, KV ratio 2 and LiT linear (the
     Triton kernels and their torch fallback on CUDA); ``attention_scaling_<device>.json`` and its plot beside."""
-    options = ["--device", args.device, "--out-dir", str(args.out_dir), "--runs", str(args.runs)]
+    out = args.out_dir / f"attention_scaling_{args.device}.json"
+    options = ["--device", args.device, "--out", str(out), "--runs", str(args.runs)]
     if args.tiny:
         options += ["--tokens", "16", "64", "--runs", "1"]
-    return _run("attention_scaling.py", options, args.out_dir / f"attention_scaling_{args.device}.json", 600)
+    return _run("attention_scaling.py", options, out, 600)
 
 
 def lit_part(args) -> dict:

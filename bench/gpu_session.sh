@@ -16,6 +16,6 @@ mkdir -p "$out"
 python3 -c "import torch, diffusers, accelerate, transformers, dit.train, dit.pipelines; print(torch.__version__, \
 diffusers.__version__, accelerate.__version__, transformers.__version__, torch.cuda.get_device_name())"
 status=0
-python3 bench/gpu_suite.py --out-dir "$out" "$@" 2>&1 | tee "$out/gpu_suite.log" || status=$?
+python3 bench/gpu_suite.py --out "$out" "$@" 2>&1 | tee "$out/gpu_suite.log" || status=$?
 rm -f dit/train dit/pipelines
 exit "$status"

@@ -1,4 +1,4 @@
-"""The GPU benchmark suite: one command on one H100 or H200 (sized for about 8 minutes), JSON under bench/results/.
+"""The GPU benchmark suite: one command on one H100 or H200 (sized for about 8 minutes), JSON into --out.
 
 On the lent machines, which have no diffusers and no network: ``bash bench/gpu_session.sh [options]`` (see its
 header), in calls that each fit the 10-minute limit: ``--parts forward,train`` (about 4 min on an H200), then
@@ -26,9 +26,9 @@ Parts (all by default, in this order; ``--parts`` picks some):
 ``gpu_suite.json`` gathers every part's targets and wall time. ``--tiny`` runs every part at toy size (on the CPU
 when there is no GPU, in seconds: CI runs it so the suite cannot rot).
 
-    python bench/gpu_suite.py                       # on the GPU machine; commit bench/results/gpu_*.json
-    python bench/gpu_suite.py --parts forward,train
-    python bench/gpu_suite.py --tiny --out-dir /tmp/suite
+    python bench/gpu_suite.py --out bench/results   # on the GPU machine; commit bench/results/gpu_*.json
+    python bench/gpu_suite.py --parts forward,train # into runs/bench/gpu_suite/
+    python bench/gpu_suite.py --tiny --out /tmp/suite
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, matmul_peak  # noqa: E402
+from common import SCRATCH, machine, matmul_peak  # noqa: E402
 from gpu_kernels import attention_part, lit_part, profile_part  # noqa: E402
 from gpu_models import forward_part, train_part  # noqa: E402
 from gpu_pipelines import lcm_part, microshapes_part, pytest_part, recipe_part  # noqa: E402
@@ -59,7 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU without a GPU): checks the suite runs")
     parser.add_argument(
-        "--out-dir", type=Path, help="where the JSON goes (default: bench/results/; --tiny: a temp dir)"
+        "--out",
+        "--out-dir",
+        dest="out_dir",
+        type=Path,
+        help="the folder for the JSON, e.g. bench/results to record it (default: runs/bench/gpu_suite; --tiny: a temp "
+        "dir)",
     )
     parser.add_argument("--runs", type=int, default=5, help="timed rounds per case (alternating, median)")
     parser.add_argument("--calls", type=int, default=10, help="forward calls per timed round")
@@ -80,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out_dir is None:
         import tempfile
 
-        args.out_dir = Path(tempfile.mkdtemp(prefix="gpu_suite_tiny_")) if args.tiny else RESULTS
+        args.out_dir = Path(tempfile.mkdtemp(prefix="gpu_suite_tiny_")) if args.tiny else SCRATCH / "gpu_suite"
     return args
 
 

@@ -15,8 +15,8 @@ guidance 1.5 distilled in (``--distill-guidance``; the teacher samples at its ow
 Time per image is measured end to end (text encoder, transformer steps, VAE decode) on a batch of 10 prompts,
 alternating teacher-20 and student-4 calls, median of several rounds. Targets: student 4-step one-object accuracy
 >= 95% of the teacher's 20-step accuracy, 2-step >= 85%; student 4-step time <= 0.25x the teacher's 20-step time.
-Writes ``bench/results/lcm_quality_<device>.json``; ``--ship`` copies the student's LCM folder beside the default
-model (``dit generate --lcm``).
+Writes the JSON to ``--out`` (``bench/results/lcm_quality_cpu.json`` records it; default ``runs/bench/``); ``--ship``
+copies the student's LCM folder beside the default model (``dit generate --lcm``); ``--work`` holds the run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
 CONFIG = "configs/microshapes.yaml"
 MODES = {
@@ -65,7 +65,7 @@ def distill(teacher_dir: Path, feature_dir: Path, out: Path, mode: str, steps: i
     start = [f"model.inherit_from={teacher_dir / 'transformer'}"] if mode == "embedded" else [
         f"model.pretrained={teacher_dir / 'transformer'}"]  # fmt: skip
     overrides = [
-        f"data.path={feature_dir}", f"output_dir={out / 'train'}", "overwrite=true", *start, "objective.distill=lcm",
+        f"data.path={feature_dir}", f"validation.pipeline={teacher_dir}", f"output_dir={out / 'train'}", "overwrite=true", *start, "objective.distill=lcm",
         f"objective.distill_teacher={teacher_dir}", "data.caption_dropout=0", "optim.lr=1e-4",
         "optim.warmup_steps=100", "optim.schedule=cosine", "objective.lcm.loss=l2", f"max_steps={steps}",
         f"checkpoint_every={steps}",
@@ -105,10 +105,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default="fixed")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--out", default="runs/lcm")
+    parser.add_argument("--work", default="runs/lcm", help="working folder (features, the run, the LCM folder)")
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default="lcm_quality_cpu.json")
+    add_out_argument(parser, "lcm_quality_cpu.json")
     parser.add_argument("--ship", action="store_true", help="copy the student's LCM folder beside the default model")
     parser.add_argument(
         "--distill-guidance", type=float, default=1.5, help="guidance the teacher distils with (0: its own)"
@@ -119,7 +119,7 @@ def main() -> None:
     from dit.pipelines import TextToImagePipeline, load_lcm, save_lcm
     from dit.pipelines.defaults import sampling_defaults
 
-    teacher_dir, out = Path(args.teacher or default_model()), Path(args.out)
+    teacher_dir, out = Path(args.teacher or default_model()), Path(args.work)
     teacher = TextToImagePipeline.from_pretrained(teacher_dir)
     teacher.set_progress_bar_config(disable=True)
     teacher_guidance = sampling_defaults(teacher_dir)["guidance_scale"]
@@ -155,9 +155,8 @@ def main() -> None:
                     "time": "student_4 <= 0.25 x teacher_20 seconds per image"},
         "met": met, "all_met": all(met.values()),
     }  # fmt: skip
-    path = write_json(args.json, payload)
     print(json.dumps({"one_object": one, "relative": relative, "time_ratio": speed["ratio"], "met": met}, indent=1))
-    print(f"wrote {path}")
+    write_json(args.out, payload, "lcm_quality_cpu.json")
     if args.ship:
         import shutil
 

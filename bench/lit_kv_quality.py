@@ -8,7 +8,8 @@ Three runs on the MicroShapes features, each with the trainer and `configs/micro
 2. the same LiT from scratch for the same steps (reported beside it);
 3. the shipped model with KV compression (ratio 2, deep half, conv from the averaging init), briefly fine-tuned.
 Each is evaluated like the teacher (20 steps, guidance 4.5, the same suite and seeds). Targets: LiT distilled >= 90%
-of the teacher's one-object accuracy; KV-compressed >= 95% of it. Writes ``bench/results/lit_kv_quality_cpu.json``.
+of the teacher's one-object accuracy; KV-compressed >= 95% of it. Writes the JSON to ``--out``
+(``bench/results/lit_kv_quality_cpu.json`` records it; default ``runs/bench/``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import add_out_argument, machine, write_json  # noqa: E402
 
 CONFIG = "configs/microshapes.yaml"
 
@@ -56,7 +57,8 @@ def main() -> None:
     parser.add_argument("--features", required=True, help="MicroShapes feature shards (the recipe's features/)")
     parser.add_argument("--teacher", default=None, help="pipeline folder (default: the shipped model)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="default: read from the teacher's recipe")
-    parser.add_argument("--out", default="runs/lit_kv")
+    parser.add_argument("--work", default="runs/lit_kv", help="working folder (the runs)")
+    add_out_argument(parser, "lit_kv_quality_cpu.json")
     parser.add_argument("--kv-steps", type=int, default=300)
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20)
@@ -70,7 +72,7 @@ def main() -> None:
     teacher = Path(args.teacher or default_model())
     teacher_steps = args.teacher_steps or load_config(CONFIG).max_steps
     student_steps = teacher_steps // 4
-    out = Path(args.out)
+    out = Path(args.work)
     teacher_pipe = TextToImagePipeline.from_pretrained(teacher)
     report = {"teacher": evaluate(teacher_pipe.transformer, teacher_pipe, args.steps, args.guidance, args.n)}
     short = [f"max_steps={student_steps}", "ema_decay=0.995", "optim.warmup_steps=100", f"checkpoint_every={10**9}"]
@@ -113,8 +115,8 @@ def main() -> None:
         "met": met,
         "all_met": all(met.values()),
     }
-    path = write_json("lit_kv_quality_cpu.json", payload)
-    print(json.dumps(figures), met, f"wrote {path}")
+    print(json.dumps(figures), met)
+    write_json(args.out, payload, "lit_kv_quality_cpu.json")
 
 
 if __name__ == "__main__":

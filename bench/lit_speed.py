@@ -1,6 +1,6 @@
 """LiT-XL against PixArt-XL: the whole backbone's forward and training step, with and without the Triton kernels.
 
-    python bench/lit_speed.py --device cuda               # H100/H200, bf16: bench/results/lit_speed_cuda.json
+    python bench/lit_speed.py --device cuda --out bench/results/lit_speed_cuda.json   # H100/H200, bf16
     python bench/lit_speed.py --tiny                      # toy sizes on the CPU (CI: the script cannot rot)
 
 Three models with the same width and depth (PixArt-XL: 1152 wide, 28 layers): PixArt-XL (softmax self-attention),
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, peak_bytes, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, peak_bytes, write_json  # noqa: E402
 
 from dit import LiTTransformer, PixArtTransformer  # noqa: E402
 from dit.nn.kernels import kernel_mode, triton_installed  # noqa: E402
@@ -124,7 +123,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="toy width and depth (CPU, seconds)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="forward calls per timed round")
-    parser.add_argument("--out", type=Path, help="the JSON (default: bench/results/lit_speed_<device>.json)")
+    add_out_argument(parser, "lit_speed_<device>.json")  # --tiny without --out writes nothing
     args = parser.parse_args(argv)
     if args.device == "cpu" and not args.tiny:
         parser.error("the targets are for CUDA; use --tiny on the CPU")
@@ -154,12 +153,9 @@ def main(argv=None) -> dict:
                "forward": forward, "train": train, "figures": {k: round(v, 3) for k, v in figures.items()},
                "targets": {"forward_speedup": ">= 1.5", "train_speedup": "> 1.0"}, "met": met,
                "all_met": all(met.values())}  # fmt: skip
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    elif not args.tiny:
-        write_json(f"lit_speed_{args.device}.json", payload)
     print(payload["figures"], met, flush=True)
+    if args.out is not None or not args.tiny:
+        write_json(args.out, payload, f"lit_speed_{args.device}.json")
     return payload
 
 

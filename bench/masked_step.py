@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
 PRESETS = {
     "tiny": dict(
@@ -60,7 +60,7 @@ def trainer_at(ratio: float, folder: Path, preset: dict, dtype: str, steps: int)
 
     overrides = [f"data.path={folder}", f"data.batch_size={preset['batch']}", "data.caption_dropout=0",
                  "ema_decay=null", "model.cls=MicroDiTTransformer", f"output_dir={folder / f'run{ratio}'}",
-                 "objective.name=x0", "objective.x0_weighting=uniform", "report_to=none", f"masking.ratio={ratio}",
+                 "objective.name=x0", "objective.x0_weighting=uniform", "report_to=none", "pipeline=false", f"masking.ratio={ratio}",
                  f"max_steps={steps}", f"mixed_precision={'no' if dtype == 'fp32' else dtype}"]  # fmt: skip
     config = load_config(None, overrides)
     config.model.kwargs = dict(preset["model"])
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--out", default=None)
+    add_out_argument(parser, "masked_step_<preset>_<device>.json")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     timing = step_times(preset, args.device, args.dtype, args.runs)
@@ -114,7 +114,7 @@ def main() -> None:
         "target": f"ratio 0.75 step <= {TARGET}x the unmasked step",
         "met": relative <= TARGET,
     }
-    path = write_json(args.out or f"masked_step_{args.preset}_{args.device}.json", payload)
+    path = write_json(args.out, payload, f"masked_step_{args.preset}_{args.device}.json")
     summary = ", ".join(f"{name} {v['median_s']:.3f}s ({v['relative_to_unmasked']}x)" for name, v in timing.items())
     print(f"{summary}; wrote {path}")
 

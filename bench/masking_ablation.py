@@ -14,7 +14,9 @@ the split does not depend on what else the machine runs; their real wall times a
 evaluated with the MicroShapes evaluator (20 steps, guidance 2.5). Needs the features and encoders of a recipe run:
 
     python -m dit.microshapes.recipe --out runs/microshapes            # once (or an earlier run's folder)
-    python bench/masking_ablation.py --recipe runs/microshapes [--budget-s 1000]
+    python bench/masking_ablation.py --recipe runs/microshapes [--budget-s 1000] [--out bench/results/X.json]
+
+The arms run in ``--work``; the JSON goes to ``--out`` (default ``runs/bench/masking_ablation_cpu.json``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "microshapes_microdit.yaml"
@@ -53,6 +55,7 @@ def _trainer(recipe: Path, out: Path, overrides: list[str]):
 
     paths = [
         f"data.path={recipe / 'features'}",
+        f"validation.pipeline={recipe / 'encoders'}",  # the recipe's encoders (its older runs record none)
         f"output_dir={out}",
         "overwrite=true",
         "max_steps=100000",
@@ -101,7 +104,7 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
     from dit.train import Trainer, load_config
 
     torch.set_num_threads(1)
-    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
+    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"validation.pipeline={recipe / 'encoders'}", f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
                  f"masking.unmasked_steps={unmasked_steps}", f"checkpoint_every={steps}"]  # fmt: skip
     started = time.perf_counter()
     trainer = Trainer(load_config(CONFIG, overrides))
@@ -123,7 +126,7 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="runs/microshapes", help="a recipe output folder (features, encoders)")
-    parser.add_argument("--out", default="runs/masking_ablation")
+    parser.add_argument("--work", default="runs/masking_ablation", help="working folder (one per arm)")
     parser.add_argument("--budget-s", type=float, default=1000.0, help="one-thread training seconds per arm")
     parser.add_argument("--finetune-share", type=float, default=0.2)
     parser.add_argument("--calibration-runs", type=int, default=7)
@@ -132,22 +135,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--unmasked-steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=60, help="evaluator prompts (one-object; half as many of the others)")
-    parser.add_argument("--json", default="masking_ablation_cpu.json")
+    add_out_argument(parser, "masking_ablation_cpu.json")
     parser.add_argument("--collect", action="store_true", help="rewrite the JSON from the arms' result.json files")
     args = parser.parse_args()
-    recipe, out = Path(args.recipe), Path(args.out)
+    recipe, out = Path(args.recipe), Path(args.work)
     if args.arm:
         result = run_arm(args.arm, recipe, out / args.arm, args.steps, args.unmasked_steps, args.n)
         (out / args.arm / "result.json").write_text(json.dumps(result, indent=2))
         return
 
     if args.collect:
-        payload = json.loads((Path(__file__).parent / "results" / args.json).read_text())
+        step_s = json.loads((out / "step_s.json").read_text())
         results = {arm: json.loads((out / arm / "result.json").read_text()) for arm in ARMS if (out / arm).is_dir()}
-        write_report(args, payload["step_s_one_thread"], results)
+        write_report(args, step_s, results)
         return
     out.mkdir(parents=True, exist_ok=True)
     step_s = calibrate(recipe, args.calibration_runs, out / "calibration")
+    (out / "step_s.json").write_text(json.dumps(step_s, indent=2))  # for --collect
     plans = plan(step_s, args.budget_s, args.finetune_share)
     print(json.dumps({"step_s": step_s, "plans": plans}, indent=2), flush=True)
     write_report(args, step_s, launch(plans, args, out))
@@ -184,8 +188,8 @@ def write_report(args, step_s: dict[str, float], results: dict[str, dict]) -> No
         "target": TARGETS,
         "met": met,
     }
-    path = write_json(args.json, payload)
-    print(json.dumps(payload["summary"], indent=2), f"wrote {path}")
+    print(json.dumps(payload["summary"], indent=2))
+    write_json(args.out, payload, "masking_ablation_cpu.json")
 
 
 def launch(plans: dict[str, dict], args, out: Path) -> dict[str, dict]:
@@ -196,7 +200,7 @@ def launch(plans: dict[str, dict], args, out: Path) -> dict[str, dict]:
         while pending and len(running) < args.parallel:
             arm = pending.pop(0)
             (out / arm).mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "--arm", arm, "--recipe", str(args.recipe), "--out", str(out),
+            cmd = [sys.executable, __file__, "--arm", arm, "--recipe", str(args.recipe), "--work", str(out),
                    "--steps", str(plans[arm]["steps"]), "--unmasked-steps", str(plans[arm]["unmasked_steps"]),
                    "--n", str(args.n)]  # fmt: skip
             log = (out / arm / "log.txt").open("w")

@@ -1,4 +1,4 @@
-"""The MicroShapes recipe's wall time and the evaluator's report, as one JSON under bench/results/.
+"""The MicroShapes recipe's wall time and the evaluator's report, as one JSON (``--out``).
 
     python bench/microshapes_recipe.py                          # run the recipe, then evaluate (CPU: ~45 min)
     python bench/microshapes_recipe.py --device cuda            # the same on one GPU
@@ -7,8 +7,9 @@
 Targets (20 sampling steps): one-object whole-prompt accuracy >= 90%, two-object >= 60%, held-out >= 50%;
 the whole recipe <= 60 minutes on the 2-core CPU machine, <= 5 minutes on one GPU. The recipe and the evaluation run
 on --device; with --from-run that is the device the run recorded (a run from before devices were recorded ran on the
-CPU), since the JSON describes the machine its wall time was measured on. The JSON goes to
-bench/results/microshapes_<device>.json unless --json names another file.
+CPU), since the JSON describes the machine its wall time was measured on. The JSON goes to --out
+(bench/results/microshapes_<device>.json records it; default runs/bench/microshapes_<device>.json); the recipe runs in
+--work.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import add_out_argument, machine, write_json  # noqa: E402
 
 TARGETS = {"one_object": 0.9, "two_object": 0.6, "held_out": 0.5}
 WALL_TIME_TARGETS = {"cpu": ("recipe_under_60_min", 3600), "cuda": ("recipe_under_5_min", 300)}  # name, seconds
@@ -30,12 +31,12 @@ WALL_TIME_TARGETS = {"cpu": ("recipe_under_60_min", 3600), "cuda": ("recipe_unde
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-run", help="a finished recipe output folder (skips training)")
-    parser.add_argument("--out", default="runs/microshapes")
+    parser.add_argument("--work", default="runs/microshapes", help="the recipe's output folder")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, help="default: the pipeline's sampling_defaults.json")
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--device", help="default: the run's with --from-run, else cuda when available, else cpu")
-    parser.add_argument("--json", help="default: microshapes_<device>.json")
+    add_out_argument(parser, "microshapes_<device>.json")
     args, overrides = parser.parse_known_args()
 
     from dit.microshapes.recipe import DEFAULT_CONFIG, N_IMAGES, VAE_STEPS, run
@@ -43,9 +44,9 @@ def main() -> None:
     from dit.pipelines import TextToImagePipeline
     from dit.pipelines.defaults import sampling_defaults
 
-    root = Path(args.from_run or args.out)
+    root = Path(args.from_run or args.work)
     if args.from_run is None:
-        run(args.out, DEFAULT_CONFIG, N_IMAGES, VAE_STEPS, overrides, device=args.device)
+        run(args.work, DEFAULT_CONFIG, N_IMAGES, VAE_STEPS, overrides, device=args.device)
     recipe = json.loads((root / "recipe_report.json").read_text())
     device = torch.device(recipe.get("device", "cpu")).type
     if args.device is not None and torch.device(args.device).type != device:
@@ -72,8 +73,8 @@ def main() -> None:
         "met": met,
         "all_met": all(met.values()),
     }
-    path = write_json(args.json or f"microshapes_{device}.json", payload)
-    print(json.dumps({k: report[k]["prompt_accuracy"] for k in TARGETS}), recipe["stages"], f"wrote {path}")
+    print(json.dumps({k: report[k]["prompt_accuracy"] for k in TARGETS}), recipe["stages"])
+    write_json(args.out, payload, f"microshapes_{device}.json")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ extrapolated to first order) at two refresh intervals, each enabled by ``transfo
   ``cpu_speedup``: the same from the process CPU time of each run, which other work on the machine barely moves);
 - the share of transformer-block forwards computed, counted on that batch.
 
-Target: one setting at least 1.4x faster end to end with at most 3 points lower one-object accuracy. Writes
-``bench/results/step_cache_cpu.json`` and prints a markdown table. ``--threads 1`` (default) keeps CPU timings stable
-when other work shares the cores: with two threads on two shared cores the same batch took 2.5-10x longer and
-varied run to run.
+Target: one setting at least 1.4x faster end to end with at most 3 points lower one-object accuracy. Writes the
+JSON to ``--out`` (``bench/results/step_cache_cpu.json`` records it) and prints a markdown table. ``--threads 1``
+(default) keeps CPU timings stable when other work shares the cores: with two threads on two shared cores the same
+batch took 2.5-10x longer and varied run to run.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
 STEPS = 20
 
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="suite size: n one-object, n/2 two-object, n/2 held-out")
     parser.add_argument("--rounds", type=int, default=9, help="timing rounds (all settings alternating)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default="step_cache_cpu.json")
+    add_out_argument(parser, "step_cache_cpu.json")
     args = parser.parse_args()
 
     from dit.microshapes.shipped import default_model
@@ -187,10 +187,9 @@ def main() -> None:
         "target": ">= 1.4x end to end with <= 3 points lower one-object accuracy", "met_by": met, "met": bool(met),
         "wall_s": time.perf_counter() - started,
     }  # fmt: skip
-    path = write_json(args.json, payload)
     print(table(rows))
     print(json.dumps({"met_by": met, "wall_s": round(payload["wall_s"], 1)}))
-    print(f"wrote {path}")
+    write_json(args.out, payload, "step_cache_cpu.json")
 
 
 if __name__ == "__main__":

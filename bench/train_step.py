@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, machine, peak_bytes, write_json  # noqa: E402
+from common import add_out_argument, alternate, machine, peak_bytes, write_json  # noqa: E402
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
           sample_size=64, patch_size=2, caption_channels=4096, interpolation_scale=1, use_additional_conditions=False)  # fmt: skip
@@ -52,7 +52,7 @@ def build(args, folder: Path, model_config: dict = XL, ema_decay: float | None =
 
     overrides = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0",
                  f"ema_decay={'null' if ema_decay is None else ema_decay}", "report_to=none",
-                 "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
+                 "pipeline=false", "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
                  f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}"]  # fmt: skip
     config = load_config(None, overrides)
     config.model.kwargs = {**model_config, "num_layers": args.layers, "sample_size": args.size // 8}
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--memory-probe", choices=["ours", "diffusers"])
-    parser.add_argument("--out", default=None)
+    add_out_argument(parser, "train_step_<device>.json")
     args = parser.parse_args()
     if args.memory_probe:
         print(json.dumps({"peak_bytes": memory_probe(args.memory_probe, args)}))
@@ -179,7 +179,7 @@ def main() -> None:
         "target": f"throughput >= {target}x diffusers' plain step, peak memory <= diffusers'",
         "met": speedup >= target and memory_ratio <= 1.0,
     }
-    path = write_json(args.out or f"train_step_{args.device}.json", payload)
+    path = write_json(args.out, payload, f"train_step_{args.device}.json")
     print(f"diffusers {timing['diffusers']['median_s']:.3f}s/step, ours {timing['ours']['median_s']:.3f}s/step "
           f"(x{speedup:.3f} throughput), memory x{memory_ratio:.3f}; wrote {path}")  # fmt: skip
 

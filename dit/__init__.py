@@ -1,36 +1,52 @@
-"""dit: diffusion-transformer backbones that plug into Hugging Face diffusers pipelines."""
+"""dit: diffusion-transformer backbones that plug into Hugging Face diffusers pipelines.
 
-from .models import (
-    ControlNetAdapter,
-    FiTTransformer,
-    LiTTransformer,
-    MicroDiTTransformer,
-    MultiControlNetAdapter,
-    PixArtTransformer,
-)
-from .pipelines.registration import register_pipelines
+``import dit`` is cheap (no torch, no diffusers): the classes below are imported on first use, and our pipeline
+classes are registered with diffusers when it is imported (:func:`dit.pipelines.registration.register_when_imported`),
+so ``DiffusionPipeline.from_pretrained(folder)`` resolves them after ``import dit``.
+"""
 
-# DiffusionPipeline.from_pretrained(folder) resolves our pipeline classes by name from here on (imported on first
-# use); see dit.pipelines.registration.
-register_pipelines()
+import logging
+from importlib import import_module
+
+from .pipelines.registration import register_when_imported
+
+register_when_imported()
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`" notice, which diffusers' imports set off on every command without torchvision; the
+    fallback it announces is the image processor transformers used before, and our pipelines use none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackFilter())
 
 __version__ = "0.1.0"
-__all__ = [
-    "ControlNetAdapter",
-    "ControlNetPipeline",
-    "FiTTransformer",
-    "LiTTransformer",
-    "MicroDiTTransformer",
-    "MultiControlNetAdapter",
-    "PixArtTransformer",
-    "TextToImagePipeline",
-]
+
+#: Public name -> the module defining it (imported on first use).
+_EXPORTS = {
+    "ControlNetAdapter": "dit.models",
+    "FiTTransformer": "dit.models",
+    "LiTTransformer": "dit.models",
+    "MicroDiTTransformer": "dit.models",
+    "MultiControlNetAdapter": "dit.models",
+    "PixArtTransformer": "dit.models",
+    "ControlNetPipeline": "dit.pipelines",
+    "TextToImagePipeline": "dit.pipelines",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in transformers; import it only when asked for.
-    if name in ("TextToImagePipeline", "ControlNetPipeline"):
-        from . import pipelines
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dit' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
-        return getattr(pipelines, name)
-    raise AttributeError(f"module 'dit' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 class CheckpointKeyError(KeyError):
@@ -56,3 +58,23 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     return dict(state)
+
+
+def default_file_mode() -> int:
+    """The mode a plainly created file gets here: ``0o666`` less the process's umask (``0o644`` under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def restore_default_permissions(path: str | os.PathLike) -> None:
+    """Give the weight files at ``path`` (a file, or every one under a folder) the umask's normal mode.
+
+    safetensors (0.8) writes each file through a private temporary file, so it ends up ``0o600`` whatever the umask:
+    a pipeline folder saved for others to read would be readable by its owner alone. Called after every save of
+    weights (models, pipelines, checkpoints, feature shards)."""
+    path, mode = Path(path), default_file_mode()
+    files = [path] if path.is_file() else (p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    for file in files:
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+            file.chmod(mode)

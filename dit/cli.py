@@ -1,5 +1,8 @@
 """The ``dit`` command: ``dit generate "PROMPT" --model PATH -o out.png``, ``dit train --config ...``,
-``dit controlnet-relevance --model BASE --controlnet ADAPTER``."""
+``dit controlnet-relevance --model BASE --controlnet ADAPTER``.
+
+Building the parser imports neither torch nor diffusers (``dit --help`` answers at once); every command runs
+through :func:`dit.errors.run_command`: a bad value is one line ``error: ...`` (``--debug`` shows the traceback)."""
 
 from __future__ import annotations
 
@@ -8,17 +11,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dit import __version__
+from dit.cli_checks import SETUP_ERRORS, check_output, check_report_path, read_prompts, resolve_device
 from dit.controlnet_relevance import add_parser as add_relevance_parser
+from dit.errors import DEBUG_ENV, UsageError, as_usage_error, run_command, take_debug_flag
 from dit.microshapes.shipped import default_lcm, default_model
 from dit.report import print_report
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _fail(error) -> int:
-    """Print ``error`` as ``error: ...`` on stderr (no traceback); the exit code of a bad value or folder."""
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+#: Errors of ``dit generate`` / ``eval`` / ``controlnet-relevance`` printed as one line (exit code).
+USER_ERRORS = {UsageError: 2, OSError: 1}
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
@@ -65,7 +67,7 @@ def _load_pipeline(folder: Path, lcm: Path | None, dtype: str, device: str):
 
     from dit.pipelines import TextToImagePipeline, load_lcm
 
-    pipe = TextToImagePipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[dtype]))
+    pipe = TextToImagePipeline.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]))
     if lcm is not None:
         load_lcm(pipe, lcm)
     return pipe.to(device)
@@ -98,30 +100,35 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
 def _generate(args: argparse.Namespace) -> int:
     from dit.pipelines.checks import SamplingValueError
 
-    try:
+    with as_usage_error(*SETUP_ERRORS):
+        prompts = read_prompts(args.prompt, args.prompt_file)
         _check_sampling_args(args)
+        check_output(args.output)
+        device = resolve_device(args.device)
         folder = _model_folder(args.model)
         lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
         if lcm is not None:
             _check_lcm_folder(lcm)
-    except (ValueError, FileNotFoundError) as error:
-        return _fail(error)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
         pipe = _load_pipeline(folder, lcm, args.dtype, device)
         if lcm is not None:
             _check_lcm_guidance(pipe, args.guidance)
-    except (ValueError, KeyError, OSError) as error:
-        return _fail(error)
     if args.compile:
         pipe.compile_transformer()
-    paths = output_paths(args.output, len(args.prompt) * args.num_images)
+    paths = output_paths(args.output, len(prompts) * args.num_images)
+    images = _draw(pipe, prompts, args, paths, SamplingValueError)
+    for path, image, prompt in zip(paths, images, [p for p in prompts for _ in range(args.num_images)]):
+        image.save(path)
+        print(f"saved {path} ({image.width}x{image.height}): {prompt}")
+    return 0
+
+
+def _draw(pipe, prompts: list[str], args: argparse.Namespace, paths: list[Path], value_error: type) -> list:
+    import torch
+
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for k in range(len(paths))]
-    try:
-        images = pipe(
-            args.prompt,
+    with as_usage_error(value_error):
+        return pipe(
+            prompts,
             negative_prompt=args.negative_prompt,
             num_inference_steps=args.steps,  # None: the pipeline's sampling defaults (its folder's, or the LCM's)
             guidance_scale=args.guidance,
@@ -131,12 +138,6 @@ def _generate(args: argparse.Namespace) -> int:
             generator=generators,
             clean_caption=False,  # captions as the trainer encodes them: lower-cased and stripped
         ).images
-    except SamplingValueError as error:
-        return _fail(error)
-    for path, image, prompt in zip(paths, images, [p for p in args.prompt for _ in range(args.num_images)]):
-        image.save(path)
-        print(f"saved {path} ({image.width}x{image.height}): {prompt}")
-    return 0
 
 
 def _check_lcm_folder(lcm: Path) -> None:
@@ -155,23 +156,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        return _fail(f"--size must look like 64x64, got {args.size!r}")
+        raise UsageError(f"--size must look like 64x64, got {args.size!r}") from None
     args.width, args.height = width, height
-    try:
+    with as_usage_error(*SETUP_ERRORS):
         _check_sampling_args(args)
         _check_counts(n=args.n, batch_size=args.batch_size)
+        check_report_path(args.json)
+        device = resolve_device(args.device)
         folder = _model_folder(args.model)
-    except (ValueError, FileNotFoundError) as error:
-        return _fail(error)
-    import torch
+        from dit.pipelines import TextToImagePipeline
 
-    from dit.pipelines import TextToImagePipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
         pipe = TextToImagePipeline.from_pretrained(folder).to(device)
-    except (ValueError, KeyError, OSError) as error:
-        return _fail(error)
     defaults = pipe.sampling_defaults  # the folder's sampling_defaults.json, else PixArt's
     args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
     args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
@@ -192,10 +187,21 @@ def _check_counts(**counts) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dit", description="Diffusion-transformer toolkit.")
+    """The ``dit`` command line (``train`` and ``extract`` parse their own arguments); imports no torch."""
+    parser = argparse.ArgumentParser(
+        prog="dit",
+        description="Diffusion-transformer toolkit.",
+        epilog=f"An error is one line 'error: ...' on stderr; --debug (or {DEBUG_ENV}=1) shows its traceback.",
+    )
+    parser.add_argument("--version", action="version", version=f"dit-toolkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also accepted "
+                        f"after the command; or set {DEBUG_ENV}=1)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image from a prompt")
-    gen.add_argument("prompt", nargs="+", help="one or several prompts")
+    gen.add_argument("prompt", nargs="*", help="one or several prompts; @FILE reads the prompts of FILE (as "
+                     "--prompt-file FILE)")  # fmt: skip
+    gen.add_argument("--prompt-file", metavar="FILE", help="one prompt per non-empty line ('-': stdin), drawn after "
+                     "the prompts given as arguments")  # fmt: skip
     gen.add_argument(
         "--model",
         type=Path,
@@ -245,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``dit COMMAND ...``: the command's exit code; an error is one line on stderr (see :mod:`dit.errors`)."""
+    argv = take_debug_flag(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the trainer parses its own arguments (config path plus key=value overrides)
         from dit.train.__main__ import main as train_main
 
@@ -255,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return extract_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(lambda: args.func(args), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .models.controlnet import ControlNetAdapter
 from .report import print_report
 
-Metric = Callable[[ControlNetAdapter], dict[str, float] | float]
+if TYPE_CHECKING:  # imported where used: `dit --help` builds this parser without torch
+    from .models.controlnet import ControlNetAdapter
+
+Metric = Callable[["ControlNetAdapter"], "dict[str, float] | float"]
 
 
 def _as_scores(value: dict[str, float] | float) -> dict[str, float]:
@@ -110,20 +113,25 @@ def add_parser(commands) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
+    """``dit controlnet-relevance``: the inputs are checked and loaded first (a bad one raises
+    :class:`~dit.errors.UsageError`, one line), then each block's relevance is measured."""
+    from .cli_checks import SETUP_ERRORS, check_report_path, resolve_device
+    from .errors import as_usage_error
+    from .models.controlnet import ControlNetAdapter
     from .pipelines import TextToImagePipeline
     from .pipelines.defaults import sampling_defaults
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.guidance is None:
-        args.guidance = sampling_defaults(args.model)["guidance_scale"]
-    base = TextToImagePipeline.from_pretrained(args.model).to(device)
-    adapter = ControlNetAdapter.from_pretrained(args.controlnet).to(device).eval()
-    if args.metric == "microshapes":
-        metric, key = microshapes_metric(base, args.n, args.steps, args.guidance, args.control), args.key or "iou"
-    else:
-        metric, key = _user_metric(args.metric, base), args.key or "quality"
+    with as_usage_error(*SETUP_ERRORS, ImportError):
+        check_report_path(args.json)
+        device = resolve_device(args.device)
+        if args.guidance is None:
+            args.guidance = sampling_defaults(args.model)["guidance_scale"]
+        base = TextToImagePipeline.from_pretrained(args.model).to(device)
+        adapter = ControlNetAdapter.from_pretrained(args.controlnet).to(device).eval()
+        if args.metric == "microshapes":
+            metric, key = microshapes_metric(base, args.n, args.steps, args.guidance, args.control), args.key or "iou"
+        else:
+            metric, key = _user_metric(args.metric, base), args.key or "quality"
     report = relevance(adapter, metric, key)
     report["parameters"] = {"adapter": adapter.num_parameters()}
     if args.keep:

@@ -11,7 +11,8 @@ from .text_to_image import TextToImagePipeline
 def assemble(
     folder: Path, tokenizer, text_encoder, vae, transformer, scheduler, sampling: tuple[int, float] | None = None
 ) -> None:
-    """Save a complete pipeline folder (safetensors only) with the sampler matching the training objective, and
+    """Save a complete pipeline folder (safetensors only) with the sampler matching the training objective (None:
+    the one the transformer's config records, :func:`~dit.pipelines.schedulers.default_scheduler`), and
     ``sampling`` = (steps, guidance scale) as its sampling defaults (:mod:`dit.pipelines.defaults`)."""
     pipe = TextToImagePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)  # fmt: skip

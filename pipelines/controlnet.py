@@ -95,7 +95,8 @@ class ControlNetPipeline(TextToImagePipeline):
         text_encoder: a transformers ``T5EncoderModel``.
         vae: a diffusers ``AutoencoderKL`` (also encodes the control images).
         transformer: a backbone of this toolkit (its forward takes ``block_controls``).
-        scheduler: any diffusers scheduler; None for ``DPMSolverMultistepScheduler()``.
+        scheduler: any diffusers scheduler; None picks the one the transformer's config records it was trained for
+            (:func:`~dit.pipelines.schedulers.default_scheduler`).
         controlnet: an adapter, a list of adapters (multi-control) or a ``MultiControlNetAdapter``.
     """
 

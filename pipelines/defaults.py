@@ -16,6 +16,8 @@ import numbers
 import os
 from pathlib import Path
 
+from ..checkpoint import restore_default_permissions
+
 SAMPLING_DEFAULTS = "sampling_defaults.json"
 PIXART_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.5}
 
@@ -103,5 +105,6 @@ class SamplingDefaultsMixin:
         """diffusers' ``DiffusionPipeline.save_pretrained``, plus ``sampling_defaults.json`` when the pipeline has
         recorded defaults (loaded from such a folder, or set), so that a folder saved again keeps them."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        restore_default_permissions(save_directory)  # every component's weights: safetensors writes 0o600
         if self._recorded():
             save_sampling_defaults(save_directory, **self.sampling_defaults)

@@ -42,7 +42,7 @@ def load_lcm(pipe: TextToImagePipeline, folder: str | Path) -> TextToImagePipeli
                                 f"{'both' if has_lora else 'neither'}.")  # fmt: skip
     if has_transformer:
         cls = type(pipe.transformer)
-        student = cls.from_pretrained(folder / "transformer", torch_dtype=pipe.transformer.dtype)
+        student = cls.from_pretrained(folder / "transformer", dtype=pipe.transformer.dtype)
         pipe.register_modules(transformer=student.to(pipe.transformer.device))
     else:
         pipe.load_lora_weights(folder)

@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
-from ..models.strict_io import StrictIOMixin, variant_files
+from ..models.strict_io import StrictIOMixin, refuse_variant_only_folder, variant_files
 
 #: What every noise-prediction scheduler implements.
 NOISE_PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -73,14 +73,14 @@ def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
 def load_component(cls: type, folder: Path, name: str, kwargs: dict):
     """``cls.from_pretrained(folder)`` with its loading report; raises on missing or unexpected keys."""
     options = {key: kwargs[key] for key in COMPONENT_KWARGS if kwargs.get(key) is not None}
+    if "variant" not in options:
+        refuse_variant_only_folder(folder)
     if "variant" in options and not variant_files(os.listdir(folder), options["variant"]):
         del options["variant"]  # as diffusers: a component without files of the variant loads its main weights
-    dtype = _component_dtype(kwargs.get("torch_dtype"), name)
-    if _is_transformers_model(cls):  # transformers names it dtype and has no diffusers-only options
+    dtype = _component_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")), name)
+    if _is_transformers_model(cls):  # transformers has no diffusers-only options
         options = {key: value for key, value in options.items() if key in ("variant", "use_safetensors")}
-        options["dtype"] = dtype
-    else:
-        options["torch_dtype"] = dtype
+    options["dtype"] = dtype  # diffusers >= 0.42 and transformers name it dtype (torch_dtype is deprecated)
     model, info = cls.from_pretrained(folder, output_loading_info=True, **options)
     missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
     if missing or unexpected:
@@ -124,6 +124,15 @@ def local_folder(pretrained_model_name_or_path, kwargs: dict) -> str:
 
 
 # ----- scheduler ------------------------------------------------------------------------------------------------
+def has_scheduler(folder: str | os.PathLike) -> bool:
+    """Whether the pipeline ``folder`` holds a scheduler: ``model_index.json`` names one and ``scheduler/`` has its
+    config."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    spec = index.get("scheduler")
+    named = isinstance(spec, (list, tuple)) and None not in spec
+    return named and (Path(folder) / "scheduler" / "scheduler_config.json").is_file()
+
+
 def allowed_prediction_types(scheduler) -> tuple[str, ...] | None:
     """The ``prediction_type`` values ``scheduler``'s class implements; None when it has no such notion (its config,
     which holds every argument of its class, has no ``prediction_type``)."""

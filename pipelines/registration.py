@@ -12,7 +12,9 @@ diffusers resolves a folder's ``model_index.json`` in two parts (``diffusers.pip
   dynamic-module cache and require ``trust_remote_code=True``; so the folders keep the plain class name.
 
 So ``import dit`` (which any import of ``dit.*`` runs first) adds :data:`PIPELINES` to the names the ``diffusers``
-module resolves: after it, ``DiffusionPipeline.from_pretrained(folder)`` returns a :class:`TextToImagePipeline` (or
+module resolves (:func:`register_when_imported`: at once when diffusers is already imported, else right after its
+import, so that ``import dit`` itself imports neither diffusers nor torch): after it,
+``DiffusionPipeline.from_pretrained(folder)`` returns a :class:`TextToImagePipeline` (or
 :class:`ControlNetPipeline`), and ``diffusers.TextToImagePipeline`` is our class. Nothing diffusers defines is
 changed or shadowed (a name diffusers already has is left to diffusers), and the pipeline modules are imported on
 the first lookup only (``import dit`` stays as light as before): diffusers' package is a lazy module whose extra
@@ -28,9 +30,11 @@ as diffusers does: the toolkit's own models are strict on their own, the VAE and
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import logging
+import sys
 from importlib import import_module
-
-from diffusers.utils import logging
 
 #: Pipeline class name -> the module defining it, as ``model_index.json`` records the name.
 PIPELINES = {
@@ -38,7 +42,7 @@ PIPELINES = {
     "ControlNetPipeline": "dit.pipelines.controlnet",
 }
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class LazyObjects(dict):
@@ -98,3 +102,46 @@ def _defined_elsewhere(module, name: str, where: str) -> bool:
     if name in lazy:
         return lazy[name] != where
     return name in getattr(module, "_class_to_module", ()) or name in getattr(module, "_modules", ())
+
+
+def register_when_imported(name: str = "diffusers") -> None:
+    """:func:`register_pipelines` on the module ``name`` now if it is imported, else right after its import (a
+    one-shot import hook), so that ``import dit`` stays cheap and ``DiffusionPipeline.from_pretrained`` still
+    resolves our classes."""
+    if name in sys.modules:
+        register_pipelines(sys.modules[name])
+    elif not any(isinstance(finder, _RegisterOnImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport(name))
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``name`` with the other finders and has its loader register our pipelines once it ran the module."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one shot: the lookup below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """``loader``, with :func:`register_pipelines` on the module after it ran."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        register_pipelines(sys.modules.get(module.__name__, module))  # diffusers replaces itself by a lazy module
+
+    def __getattr__(self, name: str):  # get_data, get_resource_reader, ... of the real loader
+        return getattr(self.loader, name)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import PixArtImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import retrieve_timesteps
@@ -38,9 +39,10 @@ from .checks import (
     check_prompt,
 )
 from .defaults import SamplingDefaultsMixin
-from .loading import check_scheduler, local_folder, strict_components
+from .loading import check_scheduler, has_scheduler, local_folder, strict_components
 from .lora import DiTLoraLoaderMixin
-from .resolution import flow_match_scheduler, flow_shift_mu, sampling_size
+from .resolution import flow_shift_mu, sampling_size
+from .schedulers import default_scheduler
 
 logger = logging.get_logger(__name__)
 
@@ -63,7 +65,8 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
         text_encoder: a transformers ``T5EncoderModel`` (or any encoder returning hidden states first).
         vae: a diffusers ``AutoencoderKL``.
         transformer: a backbone of this toolkit (or diffusers' ``PixArtTransformer2DModel``).
-        scheduler: any diffusers scheduler; None picks :func:`default_scheduler` for the transformer.
+        scheduler: any diffusers scheduler; None picks the one the transformer's config records it was trained for
+            (:func:`~dit.pipelines.schedulers.default_scheduler`).
 
     Flexible-resolution backbones (FiT) sample any size that divides into patches, without PixArt's aspect-ratio
     bins. A flow-matching scheduler with ``use_dynamic_shifting`` gets ``mu`` from the image token count at every
@@ -103,9 +106,12 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
 
         ``strict=False`` loads as diffusers does. With ``device_map``, diffusers places the components itself and
         only the toolkit's own models (always strict) are checked. The folder's ``sampling_defaults.json`` becomes
-        the pipeline's :attr:`sampling_defaults`.
+        the pipeline's :attr:`sampling_defaults`. A folder without ``scheduler/`` samples with the scheduler its
+        transformer's config records (as ``scheduler=None``).
         """
         folder = local_folder(pretrained_model_name_or_path, kwargs)
+        if "scheduler" not in kwargs and not has_scheduler(folder):
+            kwargs["scheduler"] = None  # the transformer's own (__init__): what its config records it predicts
         if not strict or kwargs.get("device_map") is not None:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         else:
@@ -119,6 +125,7 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("This pipeline has no tokenizer/text encoder: pass prompt_embeds and their masks.")
+        clean_caption = clean_caption and _can_clean_captions()  # else diffusers warns on every call
         texts = self._text_preprocessing(texts, clean_caption=clean_caption)  # diffusers': lower-cased, stripped
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
@@ -454,14 +461,22 @@ class TextToImagePipeline(SamplingDefaultsMixin, CallStateMixin, DiffusionPipeli
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-def default_scheduler(transformer) -> Any:
-    """The scheduler a pipeline gets when none is given: for a rectified-flow backbone (``prediction_type ==
-    "flow"``, FiT) diffusers' ``FlowMatchEulerDiscreteScheduler`` with the resolution-dependent shift anchored at its
-    training token count (:func:`~dit.pipelines.resolution.flow_match_scheduler`); else PixArt's
-    ``DPMSolverMultistepScheduler()``."""
-    if capability(transformer, "prediction_type") == "flow":
-        return flow_match_scheduler(transformer.train_tokens)
-    return DPMSolverMultistepScheduler()
+def _can_clean_captions() -> bool:
+    """Whether diffusers' caption cleaning can run (it needs beautifulsoup4 and ftfy, as the module of the
+    ``_text_preprocessing`` we inherit sees them); without them it says so once per process (diffusers would warn
+    twice on every prompt encoding and use the captions as given)."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    if sigma.is_bs4_available() and sigma.is_ftfy_available():
+        return True
+    _warn_once_without_cleaning()
+    return False
+
+
+@functools.cache
+def _warn_once_without_cleaning() -> None:
+    logger.warning("clean_caption=True needs beautifulsoup4 and ftfy (pip install beautifulsoup4 ftfy); captions are "
+                   "used as given (lower-cased and stripped).")  # fmt: skip
 
 
 def _parameter_names(function) -> tuple[str, ...]:

@@ -1,17 +1,23 @@
 """`dit generate` and `dit eval`: bad values are one line on stderr and exit code 2 before the model loads; run folders;
 several prompts and images; `--lcm` with a guidance that has no effect; eval's progress bar."""
 
+import io
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers import LCMScheduler
 from PIL import Image
 
 from dit import PixArtTransformer
 from dit.cli import main as cli_main
+from dit.cli_checks import read_prompts
+from dit.errors import UsageError, removed_if_left_empty
 from dit.pipelines import TextToImagePipeline, save_lcm
 from dit.tiny import TINY_PIXART, tiny_pipeline
+from tests.tiny import TINY, make_features, tiny_encoders
 
 PROMPT = "a large red circle on the left, on a white background"
 
@@ -131,3 +137,172 @@ def test_eval_progress_bar_can_be_turned_off(model, capsys):
 def test_eval_refuses_zero_steps(model, no_loading, capsys):
     assert cli_main(["eval", "microshapes", "--model", str(model), "--steps", "0"]) == 2
     assert "num_inference_steps must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+# ----- one-line errors, --debug, --version, --prompt-file, a light parser (dit/errors.py, dit/cli_checks.py)
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _dit(*argv: str, cwd, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dit.cli", *argv]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, input=stdin, env=env or OFFLINE)
+
+
+def _one_error_line(err: str) -> str:
+    """The single stderr line of a failed command (no traceback), without its ``error: `` prefix."""
+    assert "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: "), line
+    return line.removeprefix("error: ")
+
+
+def test_building_the_parser_imports_neither_torch_nor_diffusers():
+    code = "import dit.cli, sys; dit.cli.build_parser(); print(sorted(m for m in ('torch', 'diffusers', "
+    code += "'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == "dit-toolkit 0.1.0"
+
+
+BAD_SETUP = {
+    "output-folder-missing": (["-o", "missing_folder/out.png"], "-o missing_folder/out.png: the folder"),
+    "output-is-a-folder": (["-o", "."], "-o .: is a folder"),
+    "output-not-an-image": (["-o", "out.txt"], ".txt is not an image format"),
+    "device-unknown": (["--device", "gpu"], "--device gpu: not a device"),
+    "prompt-file-missing": (["--prompt-file", "nothing.txt"], "--prompt-file nothing.txt: cannot read"),
+    "at-file-missing": (["@nothing.txt"], "prompt '@nothing.txt': cannot read the prompt file"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_SETUP.values(), ids=BAD_SETUP.keys())
+def test_generate_refuses_bad_setup_before_loading(no_loading, capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["generate", PROMPT, *argv]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_cuda_without_cuda(no_loading, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["generate", PROMPT, "--device", "cuda", "-o", str(tmp_path / "o.png")]) == 2
+    assert "--device cuda: cuda is not available" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_generate_refuses_a_prompt_file_without_prompts(no_loading, capsys, tmp_path, content):
+    (tmp_path / "prompts.txt").write_text(content)
+    assert cli_main(["generate", "--prompt-file", str(tmp_path / "prompts.txt")]) == 2
+    assert "has no prompts" in _one_error_line(capsys.readouterr().err)
+
+
+def test_generate_needs_a_prompt(no_loading, capsys):
+    assert cli_main(["generate"]) == 2
+    assert "--prompt-file" in _one_error_line(capsys.readouterr().err)
+
+
+def test_read_prompts_from_arguments_files_and_stdin(tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square \n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a green triangle\n"))
+    assert read_prompts(["first", f"@{tmp_path / 'p.txt'}"], "-") == [
+        "first", "a red circle", "a blue square", "a green triangle"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["KeyboardInterrupt", "bug"])
+def test_interrupt_and_bug_after_setup(model, tmp_path, monkeypatch, capsys, where):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt if where == "KeyboardInterrupt" else RuntimeError("a bug")
+
+    monkeypatch.setattr(TextToImagePipeline, "from_pretrained", stop)
+    code = cli_main(["generate", PROMPT, "--model", str(model), "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    if where == "KeyboardInterrupt":  # one line, the shell's code for SIGINT
+        assert code == 130 and err == "interrupted\n"
+    else:  # a bug keeps its traceback
+        assert code == 1 and "Traceback" in err and "RuntimeError: a bug" in err
+
+
+def test_debug_shows_the_traceback(no_loading, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIT_DEBUG", "0")  # recorded as unset: teardown removes what --debug sets below
+    with pytest.raises(UsageError, match="does not exist"):
+        cli_main(["generate", PROMPT, "--debug", "-o", str(tmp_path / "missing" / "o.png")])
+    assert os.environ["DIT_DEBUG"] == "1"  # --debug sets it for the processes it starts
+    monkeypatch.setenv("DIT_DEBUG", "0")
+    with pytest.raises(UsageError):
+        cli_main(["--debug", "generate", PROMPT, "-o", str(tmp_path / "missing" / "o.png")])
+
+
+@pytest.fixture(scope="module")
+def shipped_generate(tmp_path_factory):
+    """One real ``dit generate`` of the shipped model in a process: two prompts from ``--prompt-file -``."""
+    folder = tmp_path_factory.mktemp("generate")
+    return folder, _dit("generate", "--prompt-file", "-", "--steps", "2", "-o", "o.png", cwd=folder,
+                        stdin="a red circle\n\na blue square\n")  # fmt: skip
+
+
+def test_shipped_generate_draws_the_prompt_file(shipped_generate):
+    folder, result = shipped_generate
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["o-0.png", "o-1.png"]
+    assert "a red circle" in result.stdout and "a blue square" in result.stdout
+
+
+@pytest.mark.parametrize("noise", ["requires torchvision", "torch_dtype", "FutureWarning", "Beautiful"])
+def test_shipped_generate_stderr_has_no_warnings(shipped_generate, noise):
+    assert noise not in shipped_generate[1].stderr
+
+
+def test_eval_does_not_warn_about_caption_cleaning(model, tmp_path):
+    result = _dit(*_eval(model, "--no-progress"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Beautiful" not in result.stderr and "beautifulsoup" not in result.stderr
+
+
+def test_train_broken_yaml_is_one_line_with_its_position(tmp_path):
+    (tmp_path / "bad.yaml").write_text("max_steps: 3\noptim:\n  lr: [1e-4\n  betas: 2\n")
+    result = _dit("train", "--config", "bad.yaml", "output_dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert _one_error_line(result.stderr).startswith("bad.yaml:4:8: not valid YAML")
+    assert not (tmp_path / "run").exists()
+    debug = _dit("train", "--config", "bad.yaml", "--debug", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+@pytest.mark.parametrize("pretrained", ["/no/such/folder", "nobody/no-such-model"], ids=["path", "hub-id"])
+def test_train_missing_pretrained_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch, pretrained):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    features, out = make_features(tmp_path / "features"), tmp_path / "run"
+    argv = ["train", "--config", str(TINY), f"data.path={features}", f"output_dir={out}"]
+    assert cli_main([*argv, f"model.pretrained={pretrained}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: model.pretrained={pretrained}: no such folder, and not a hub id that is cached")
+    assert not out.exists()
+    out.mkdir()  # a folder that was there stays
+    assert cli_main([*argv, f"model.pretrained={pretrained}"]) == 2 and out.is_dir()
+
+
+def test_extract_checks_its_data_before_writing(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()  # no metadata.jsonl
+    argv = ["extract", str(tmp_path / "photos"), "--pipeline", str(tiny_encoders()), "--out", str(tmp_path / "f")]
+    assert cli_main(argv) == 2
+    assert "metadata.jsonl" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "f").exists()
+
+
+def test_removed_if_left_empty_keeps_what_was_there_or_written(tmp_path):
+    for name, existed, write in [("new", False, False), ("old", True, False), ("written", False, True)]:
+        folder = tmp_path / name
+        if existed:
+            folder.mkdir()
+        with pytest.raises(RuntimeError), removed_if_left_empty(folder):
+            (folder / "sub").mkdir(parents=True)
+            if write:
+                (folder / "sub" / "file").write_text("x")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "written"]

@@ -1,56 +1,97 @@
-"""The README's first command installs the toolkit and generates with the shipped model; its second runs the tests.
+"""Every ```python and ```bash block of README.md runs, offline, against the shipped model.
 
-The install part is what `.ci/run` does in a fresh environment; here the `dit generate` part runs as written."""
+A block runs as written, in a fresh temporary working directory (python: one subprocess per block; bash: one
+``set -euo pipefail`` script), unless HTML comment lines right above it say otherwise, one directive a line:
 
+    <!-- readme-test: replace OLD => NEW -->       text substitution before running ({shipped}: the shipped model's
+                                                   folder, {lcm}: the shipped LCM folder, {repo}: the checkout)
+    <!-- readme-test: fixture NAME -->             prepare the working directory with FIXTURES[NAME] first
+    <!-- readme-test: skip-line PREFIX (REASON) --> leave out the bash commands starting with PREFIX
+    <!-- readme-test: skip (REASON) -->            do not run the block at all (needs a GPU, the hub, hours)
+
+A block without a directive must run as written; a skip without a reason, or an unknown directive, fails.
+"""
+
+import json
+import random
 import re
-import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _commands() -> list[list[str]]:
-    """The README's bash blocks, as their non-comment lines."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    return [
-        [line.strip() for line in b.splitlines() if line.strip() and not line.strip().startswith("#")] for b in blocks
-    ]
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BLOCK = re.compile(r"((?:<!-- readme-test: .*? -->\n)*)```(python|bash)\n(.*?)```", re.S)
+DIRECTIVE = re.compile(r"<!-- readme-test: (\S+)\s*(.*?) -->")
 
 
-def test_first_command_installs_and_generates_the_default_image(tmp_path):
-    *install, generate = _commands()[0]
-    assert any("pip install -e" in line for line in install)
-    assert generate == 'dit generate "a large red circle on the left, on a white background" -o out.png'
-    args = shlex.split(generate)[1:]
-    subprocess.run([sys.executable, "-m", "dit.cli", *args], cwd=tmp_path, check=True, capture_output=True)
-    assert Image.open(tmp_path / "out.png").size == (64, 64)
+@dataclass
+class Block:
+    line: int
+    lang: str
+    code: str
+    replace: list[tuple[str, str]] = field(default_factory=list)
+    fixtures: list[str] = field(default_factory=list)
+    skip_lines: list[str] = field(default_factory=list)
+    skip: str | None = None
 
 
-def test_second_command_runs_the_tests():
-    assert any("python -m pytest" in line for line in _commands()[1])
+def _blocks() -> list[Block]:
+    text, blocks = README.read_text(), []
+    for match in BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start(2)) + 1
+        block = Block(line, match.group(2), match.group(3))
+        for name, arg in DIRECTIVE.findall(match.group(1)):
+            if name == "replace":
+                old, _, new = arg.partition(" => ")
+                block.replace.append((old, new))
+            elif name == "fixture":
+                block.fixtures.append(arg)
+            elif name == "skip-line":
+                block.skip_lines.append(_with_reason(arg, line).split(" (")[0])
+            elif name == "skip":
+                block.skip = _with_reason(arg, line)
+            else:
+                raise AssertionError(f"README.md:{line}: unknown readme-test directive {name!r}")
+        blocks.append(block)
+    return blocks
 
 
-def _section_commands(heading: str) -> list[str]:
-    """The non-comment lines of the first bash block under the README heading ``heading``."""
-    text = README.read_text()
-    section = text[text.index(f"\n{heading}\n") :]
-    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
-    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+def _with_reason(arg: str, line: int) -> str:
+    assert re.search(r"\(.+\)$", arg), f"README.md:{line}: a readme-test skip needs a (reason): {arg!r}"
+    return arg
 
 
-def test_train_on_your_own_images_runs_as_written(tmp_path):
-    """The "Train on your own images" commands, as written, on eight rendered images: extract with the shipped
-    model's encoders, fine-tune its transformer (2 steps here instead of 500), generate with the run folder."""
-    import json
-    import random
+def _substituted(block: Block) -> str:
+    from dit.cli import default_lcm, default_model
+
+    values = {"{shipped}": str(default_model()), "{lcm}": str(default_lcm()), "{repo}": str(ROOT)}
+    code = block.code
+    for old, new in block.replace:
+        assert old in code, f"README.md:{block.line}: nothing to replace: {old!r}"
+        for token, value in values.items():
+            new = new.replace(token, value)
+        code = code.replace(old, new)
+    return code
+
+
+def _bash_script(block: Block, code: str) -> str:
+    commands = [c.strip() for c in re.sub(r"\\\n\s*", " ", code).splitlines()]
+    kept = [c for c in commands if c and not c.startswith("#") and not any(c.startswith(p) for p in block.skip_lines)]
+    return "\n".join(["set -euo pipefail", *kept])
+
+
+# ----- fixtures: what a block's prose says the reader already has ------------------------------------------------
+def _my_images(cwd: Path) -> None:
+    """Eight captioned MicroShapes images in my_images/ (file_name, text in metadata.jsonl)."""
+    from PIL import Image
 
     from dit.microshapes.world import caption, random_scene, render
 
-    images = tmp_path / "my_images"
+    images = cwd / "my_images"
     images.mkdir()
     rng, rows = random.Random(0), []
     for i in range(8):
@@ -58,19 +99,70 @@ def test_train_on_your_own_images_runs_as_written(tmp_path):
         Image.fromarray(render(scene)).save(images / f"{i:04d}.png")
         rows.append({"file_name": f"{i:04d}.png", "text": caption(scene)})
     (images / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    commands = _section_commands("## Train on your own images")
-    assert [c.split()[0] for c in commands] == ["BASE=$(python", "CONFIG=$(python", "dit", "dit", "dit"]
-    short = {"max_steps=500": "max_steps=2 checkpoint_every=2 data.batch_size=4 report_to=none"}
-    script = "\n".join(["set -euo pipefail", *(_shorten(c, short) for c in commands)])
+
+
+def _repo_files(cwd: Path) -> None:
+    """The checkout's configs/ and bench/, as commands run from the repository root see them."""
+    for name in ("configs", "bench"):
+        (cwd / name).symlink_to(ROOT / name)
+
+
+def _style_lora(cwd: Path) -> None:
+    """style_lora/: a LoRA of the shipped transformer, as a run with ``model.lora_rank`` writes one."""
+    import torch
+    from peft import LoraConfig
+
+    from dit import PixArtTransformer
+    from dit.cli import default_model
+
+    model = PixArtTransformer.from_pretrained(default_model(), subfolder="transformer")
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.mul_(0.01)
+    model.save_lora_adapter(cwd / "style_lora")
+
+
+def _microshapes_features(cwd: Path) -> None:
+    """runs/microshapes/features: the recipe's feature shards, here extracted from eight images."""
+    from dit.cli import default_model
+
+    _my_images(cwd)
+    cmd = [sys.executable, "-m", "dit.cli", "extract", "my_images", "--source", "imagefolder", "--pipeline",
+           str(default_model()), "--out", "runs/microshapes/features", "--resolution", "64"]  # fmt: skip
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=300)
+
+
+FIXTURES = {
+    "my_images": _my_images,
+    "repo_files": _repo_files,
+    "style_lora": _style_lora,
+    "microshapes_features": _microshapes_features,
+}
+
+
+BLOCKS = _blocks()
+
+
+def test_every_skip_is_rare_and_explained():
+    skipped = [b for b in BLOCKS if b.skip]
+    assert len(skipped) <= len(BLOCKS) // 3, [(b.line, b.skip) for b in skipped]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"L{b.line}-{b.lang}")
+def test_readme_block_runs(block, tmp_path):
+    if block.skip:
+        pytest.skip(block.skip)
+    for name in block.fixtures:
+        FIXTURES[name](tmp_path)
+    code = _substituted(block)
     bin_dir = Path(sys.executable).parent  # python and dit of this environment
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "runs/mine/pipeline/model_index.json").is_file()
-    assert Image.open(tmp_path / "mine.png").size == (64, 64)
-
-
-def _shorten(command: str, replacements: dict[str, str]) -> str:
-    for old, new in replacements.items():
-        command = command.replace(old, new)
-    return command
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)}
+    if block.lang == "python":
+        (tmp_path / "block.py").write_text(code)
+        cmd = [sys.executable, "block.py"]
+    else:
+        cmd = ["bash", "-c", _bash_script(block, code)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"README.md:{block.line}\n{code}\n{result.stderr[-3000:]}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import io
 import json
@@ -9,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -156,9 +159,15 @@ def _to_device(value, device):
 
 
 # ----- training, extraction and conversion helpers shared by several test modules -------------------------
-def make_features(folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: int = 6, width: int = 32) -> Path:
-    """Random feature shards, one per latent size, plus the empty caption's features."""
+def make_features(
+    folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: int = 6, width: int = 32, record: bool = True
+) -> Path:
+    """Random feature shards, one per latent size, plus the empty caption's features; with ``record``, an
+    ``extract_config.json`` naming :func:`tiny_encoders` as the pipeline they were extracted with (as ``dit extract``
+    writes it), so that a run on them ends with a complete pipeline folder."""
     folder.mkdir(parents=True, exist_ok=True)
+    if record:
+        (folder / "extract_config.json").write_text(json.dumps({"pipeline": str(tiny_encoders())}))
     gen = torch.Generator().manual_seed(123)
     for i, (h, w) in enumerate(sizes):
         mask = torch.zeros(n, text_len, dtype=torch.long)
@@ -179,6 +188,17 @@ def make_features(folder: Path, n: int = 12, sizes=((8, 8), (6, 10)), text_len: 
         {"text_embeds": torch.randn(text_len, width, generator=gen), "text_mask": empty},
         folder / "null_caption.safetensors",
     )
+    return folder
+
+
+@functools.cache
+def tiny_encoders() -> Path:
+    """A folder with ``dit.tiny``'s tokenizer, T5 (32 wide) and VAE (4 latent channels), written once per test
+    process (removed at exit): the encoders :func:`make_features` records."""
+    folder = Path(tempfile.mkdtemp(prefix="tiny-encoders-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name, part in (("tokenizer", tiny_tokenizer()), ("text_encoder", tiny_t5()), ("vae", tiny_vae())):
+        part.save_pretrained(folder / name)
     return folder
 
 
@@ -304,3 +324,42 @@ def state_beside_the_model(trainer) -> dict[str, torch.Tensor]:
                 state[f"{label}.{i}"] = tensor
     state.update(_objective_tensors(trainer.objective))
     return state
+
+
+# ----- real-looking photos: mixed sizes and formats, captions outside the MicroShapes vocabulary ----------------
+PHOTO_CAPTIONS = [
+    "an astronaut in a white suit, standing on the moon", "a tabby cat asleep on a sofa", "coffee beans in a cup",
+    "a rocket launch at dawn", "a portrait of an old man with a hat", "a city street in the rain, at night",
+    "a bowl of fruit: apples, pears and grapes", "a horse grazing in a meadow", "a sailboat on a calm lake",
+    "a brick wall with green ivy", "a lighthouse above the rocky coast", "",
+]  # fmt: skip
+PHOTO_SIZES = [(80, 60), (64, 64), (50, 90), (120, 64), (64, 64), (90, 50), (64, 48), (100, 100), (48, 64),
+               (64, 64), (70, 70), (60, 80)]  # (width, height)  # fmt: skip
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like RGB image: a smooth random colour field (a bicubic-upsampled 4x4 grid) plus a gradient and
+    pixel noise texture."""
+    gen = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=gen) * 255, size=(height, width),
+                                            mode="bicubic", align_corners=False)[0]  # fmt: skip
+    gradient = torch.linspace(-40, 40, width)[None, None, :] * (torch.rand(3, 1, 1, generator=gen) - 0.5)
+    texture = torch.randn(3, height, width, generator=gen) * 20
+    pixels = (field + gradient + texture).clamp(0, 255).round().byte().permute(1, 2, 0)  # (H, W, 3)
+    return Image.fromarray(pixels.numpy())
+
+
+def photo_folder(root: Path) -> tuple[Path, int]:
+    """An image folder of :data:`PHOTO_SIZES` photo-like images (PNG and JPEG in turn) with :data:`PHOTO_CAPTIONS`
+    (one empty), plus one corrupt file and one malformed ``metadata.jsonl`` line; returns the folder and the
+    number of usable samples."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, ((width, height), caption) in enumerate(zip(PHOTO_SIZES, PHOTO_CAPTIONS)):
+        name = f"photo{i}.{'png' if i % 2 else 'jpg'}"
+        photo(width, height, seed=i).save(root / name, quality=90)
+        rows.append(json.dumps({"file_name": name, "text": caption}))
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rows[3:3] = [json.dumps({"file_name": "corrupt.jpg", "text": "a corrupt file"}), '{"file_name": "photo1.png",']
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root, len(PHOTO_SIZES)

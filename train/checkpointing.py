@@ -21,6 +21,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from ..checkpoint import restore_default_permissions
 from .config import ConfigError
 
 LATEST = "latest"
@@ -28,7 +29,7 @@ LATEST_LINK = "latest-checkpoint"
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
 #: What a run writes into output_dir (``overwrite: true`` deletes these and nothing else).
-RUN_OUTPUTS = ("checkpoints", METRICS, "pipeline", "pipeline.tmp", "lcm", "validation", "logs")
+RUN_OUTPUTS = ("checkpoints", METRICS, "pipeline", "pipeline.tmp", "lcm", "validation", "logs", "loss.png")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -74,6 +75,7 @@ def _sequence(path: Path) -> int:
 def publish(root: Path, tmp: Path, step: int, keep: int | None) -> Path:
     """Rename a finished checkpoint into place, point ``latest`` at it, and prune the oldest ones."""
     final = checkpoint_dir(root) / f"checkpoint-{step}"
+    restore_default_permissions(tmp)  # accelerate's save_state and save_pretrained write safetensors as 0o600
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -146,12 +148,20 @@ def resume_candidates(resume: str, root: Path) -> tuple[list[Path], list[str]]:
     named = [folder / name] if name and (folder / name).is_dir() else []
     others = [p for p in reversed(by_recency(root)) if p not in named]
     if not named and not others:
-        raise FileNotFoundError(f"resume=latest, but {folder} has no finished checkpoint{_reasons(skipped)}.")
+        raise FileNotFoundError(f"Nothing to resume: {folder} has no finished checkpoint{_reasons(skipped)}. "
+                                f"{start_again(root)}")  # fmt: skip
     return named + others, skipped
 
 
 def _reasons(skipped: list[str]) -> str:
     return f" ({'; '.join(skipped)})" if skipped else ""
+
+
+def start_again(root: Path) -> str:
+    """The advice when ``root`` holds no finished checkpoint to resume from (never resume=latest: it would fail)."""
+    if not previous_run(root):
+        return f"Start a new run in {root} without resume."
+    return f"Start again with overwrite=true (deletes the previous run in {root}) or choose another output_dir."
 
 
 def verify(path: Path) -> int:
@@ -210,10 +220,11 @@ def no_space(root: Path, tmp: Path, step: int) -> NoSpaceLeft:
     shutil.rmtree(tmp, ignore_errors=True)
     latest = latest_name(root)
     intact = f"{latest} is intact" if latest else "no earlier checkpoint exists"
+    then = "resume=latest" if latest else "start again with overwrite=true"
     return NoSpaceLeft(
         errno.ENOSPC,
         f"No space left on the device holding {checkpoint_dir(root)} while writing checkpoint-{step}; removed the "
-        f"partial {tmp.name}; {intact}. Free some space (or lower checkpoints_total_limit), then resume=latest.",
+        f"partial {tmp.name}; {intact}. Free some space (or lower checkpoints_total_limit), then {then}.",
     )
 
 
@@ -239,6 +250,11 @@ def prepare_output_dir(root: Path, resume: str | None, overwrite: bool) -> None:
     if not found or resume:
         return
     if not overwrite:
+        if not list_checkpoints(root):  # resume=latest would fail: never point there
+            raise ConfigError(
+                f"output_dir {root} holds a previous run ({', '.join(found)}) without a finished checkpoint to "
+                f"resume from. {start_again(root)}"
+            )
         raise ConfigError(
             f"output_dir {root} holds a previous run ({', '.join(found)}); continue it with resume=latest, start "
             "over with overwrite=true (deletes its checkpoints, metrics and pipeline), or choose another output_dir."

@@ -104,8 +104,10 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    """Sample ``prompts`` every ``every`` steps with a fixed seed (0 turns it off), with the tokenizer, text
-    encoder and VAE of the pipeline folder ``pipeline``; PNG grids go to ``output_dir/validation``."""
+    """Sample ``prompts`` every ``every`` steps and at the run's last step, with a fixed seed (0 turns it off), with
+    the tokenizer, text encoder and VAE of the pipeline folder ``pipeline`` (unset: the one the features were
+    extracted with). No ``prompts``: a sample of the training captions that ``dit extract`` keeps beside the features
+    (``validation_prompts.json``). Captioned PNG grids go to ``output_dir/validation`` (and TensorBoard)."""
 
     prompts: list[str] = field(default_factory=list)
     every: int = 0
@@ -169,7 +171,10 @@ class TrainConfig:
     # true: a non-empty output_dir's previous run (checkpoints, metrics, pipeline, ...) is deleted first; false: refused
     overwrite: bool = False
     log_every: int = 10
-    report_to: str = "tensorboard"
+    # false: no output_dir/pipeline at the end (checkpoints only), so features need no record of their encoders;
+    # for benchmarks that time steps on synthetic features. true: a complete pipeline folder, or refused at setup
+    pipeline: bool = True
+    report_to: str = "auto"  # auto: TensorBoard logs under output_dir/logs when tensorboard is installed; none
     # regional torch.compile of the backbone's repeated blocks (fullgraph: a graph break is an error)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "aot_eager" compiles fast, for checks)
@@ -272,12 +277,26 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`."""
-    data = _load_yaml(Path(path).read_text()) if path is not None else {}
+    """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`. A missing
+    file or broken YAML is a :class:`ConfigError` naming the file (and the line and column)."""
+    data = _read_yaml_file(Path(path)) if path is not None else {}
     data = data or {}
     for override in overrides:
         apply_override(data, override)
     return validate(from_dict(TrainConfig, data))
+
+
+def _read_yaml_file(path: Path):
+    try:
+        return _load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        reason = "no such file" if isinstance(error, FileNotFoundError) else " ".join(str(error).split())
+        raise ConfigError(f"--config {path}: {reason}.") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ConfigError(f"{where}: not valid YAML ({problem}).") from error
 
 
 @dataclass(frozen=True)
@@ -337,6 +356,7 @@ CHOICES: dict[str, tuple | list] = {
     "objective.distill": DISTILL_CHOICES,
     "objective.lcm.loss": ("huber", "l2"),
     "mixed_precision": ("no", "fp16", "bf16", "fp8"),
+    "report_to": ("auto", "tensorboard", "none"),
 }
 
 

@@ -2,9 +2,11 @@
 
 A shard is a safetensors file with ``latent_mean`` (N, C, h, w), optional ``latent_std`` (N, C, h, w),
 ``text_embeds`` (N, L, C_text) and ``text_mask`` (N, L): the layout PixArt trains from (VAE mean/std re-sampled
-every time, T5 features with their masks). Each shard holds one latent size, so a batch holds one bucket; with
-``data.mixed_sizes`` (flexible-resolution backbones, FiT) batches draw across buckets instead, and :func:`collate`
-zero-pads their latents to one canvas and reports each sample's ``image_sizes``.
+every time, T5 features with their masks). Each shard holds one latent size, so a batch holds one bucket; a bucket
+too small for a batch is read at the size of the nearest one that fills it (:mod:`dit.train.buckets`: resized to
+cover, centre-cropped), so that every sample trains. With ``data.mixed_sizes`` (flexible-resolution backbones, FiT)
+batches draw across buckets instead, and :func:`collate` zero-pads their latents to one canvas and reports each
+sample's ``image_sizes``.
 
 The plan fixes, for every global step, which samples each process reads: on resume the run continues with
 exactly the batches it would have seen, and a run on P processes reads the same global batches as one process.
@@ -21,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from dit.nn.text_padding import trimmed_text_length
+
+from .buckets import cover_crop_latent
 
 REQUIRED_KEYS = ("latent_mean", "text_embeds", "text_mask")
 OPTIONAL_KEYS = ("control_latent",)  # passed through when a shard has them (ControlNet's control latents)
@@ -61,6 +65,15 @@ class FeatureDataset(Dataset):
         for n in self.lengths:
             self.offsets.append(self.offsets[-1] + n)
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.targets: dict[tuple[int, int], tuple[int, int]] = {}  # latent (h, w) -> the size it is read at
+
+    def size_groups(self) -> dict[tuple[int, int], list[int]]:
+        """Sample indices by latent (height, width), in shard order (what :func:`~dit.train.buckets.merge_buckets`
+        takes)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            groups.setdefault(tuple(size[-2:]), []).extend(range(self.offsets[i], self.offsets[i + 1]))
+        return groups
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -95,6 +108,11 @@ class FeatureDataset(Dataset):
         sample = {k: tensors[k][row] for k in REQUIRED_KEYS}
         sample["latent_std"] = tensors["latent_std"][row] if "latent_std" in tensors else None
         sample.update({k: tensors[k][row] for k in OPTIONAL_KEYS if k in tensors})
+        target = self.targets.get(tuple(self.sizes[shard][-2:]))
+        if target is not None:  # a bucket merged into a larger one (train/buckets.py)
+            for key in ("latent_mean", "latent_std", *OPTIONAL_KEYS):
+                if sample.get(key) is not None:
+                    sample[key] = cover_crop_latent(sample[key], target)
         sample["index"] = index
         return sample
 
@@ -145,6 +163,10 @@ def padding_mask(image_sizes: torch.Tensor, height: int, width: int) -> torch.Te
 class BatchPlan:
     """Global batches per epoch: each bucket shuffled with ``(seed, epoch)``, cut into full batches, batches shuffled.
 
+    A bucket smaller than a global batch gives one batch per epoch: its shuffled samples, repeated to fill it (every
+    sample in every batch). :func:`~dit.train.buckets.merge_buckets` leaves that only to a data set smaller than a
+    batch.
+
     Args:
         buckets: sample indices grouped so that a batch never mixes groups.
         global_batch: samples per optimizer micro-step summed over processes.
@@ -152,11 +174,10 @@ class BatchPlan:
     """
 
     def __init__(self, buckets: list[list[int]], global_batch: int, seed: int):
-        self.buckets, self.global_batch, self.seed = buckets, global_batch, seed
-        self.batches_per_epoch = sum(len(b) // global_batch for b in buckets)
+        self.buckets, self.global_batch, self.seed = [b for b in buckets if b], global_batch, seed
+        self.batches_per_epoch = sum(max(1, len(b) // global_batch) for b in self.buckets)
         if self.batches_per_epoch == 0:
-            sizes = [len(b) for b in buckets]
-            raise ValueError(f"No bucket holds a full global batch of {global_batch} (bucket sizes {sizes}).")
+            raise ValueError("No samples to train on: every bucket is empty.")
         self._epoch, self._batches = None, None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -165,6 +186,8 @@ class BatchPlan:
             batches = []
             for bucket in self.buckets:
                 order = [bucket[i] for i in torch.randperm(len(bucket), generator=gen).tolist()]
+                if len(order) < self.global_batch:
+                    order = (order * -(-self.global_batch // len(order)))[: self.global_batch]
                 batches += [
                     order[i : i + self.global_batch]
                     for i in range(0, len(order) - self.global_batch + 1, self.global_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 from accelerate import Accelerator
@@ -36,17 +37,23 @@ def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
     return sharded
 
 
+_said: set[str] = set()  # the tracker notes already given in this process (each once)
+
+
 def _tracker(report_to: str) -> str | None:
-    """accelerate's ``log_with``: TensorBoard when asked for and installed (else metrics.jsonl only)."""
+    """accelerate's ``log_with``: TensorBoard for ``auto`` (the default) when it is installed, and for
+    ``tensorboard``; ``none`` logs to ``metrics.jsonl`` (and ``loss.png``) only. A missing tensorboard is said once."""
     if report_to in ("none", "", None):
         return None
-    if report_to != "tensorboard":
-        raise ConfigError(f"report_to: {report_to!r} is not supported; use 'tensorboard' or 'none'.")
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if report_to not in ("auto", "tensorboard"):
+        raise ConfigError(f"report_to: {report_to!r} is not supported; use 'auto', 'tensorboard' or 'none'.")
+    if importlib.util.find_spec("tensorboard") is not None:
+        return "tensorboard"
+    if report_to not in _said:
+        _said.add(report_to)
         warnings.warn(
-            "report_to=tensorboard but tensorboard is not installed; logging to metrics.jsonl only.", stacklevel=3
+            f"report_to={report_to}: tensorboard is not installed, so metrics go to output_dir/metrics.jsonl and "
+            "loss.png only (pip install tensorboard, or report_to=none to silence this).",
+            stacklevel=3,
         )
-        return None
-    return "tensorboard"
+    return None

@@ -20,6 +20,10 @@ Nothing is lost to a crash or a bad sample:
   ``extract_report-p{rank}.json``. An empty caption is a valid unconditional sample (``--skip-empty-captions``
   drops those instead).
 
+The report also says whether the pipeline can represent the data (:mod:`dit.train.extract_checks`): the share of
+caption words its tokenizer maps to ``<unk>`` and its VAE's reconstruction PSNR on a few images; when either is
+poor, one line warns and names what to use instead.
+
 Under ``accelerate launch`` (``-m dit.train.extract`` or ``dit extract``) process ``rank`` of ``world`` takes the
 records whose index is ``rank`` modulo ``world`` and writes its own shards (``HxW-p{rank}-NNNNN.safetensors``),
 progress file and report.
@@ -42,9 +46,11 @@ from diffusers.image_processor import PixArtImageProcessor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dit.errors import removed_if_left_empty, run_command, take_debug_flag
 from dit.pipelines.resolution import ASPECT_RATIO_BINS, nearest_multiple
 
 from .control_images import CONTROL_KINDS, control_from_image, load_control_image
+from .extract_checks import DataCheck, data_warning
 from .extract_progress import (
     CONFIG_FILE,
     ExtractError,
@@ -57,6 +63,7 @@ from .extract_progress import (
 )
 from .feature_writer import ControlFeatureWriter, FeatureWriter
 from .sources import SOURCES, BrokenSample, Record, open_source
+from .validation_prompts import CaptionSample, read_validation_prompts, write_validation_prompts
 
 PIXART_BIN_RESOLUTIONS = (256, 512, 1024, 2048)
 REPORT_FILE = "extract_report-p{rank}.json"
@@ -246,6 +253,7 @@ def _check_arguments(source: str, path: Path, pipeline: Path, control: str | Non
         raise ExtractError(f"--pipeline {pipeline} lacks {', '.join(missing)}/: give a diffusers pipeline folder.")
     if control is not None and control not in CONTROL_KINDS and not Path(control).is_dir():
         raise ExtractError(f"--control {control}: neither {' nor '.join(CONTROL_KINDS)}, nor a folder of images.")
+    next(iter(open_source(source, path)), None)  # a source that cannot be opened fails before anything is written
 
 
 def _report_broken(report: dict, record: Record, err: BrokenSample) -> None:
@@ -257,7 +265,8 @@ def _report_broken(report: dict, record: Record, err: BrokenSample) -> None:
         tqdm.write(f"skipped broken sample {record.key} ({where}record {record.index}): {err}")
 
 
-def _run(records: Iterator[Record], done: set[int], spec: SampleSpec, batcher: Batcher, report: dict, bar) -> None:
+def _run(records: Iterator[Record], done: set[int], spec: SampleSpec, batcher: Batcher, report: dict, bar,
+         captions: CaptionSample | None = None, check: DataCheck | None = None) -> None:  # fmt: skip
     for record in tqdm(records, desc="extract", unit=" images", disable=not bar):
         report["records"] += 1
         if record.index in done:
@@ -271,6 +280,10 @@ def _run(records: Iterator[Record], done: set[int], spec: SampleSpec, batcher: B
         size = f"{sample.bucket[0]}x{sample.bucket[1]}"
         report["buckets"][size] = report["buckets"].get(size, 0) + 1
         report["empty_captions"] += not sample.caption
+        if captions is not None:
+            captions.add(sample.caption)
+        if check is not None:
+            check.observe(sample.caption, sample.image)
         batcher.put(sample)
     batcher.finish()
     report["written"] = batcher.count
@@ -324,6 +337,7 @@ def extract(
     note = check_resolution(resolution, factor, patch, bucketing)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU: several processes run over gloo
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    encoders = load_encoders(pipeline, state.device)  # a broken pipeline fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if main:
         write_text_atomically(out / CONFIG_FILE, json.dumps(settings, indent=2))
@@ -331,7 +345,7 @@ def extract(
             print(note)
     progress, done = _resume(out, rank, world, main)
     writer_class = FeatureWriter if control is None else _control_writer()
-    writer = writer_class(out, *load_encoders(pipeline, state.device), max_length, shard_size, rank)
+    writer = writer_class(out, *encoders, max_length, shard_size, rank)
     writer.shards, writer.on_shard = progress.next_number(), progress.add
     if main:
         writer.write_null_caption()
@@ -339,7 +353,15 @@ def extract(
               "empty_captions": 0, "buckets": {}, "broken_samples": []}  # fmt: skip
     records = (r for r in open_source(source, path) if r.index % world == rank)
     spec = SampleSpec(resolution, bucketing, factor * patch, control, skip_empty_captions)
-    _run(records, done, spec, Batcher(writer, batch_size), report, bar=main)
+    captions = CaptionSample(prompts=read_validation_prompts(out)) if main else None  # validation's prompts
+    check = DataCheck()  # can the pipeline represent this data? (train/extract_checks.py)
+    _run(records, done, spec, Batcher(writer, batch_size), report, bar=main, captions=captions, check=check)
+    report.update(check.results(writer.tokenizer, writer.vae, max_length))
+    warning = data_warning(report, str(pipeline))
+    if main and warning:
+        print(warning, file=sys.stderr)
+    if main:
+        write_validation_prompts(out, captions)
     write_text_atomically(out / REPORT_FILE.format(rank=rank), json.dumps(report, indent=2))
     return report
 
@@ -366,16 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``dit extract`` / ``python -m dit.train.extract`` (also under ``accelerate launch``); 2 on a bad value."""
-    args = build_parser().parse_args(argv)
-    try:
+    """``dit extract`` / ``python -m dit.train.extract`` (also under ``accelerate launch``); a bad value is one line
+    ``error: ...`` and exit code 2 (``--debug``: its traceback), and a failed start leaves no new empty ``--out``."""
+    args = build_parser().parse_args(take_debug_flag(sys.argv[1:] if argv is None else argv))
+    return run_command(lambda: _extract(args), {ExtractError: 2, FileNotFoundError: 2, OSError: 1})
+
+
+def _extract(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.out):
         report = extract(
             args.source, args.data, args.pipeline, args.out, args.resolution, args.max_length, args.batch_size,
             args.shard_size, not args.no_bucketing, args.control, args.skip_empty_captions,
         )  # fmt: skip
-    except (ExtractError, FileNotFoundError) as err:
-        print(f"dit extract: error: {err}", file=sys.stderr)
-        return 2
     file = Path(args.out) / REPORT_FILE.format(rank=report["rank"])
     print(
         f"dit extract (rank {report['rank']} of {report['world_size']}): {report['written']} samples written, "

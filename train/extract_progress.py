@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import restore_default_permissions
 from .data import NULL_CAPTION_FILE
 
 CONFIG_FILE = "extract_config.json"
@@ -50,6 +51,7 @@ def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
     """A safetensors file written under ``NAME.tmp`` and renamed: a crash never leaves a half-written ``NAME``."""
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, temporary, metadata=metadata)
+    restore_default_permissions(temporary)  # safetensors writes 0o600
     os.replace(temporary, path)
 
 

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import math
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -25,17 +26,20 @@ from dit.models.base import compile_repeated_blocks
 from dit.models.capabilities import capability
 from dit.nn.text_padding import trimmed_text_length
 
+from .buckets import bucketed
 from .checkpointing import METRICS, checkpoint_dir, truncate_metrics
 from .config import ConfigError, TrainConfig, validate
 from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
 from .ema import EMA, is_sharded
 from .engine import _check_engine, _tracker
 from .features import Feature, StepInputs, check_features, merge
+from .interrupts import InterruptGuard, TrainingInterrupted
+from .loss_plot import save_loss_plot
 from .model_setup import build_backbone, build_features, check_base_objective, wrap_model
 from .objectives import build_objective
 from .optim import build_optimizer, lr_factor
 from .run_folder import RunFolder
-from .run_outputs import RunOutputs
+from .run_outputs import RunOutputs, encoders_source
 from .step_inputs import _to_device, _with_caption, call_network, sample_draws
 from .validation import Validator, resolve_validation_pipeline
 
@@ -51,8 +55,12 @@ class Trainer(RunFolder, RunOutputs):
     ControlNet run's frozen base), ``features`` the run's plug-ins (the objective among them when it distils).
     """
 
+    interrupts: InterruptGuard | None = None  # while train() runs
+    stop_agreed = False  # set by each step in train(): every process stops after it (a signal reached one of them)
+
     def __init__(self, config: TrainConfig):
         self.config = validate(config)
+        encoders_source(config)  # output_dir/pipeline can be complete: checked before anything is written
         self.root = Path(config.output_dir)
         # cpu=True without CUDA: several processes (torchrun or `accelerate launch --multi_gpu`) then run
         # accelerate's MULTI_CPU mode over gloo; accelerate's own `--cpu` launcher starts one process unless MPI.
@@ -74,7 +82,7 @@ class Trainer(RunFolder, RunOutputs):
     def _setup(self, config: TrainConfig) -> None:
         set_seed(config.seed)  # the initial weights; every later draw comes from sample_draws
         self.objective = build_objective(config.objective)
-        self.backbone = build_backbone(config)
+        self.backbone = build_backbone(config, self.objective)  # its config records the objective's prediction
         self.features = build_features(config, self.backbone, self.objective)
         check_features(self.features, self.backbone)
         self.model = wrap_model(self.backbone, self.features)
@@ -107,8 +115,11 @@ class Trainer(RunFolder, RunOutputs):
             )
         self.dataset = FeatureDataset(config.data.path)
         self._check_latent_channels()
-        buckets = self.dataset.buckets(mixed=config.data.mixed_sizes)
-        self.plan = BatchPlan(buckets, config.data.batch_size * self.accelerator.num_processes, config.seed)
+        global_batch = config.data.batch_size * self.accelerator.num_processes
+        buckets, summary = bucketed(self.dataset, global_batch, mixed=config.data.mixed_sizes)
+        self.plan = BatchPlan(buckets, global_batch, config.seed)
+        if self.accelerator.is_main_process:
+            print(summary, file=sys.stderr)
 
     def _check_latent_channels(self) -> None:
         """The feature shards' latent channels must be the model's ``in_channels``."""
@@ -259,7 +270,12 @@ class Trainer(RunFolder, RunOutputs):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.interrupts is not None:  # in train(): whether any process got SIGINT/SIGTERM, read with the figures
+            stop = self.interrupts.flag(figures[0].device, self.accelerator.num_processes)
+            figures = figures + ([stop] if stop is not None else [])
         values = torch.stack(figures).tolist()  # the step's one read on the host (loss and gradient norm together)
+        if self.interrupts is not None:
+            self.stop_agreed = bool(values.pop()) if stop is not None else self.interrupts.requested
         return values[0], (values[1] if len(values) > 1 else None)
 
     # ----- the loop -----------------------------------------------------------------------------------------
@@ -268,10 +284,30 @@ class Trainer(RunFolder, RunOutputs):
         loss of every step. ``output_dir`` is locked until it returns or raises."""
         if self.accelerator.is_main_process and not self.lock.held:
             self.lock.acquire()
+        self.stop_agreed = False
         try:
-            return self._train()
+            # SIGINT/SIGTERM: stop after the step in flight with a checkpoint (dit.train.interrupts); a second signal
+            # stops a single process at once (launchers of several forward the first one again)
+            abort = self._aborted if self.accelerator.num_processes == 1 else None
+            with InterruptGuard(abort) as self.interrupts:
+                return self._train()
         finally:
+            self.interrupts = None  # the previous signal handlers are back
             self.release()
+
+    def _aborted(self, signum: int) -> TrainingInterrupted:
+        """What a second SIGINT/SIGTERM raises: the run stops at once, without a checkpoint of this step."""
+        message = f"interrupted again at step {self.step}: stopped without saving it. {self._last_checkpoint()}"
+        return TrainingInterrupted(self.step, signum, message)
+
+    def _stop(self, log, progress) -> TrainingInterrupted:
+        """After an interrupted step: its checkpoint (every process), the logs closed; the exception to raise."""
+        self.save_checkpoint()
+        progress.close()
+        if log is not None:
+            log.close()
+        self.accelerator.end_training()  # trackers flush what they logged
+        return self.interrupts.stop(self.step, report=self.accelerator.is_main_process)
 
     def _train(self) -> list[float]:
         cfg, acc = self.config, self.accelerator
@@ -303,8 +339,10 @@ class Trainer(RunFolder, RunOutputs):
                 "steps_per_s": rate,
             }
             scale = self._log_step(log, figures, scale)
-            if self.validator is not None and self.step % cfg.validation.every == 0:
-                self.validate()
+            if self.stop_agreed:  # every process agreed on this step: save it and stop
+                raise self._stop(log, progress)
+            if self.validator is not None and (self.step % cfg.validation.every == 0 or self.step == cfg.max_steps):
+                self.validate()  # and at the last step: a run shorter than validation.every shows a grid too
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
@@ -335,11 +373,14 @@ class Trainer(RunFolder, RunOutputs):
         return {}
 
     def _finish(self) -> None:
-        """The end of a run: the features' exports and ``output_dir/pipeline`` (main process), then the trackers."""
+        """The end of a run: the features' exports, ``output_dir/pipeline`` and ``loss.png`` (main process), then the
+        trackers."""
         if self.accelerator.is_main_process:
             for feature in self.features:
                 feature.export(self)
-            self.save_pipeline()
+            if self.config.pipeline:
+                self.save_pipeline()
+            save_loss_plot(self.root)
         self.accelerator.end_training()
 
     def _follow(self, model: torch.nn.Module) -> None:

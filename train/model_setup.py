@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dit.models.registry import backbone_class
+from dit.pipelines.schedulers import prediction_of
 
 from .config import ConfigError, TrainConfig
 from .controlnet import ControlNetTraining
@@ -27,9 +28,10 @@ OBJECTIVE_OF = {"epsilon": "ddpm_eps", "v_prediction": "v", "sample": "x0", "flo
 FEATURES: tuple[type, ...] = (TokenMasking, MixedSizes, ControlNetTraining)
 
 
-def build_backbone(config: TrainConfig) -> torch.nn.Module:
+def build_backbone(config: TrainConfig, objective: Objective | None = None) -> torch.nn.Module:
     """The backbone named by ``model.cls`` (:data:`dit.models.registry.BACKBONES`), from ``model.pretrained``,
-    ``model.inherit_from`` or ``model.kwargs``, with its LoRA and gradient checkpointing."""
+    ``model.inherit_from`` or ``model.kwargs``, with its LoRA and gradient checkpointing; with ``objective``, its
+    config records what the objective trains it to predict (:func:`record_objective`)."""
     try:
         cls = backbone_class(config.model.cls)
     except ValueError as error:
@@ -37,16 +39,25 @@ def build_backbone(config: TrainConfig) -> torch.nn.Module:
     if config.model.pretrained and config.model.inherit_from:
         raise ConfigError("model.pretrained and model.inherit_from exclude each other; set one.")
     if config.model.pretrained:  # a transformer folder, or a pipeline folder (its transformer/)
-        model = cls.from_pretrained(config.model.pretrained, subfolder=_transformer_subfolder(config.model.pretrained))
+        model = _from_pretrained(cls, config.model.pretrained)
     elif config.model.inherit_from:
         model = cls.from_pixart(config.model.inherit_from, **config.model.kwargs)
     else:
         model = cls(**config.model.kwargs)
+    if objective is not None:
+        record_objective(model, objective)
     if config.model.lora_rank:
         add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+def record_objective(backbone: torch.nn.Module, objective: Objective) -> None:
+    """Record in ``backbone``'s config what ``objective`` trains it to predict (``prediction_type``, and the
+    ``noise_shift`` of a discrete schedule): every checkpoint and the run's pipeline folder carry it, and a pipeline
+    given ``scheduler=None`` samples it with the objective's sampler (:mod:`dit.pipelines.schedulers`)."""
+    backbone.register_to_config(**objective.parametrisation.model_record())
 
 
 def build_features(config: TrainConfig, backbone: torch.nn.Module, objective: Objective) -> list[Feature]:
@@ -70,8 +81,7 @@ def check_base_objective(config: TrainConfig, objective: Objective, frozen_base:
     recorded = recorded_prediction(config.model.pretrained) if config.model.pretrained else None
     if recorded is None:
         return
-    sampler = objective.sampling_scheduler()
-    ours = _prediction_of(type(sampler).__name__, sampler.config.get("prediction_type"))
+    ours = prediction_of(objective.sampling_scheduler())
     if recorded[0] == ours:
         return
     name, base = config.objective.name, config.model.pretrained
@@ -85,24 +95,37 @@ def check_base_objective(config: TrainConfig, objective: Objective, frozen_base:
     warnings.warn(f"{message}; fine-tuning to another objective has to unlearn the base's first.", stacklevel=4)
 
 
+def _from_pretrained(cls: type, pretrained: str) -> torch.nn.Module:
+    """``cls`` from the folder (or hub id) ``pretrained``; one that is neither is a :class:`ConfigError` naming it."""
+    unknown = f"model.pretrained={pretrained}: no such folder, and not a hub id that is cached"
+    if not Path(pretrained).exists() and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1):
+        raise ConfigError(f"{unknown} (a hub id looks like org/name).")
+    try:
+        return cls.from_pretrained(pretrained, subfolder=_transformer_subfolder(pretrained))
+    except OSError as error:
+        if Path(pretrained).exists():
+            raise
+        raise ConfigError(f"{unknown} ({' '.join(str(error).split())[:300]}).") from error
+
+
 def _transformer_subfolder(path: str) -> str | None:
     return "transformer" if (Path(path) / "model_index.json").is_file() else None
 
 
 def recorded_prediction(pretrained: str) -> tuple[str, Path] | None:
     """What a base model predicts, as its pipeline folder's scheduler records it (``prediction_type``, or ``flow``
-    for a flow-matching scheduler), and the file it was read from; None when no pipeline folder records it."""
+    for a flow-matching scheduler), else as its transformer's config does, and the file it was read from; None when
+    neither records it."""
     path = Path(pretrained)
-    root = path if _transformer_subfolder(pretrained) else path.parent
-    record = root / "scheduler" / "scheduler_config.json"
-    if not ((root / "model_index.json").is_file() and record.is_file()):
-        return None
-    config = json.loads(record.read_text())
-    return _prediction_of(config.get("_class_name", ""), config.get("prediction_type")), record
-
-
-def _prediction_of(scheduler_class: str, prediction_type: str | None) -> str:
-    return "flow" if "FlowMatch" in scheduler_class else (prediction_type or "epsilon")
+    transformer = path / "transformer" if _transformer_subfolder(pretrained) else path
+    record = transformer.parent / "scheduler" / "scheduler_config.json"
+    if (transformer.parent / "model_index.json").is_file() and record.is_file():
+        config = json.loads(record.read_text())
+        flow = "FlowMatch" in config.get("_class_name", "")
+        return ("flow" if flow else config.get("prediction_type") or "epsilon"), record
+    record = transformer / "config.json"
+    recorded = json.loads(record.read_text()).get("prediction_type") if record.is_file() else None
+    return (recorded, record) if recorded else None
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, targets: list[str]) -> None:

@@ -21,6 +21,8 @@ from diffusers import (
     SchedulerMixin,
 )
 
+from dit.pipelines.schedulers import shifted_betas
+
 from .config import ConfigError, ObjectiveConfig
 
 #: sigma_data of the consistency boundary scalings (fixed at 0.5 in diffusers' LCMScheduler).
@@ -86,6 +88,11 @@ class Parametrisation:
         """A diffusers scheduler that samples from a model trained with this parametrisation."""
         raise NotImplementedError
 
+    def model_record(self) -> dict:
+        """What a model trained this way records in its config, so that a pipeline given ``scheduler=None`` samples
+        it with :meth:`sampling_scheduler` (:func:`dit.pipelines.schedulers.default_scheduler`)."""
+        return {"prediction_type": self.prediction_type, "noise_shift": None}
+
     def consistency_scheduler(self, num_steps: int, timestep_scaling: float) -> SchedulerMixin:
         """diffusers' few-step scheduler for a consistency model distilled on ``solver_grid(num_steps)``."""
         raise NotImplementedError
@@ -96,13 +103,7 @@ def discrete_betas(config: ObjectiveConfig) -> torch.Tensor:
     shift in SNR terms: more noise at every step, for inputs whose tokens average many values)."""
     if config.noise_shift <= 0:
         raise ConfigError(f"objective.noise_shift must be positive, got {config.noise_shift}.")
-    betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
-    if config.noise_shift == 1:
-        return betas
-    abar = torch.cumprod(1 - betas, dim=0)
-    snr = abar / (1 - abar) / config.noise_shift**2
-    shifted = snr / (1 + snr)  # (T,) the new alphas_cumprod
-    return 1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])
+    return shifted_betas(config.beta_start, config.beta_end, config.num_train_timesteps, config.noise_shift)
 
 
 class DiscreteParametrisation(Parametrisation):
@@ -123,6 +124,10 @@ class DiscreteParametrisation(Parametrisation):
 
     def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
         return (uniform * self.config.num_train_timesteps).long().clamp_(max=self.config.num_train_timesteps - 1)
+
+    def model_record(self) -> dict:
+        shift = self.config.noise_shift
+        return {"prediction_type": self.prediction_type, "noise_shift": None if shift == 1 else float(shift)}
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` broadcast to ``like``'s shape, in its dtype."""

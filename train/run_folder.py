@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,11 +28,13 @@ from .checkpointing import (
     prepare_output_dir,
     publish,
     resume_candidates,
+    start_again,
     temporary_path,
     verify,
     write_trainer_state,
 )
 from .config import ConfigError, to_yaml
+from .loss_plot import save_loss_plot
 
 
 def save_model(model: torch.nn.Module, folder: Path) -> None:
@@ -96,6 +99,7 @@ class RunFolder:
             # overwrite was done at the start; the saved config resumes (resume and overwrite exclude each other)
             (tmp / "config.yaml").write_text(to_yaml(dataclasses.replace(self.config, overwrite=False)))
             write_trainer_state(tmp, self.root, self.step)
+            save_loss_plot(self.root, tmp)  # output_dir/loss.png refreshed, and a copy in the checkpoint
             final = publish(self.root, tmp, self.step, self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
         return final or checkpoint_dir(self.root) / f"checkpoint-{self.step}"
@@ -131,9 +135,13 @@ class RunFolder:
                 continue
             if skipped:
                 warnings.warn(f"resume=latest skipped {'; '.join(skipped)}; resuming from {path}.", stacklevel=4)
+            if self.accelerator.is_main_process:
+                print(f"resuming from checkpoint-{self.step} ({path})", file=sys.stderr, flush=True)
             return path
-        folder = checkpoint_dir(self.root)
-        raise FileNotFoundError(f"resume=latest: {'; '.join(skipped)}; no checkpoint in {folder} loads.")
+        raise FileNotFoundError(
+            f"Nothing to resume: {'; '.join(skipped)}; no checkpoint in {checkpoint_dir(self.root)} loads. "
+            f"{start_again(self.root)}"
+        )
 
     def _load_checkpoint(self, path: Path) -> int:
         step = verify(path)
@@ -147,6 +155,6 @@ class RunFolder:
         """What a stopped run leaves to resume from, in words."""
         latest = latest_name(self.root)
         if latest is None:
-            return "No checkpoint was finished yet: nothing to resume from (start again with overwrite=true)."
+            return f"No checkpoint was finished yet: nothing to resume from. {start_again(self.root)}"
         path = checkpoint_dir(self.root) / latest
         return f"The last finished checkpoint, {path}, is intact (resume=latest)."

@@ -1,5 +1,5 @@
 """What a finished run leaves besides its checkpoints: ``output_dir/pipeline`` (a complete pipeline folder) and what
-its features export (LCM distillation's ``output_dir/lcm``)."""
+its features export (LCM distillation's ``output_dir/lcm``), and the check at setup that the pipeline can be complete."""
 
 from __future__ import annotations
 
@@ -14,8 +14,16 @@ from dit.models.controlnet import ControlNetAdapter
 from dit.models.registry import backbone_class
 
 from .checkpointing import checkpoint_dir, latest_name
+from .config import ConfigError, TrainConfig
 from .consistency import ConsistencyDistillation
-from .validation import extracted_with, write_pipeline
+from .validation import (
+    ENCODERS,
+    EXTRACT_CONFIG,
+    extracted_with,
+    has_encoders,
+    resolve_validation_pipeline,
+    write_pipeline,
+)
 
 
 class RunOutputs:
@@ -32,27 +40,41 @@ class RunOutputs:
         return self.objective.export(self)
 
 
+def encoders_source(config: TrainConfig) -> Path | None:
+    """Where ``output_dir/pipeline`` takes its tokenizer, text encoder and VAE from: the pipeline the features were
+    extracted with (``extract_config.json`` in ``data.path``, as ``dit extract`` and the MicroShapes recipes write
+    it), else ``validation.pipeline``. A pure function of ``config``, called before the run writes anything: a
+    ConfigError in one line names the fix when there is neither. None with ``pipeline: false`` (no pipeline folder
+    is written), or for a ``data.path`` that is not a features folder (loading the features says what is wrong)."""
+    if not config.pipeline or config.data.source != "features" or not Path(config.data.path).is_dir():
+        return None
+    resolve_validation_pipeline(config)  # validation.every's own message first (it needs the same encoders)
+    source = extracted_with(config.data.path) or config.validation.pipeline
+    if source is None:
+        raise ConfigError(
+            f"data.path={config.data.path} has no {EXTRACT_CONFIG} naming the pipeline its features were extracted "
+            "with, so the run's output_dir/pipeline would have no tokenizer, text encoder or VAE: set "
+            "validation.pipeline=FOLDER (that pipeline, with tokenizer/, text_encoder/ and vae/)."
+        )
+    if not has_encoders(source):
+        raise ConfigError(f"validation.pipeline={source} has no {', '.join(ENCODERS)} folders.")
+    return Path(source)
+
+
 def save_pipeline(trainer) -> Path | None:
     """``output_dir/pipeline``: a complete pipeline folder of the latest checkpoint's transformer (its EMA when
     kept; a LoRA fused into its base), the objective's sampler, ``sampling_defaults.json`` (the validation
     steps and guidance; an LCM student's few steps), and the encoders the features were extracted with
-    (``extract_config.json``, else ``validation.pipeline``). A ControlNet run's folder is a ``ControlNetPipeline``:
+    (:func:`encoders_source`). A ControlNet run's folder is a ``ControlNetPipeline``:
     the frozen base transformer with the trained adapter. FSDP2 LoRA runs write none."""
     transformer = _final_transformer(trainer)
     if transformer is None:
         return None
     controlnet = _final_adapter(trainer) if trainer.config.controlnet.enabled else None
-    source = extracted_with(trainer.config.data.path) or trainer.config.validation.pipeline
+    source = encoders_source(trainer.config)  # checked at setup: the run would not have started without one
     folder = trainer.root / "pipeline"
     scheduler, sampling = trainer.objective.sampling_scheduler(), sampling_defaults(trainer)
-    missing = write_pipeline(folder, transformer, scheduler, sampling, source, controlnet=controlnet)
-    if missing:
-        warnings.warn(
-            f"{folder} has no {', '.join(missing)}: {Path(trainer.config.data.path) / 'extract_config.json'} is "
-            "missing and validation.pipeline is not set; add them with resume=latest validation.pipeline=FOLDER "
-            "(the pipeline the features were extracted with), or pass them to from_pretrained.",
-            stacklevel=4,
-        )
+    write_pipeline(folder, transformer, scheduler, sampling, source, controlnet=controlnet)
     return folder
 
 

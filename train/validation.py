@@ -1,9 +1,11 @@
-"""Validation sampling during training (fixed prompts and seed, a PNG grid per run, TensorBoard images), and the
-run's pipeline folder, with the tokenizer, text encoder and VAE the features were extracted with."""
+"""Validation sampling during training (fixed prompts and seed: the config's, else a sample of the run's own captions;
+a captioned PNG grid per validation step, TensorBoard images), and the run's pipeline folder, with the tokenizer, text
+encoder and VAE the features were extracted with."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from dit.pipelines.assemble import assemble
 from dit.pipelines.controlnet import ControlNetPipeline
@@ -20,9 +22,12 @@ from dit.pipelines.text_to_image import TextToImagePipeline
 
 from .config import ConfigError, TrainConfig, ValidationConfig
 from .extract import load_encoders
+from .validation_prompts import PROMPTS_FILE, read_validation_prompts
 
 EXTRACT_CONFIG = "extract_config.json"  # beside the shards: {"pipeline": the folder `dit extract` encoded with}
 ENCODERS = ("tokenizer", "text_encoder", "vae")
+MIN_CELL = 128  # smaller images are scaled up (nearest) by a whole factor to at least this side in the grid
+MAX_CAPTION_LINES = 4
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
@@ -34,6 +39,49 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     return grid
+
+
+def captioned_grid(images: list[Image.Image], captions: list[str], columns: int | None = None) -> Image.Image:
+    """Images of one size side by side (``columns`` per row, default at most 5), each scaled up to at least
+    :data:`MIN_CELL` px wide and with its caption written under it, wrapped to its width (at most
+    :data:`MAX_CAPTION_LINES` lines)."""
+    scale = max(1, math.ceil(MIN_CELL / images[0].width))
+    cells = [image.resize((image.width * scale, image.height * scale), Image.NEAREST) for image in images]
+    width, height = cells[0].size
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(caption, width - 8, font, measure) for caption in captions]
+    _, top, _, bottom = measure.textbbox((0, 0), "Ag", font=font)
+    line = bottom - top + 3
+    band = max(map(len, wrapped), default=0) * line + 6
+    columns = columns or min(len(cells), 5)
+    rows = (len(cells) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * (height + band)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (cell, lines) in enumerate(zip(cells, wrapped)):
+        x, y = (i % columns) * width, (i // columns) * (height + band)
+        grid.paste(cell, (x, y))
+        for j, text in enumerate(lines):
+            draw.text((x + 4, y + height + 3 + j * line - top), text, fill="black", font=font)
+    return grid
+
+
+def _wrap(text: str, width: float, font, draw: ImageDraw.ImageDraw) -> list[str]:
+    """``text`` in lines that fit ``width`` px (words longer than a line are cut), at most MAX_CAPTION_LINES."""
+    lines: list[str] = []
+    for word in text.split():
+        while draw.textlength(word, font=font) > width and len(word) > 1:  # a word wider than the cell: cut it
+            cut = max(1, int(len(word) * width / draw.textlength(word, font=font)))
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > MAX_CAPTION_LINES:
+        lines = lines[:MAX_CAPTION_LINES]
+        lines[-1] = lines[-1][: max(1, len(lines[-1]) - 3)] + "..."
+    return lines
 
 
 class Validator:
@@ -69,7 +117,7 @@ class Validator:
             width=cfg.width, generator=torch.Generator().manual_seed(cfg.seed),
         ).images  # fmt: skip
         transformer.train(was_training)
-        grid = image_grid(images)
+        grid = captioned_grid(images, cfg.prompts)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:07d}.png"
         grid.save(path)
@@ -97,13 +145,40 @@ def extracted_with(data_path: str | Path) -> Path | None:
     return folder
 
 
+def record_extraction(data_path: str | Path, pipeline: str | Path) -> Path:
+    """Write ``extract_config.json`` in ``data_path`` naming ``pipeline`` (a folder with tokenizer/, text_encoder/
+    and vae/) as the one its features were encoded with, as ``dit extract`` does; returns the file."""
+    record = Path(data_path) / EXTRACT_CONFIG
+    record.write_text(json.dumps({"pipeline": str(Path(pipeline).resolve())}, indent=2) + "\n")
+    return record
+
+
 def has_encoders(folder: str | Path) -> bool:
     return all((Path(folder) / name).is_dir() for name in ENCODERS)
 
 
+def resolve_validation_prompts(config: TrainConfig) -> None:
+    """With ``validation.every`` and no ``validation.prompts``, take the prompts from the captions ``dit extract``
+    sampled beside the features (``validation_prompts.json``); without those, validation is off, said in one line."""
+    cfg = config.validation
+    if not cfg.every or cfg.prompts:
+        return
+    cfg.prompts = read_validation_prompts(config.data.path)
+    if not cfg.prompts:
+        warnings.warn(
+            f"validation.every={cfg.every}: no prompts to sample (validation.prompts is not set and "
+            f"{Path(config.data.path) / PROMPTS_FILE}, which `dit extract` writes, is missing); validation is off. "
+            "Set validation.prompts=[...] to sample.",
+            stacklevel=3,
+        )
+        cfg.every = 0
+
+
 def resolve_validation_pipeline(config: TrainConfig) -> None:
-    """With ``validation.every``, fill ``validation.pipeline`` from the features' record when unset; check that a
-    pipeline given has the encoders (the run's pipeline folder links them too); a ConfigError says how to fix it."""
+    """With ``validation.every``, fill ``validation.prompts`` (:func:`resolve_validation_prompts`) and
+    ``validation.pipeline`` from the features' records when unset; check that a pipeline given has the encoders (the
+    run's pipeline folder links them too); a ConfigError says how to fix it."""
+    resolve_validation_prompts(config)
     cfg = config.validation
     if cfg.every and cfg.pipeline is None:
         cfg.pipeline = str(folder) if (folder := extracted_with(config.data.path)) else None

@@ -21,6 +21,7 @@ import torch
 
 from ..train.extract import load_encoders
 from ..train.feature_writer import FeatureWriter
+from ..train.validation import record_extraction
 from .recipe import to_tensor
 from .world import paraphrase, random_scene, render
 
@@ -86,11 +87,13 @@ def build(
     if report_file.is_file():
         report = json.loads(report_file.read_text())
         if {k: report.get(k) for k in wanted} == wanted:
+            record_extraction(out, encoders)  # features built before the record existed get it too
             return report
     for stale in out.glob("*.safetensors"):
         stale.unlink()
     tokenizer, text_encoder, vae = load_encoders(encoders, torch.device("cpu"))
     counts = write_mixed_features(out, make_mixed_dataset(n, seed, sides), tokenizer, text_encoder, vae)
+    record_extraction(out, encoders)  # a run on these features links the encoders into its pipeline folder
     report = {**wanted, "samples_per_size": counts}
     report_file.write_text(json.dumps(report, indent=2))
     return report

@@ -39,6 +39,7 @@ from ..pipelines.assemble import assemble
 from ..tiny import WORDS, tiny_t5, tiny_tokenizer
 from ..train import Trainer, load_config
 from ..train.feature_writer import FeatureWriter
+from ..train.validation import record_extraction
 from .evaluator import PALETTE as _PALETTE
 from .shipped import default_model
 from .suite import evaluate, prompt_suite
@@ -284,12 +285,14 @@ def _run(
         encoder_report["encoder_device"] = str(device)
         stage_file.write_text(json.dumps(encoder_report, indent=2))
 
+    record_extraction(root / "features", root / "encoders")  # the run's pipeline folder links these encoders
     t0 = time.perf_counter()
     paths = [
         f"data.path={root / 'features'}",
         f"output_dir={root / 'train'}",
         "overwrite=true",  # the recipe remakes its whole --out folder; the trainer says so in one line
         f"validation.pipeline={root / 'encoders'}",
+        f"validation.prompts={json.dumps(VALIDATION_PROMPTS)}",  # the config leaves them to the data (own images)
     ]
     trainer = Trainer(load_config(config_path, [*paths, *overrides]))
     trainer.train()
@@ -312,6 +315,14 @@ def _run(
 
 #: The recipe's training config as installed with the package (``configs/microshapes.yaml`` in the repository).
 DEFAULT_CONFIG = str(files("dit.configs") / "microshapes.yaml")
+#: What the recipe's run samples at validation (the config has no prompts: other data validates on its own captions).
+VALIDATION_PROMPTS = (
+    "a large red circle on the left, on a white background",
+    "a small blue square in the center, on a black background",
+    "a large yellow triangle on the top, on a gray background",
+    "a green circle to the left of a cyan square, on a white background",
+    "a large magenta triangle on the right, on a white background",
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,6 +78,7 @@ def pipeline_generator(pipe, steps: int = 20, guidance_scale: float = 4.5, heigh
         out = pipe(
             prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
             generator=torch.Generator().manual_seed(seed), output_type="np",
+            clean_caption=False,  # the captions as the trainer encodes them
         ).images  # fmt: skip
         return [np.round(image * 255).astype(np.uint8) for image in out]
 

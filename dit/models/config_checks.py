@@ -41,3 +41,19 @@ def is_positive_int(value) -> bool:
 
 def _is_index(value, size: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < size
+
+
+#: What a backbone's ``prediction_type`` config field may record (None: unknown, PixArt's ε default).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+def check_prediction_record(prediction_type, noise_shift) -> None:
+    """``prediction_type``: None or one of :data:`PREDICTION_TYPES`; ``noise_shift``: None or a number > 0."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be None (unknown: epsilon) or one of {', '.join(PREDICTION_TYPES)}, got "
+            f"{prediction_type!r}."
+        )
+    real = isinstance(noise_shift, numbers.Real) and not isinstance(noise_shift, bool)
+    if noise_shift is not None and not (real and noise_shift > 0):
+        raise ValueError(f"noise_shift must be None (PixArt's schedule) or a number > 0, got {noise_shift!r}.")

@@ -26,9 +26,15 @@ from ..nn.linear import Linear
 from ..nn.normalization import add_output_head, output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .cache import StepCacheMixin
-from .config_checks import check_positive_ints, is_positive_int
+from .config_checks import check_positive_ints, check_prediction_record, is_positive_int
 from .inputs import check_control_size, check_guidance, check_inputs, text_tokens
-from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BackboneMixin, BlockRunnerMixin
+from .mixins import (
+    AttentionBackendMixin,
+    AttentionProcessorMixin,
+    BackboneMixin,
+    BlockRunnerMixin,
+    RecordedPrediction,
+)
 from .strict_io import StrictIOMixin
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
@@ -87,6 +93,11 @@ class FiTTransformer(
             (:func:`dit.nn.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
             captions that place things ("on the left"), which relative RoPE alone cannot anchor. Parameter-free,
             defined at every size, so it needs no extrapolation.
+        prediction_type: what the model predicts (default ``flow``): ``epsilon``, ``v_prediction``, ``sample`` (x0) or
+            ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given ``scheduler=None`` samples
+            with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
+        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
+            None: PixArt's linear betas), for that default scheduler.
     """
 
     _supports_gradient_checkpointing = True
@@ -94,8 +105,8 @@ class FiTTransformer(
     #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
     _repeated_blocks = ["FiTBlock"]
     _skip_layerwise_casting_patterns = ["x_embedder", "norm", "timestep_embedder", "class_embedder"]
-    #: What the backbone predicts: ``flow`` (rectified-flow velocity), so pipelines default to a flow scheduler.
-    prediction_type = "flow"
+    #: A rectified-flow velocity unless the config records otherwise: pipelines default to a flow scheduler.
+    prediction_type = RecordedPrediction("flow")
     #: Trained at native sizes and aspect ratios: pipelines snap to patch multiples, not PixArt's aspect-ratio bins.
     native_resolution = True
     supports_image_sizes = True
@@ -126,8 +137,11 @@ class FiTTransformer(
         rope_extrapolation: str = "none",
         attention_logit_scale: bool = False,
         absolute_position: str = "none",
+        prediction_type: str | None = "flow",
+        noise_shift: float | None = None,
     ):
         super().__init__()
+        check_prediction_record(prediction_type, noise_shift)
         check_positive_ints(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
             num_layers=num_layers, patch_size=patch_size, sample_size=sample_size,

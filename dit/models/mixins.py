@@ -99,6 +99,20 @@ class BlockRunnerMixin:
         return block(hidden_states, context)
 
 
+class RecordedPrediction:
+    """The ``prediction_type`` a backbone's config records (``epsilon``, ``v_prediction``, ``sample``, ``flow``; None:
+    unknown), read on an instance; on the class, the default of its config field. Pipelines given ``scheduler=None``
+    sample with the matching scheduler."""
+
+    def __init__(self, default: str | None):
+        self.default = default
+
+    def __get__(self, instance, owner=None) -> str | None:
+        if instance is None:
+            return self.default
+        return instance.config.get("prediction_type", self.default)
+
+
 class BackboneMixin:
     """What a backbone declares about itself, read by pipelines and the trainer instead of probing signatures.
 
@@ -107,7 +121,7 @@ class BackboneMixin:
     - ``supports_token_masking``: ``forward`` takes ``keep_indices`` (training on a subset of patch tokens).
     - ``supports_image_sizes``: ``forward`` takes per-sample ``image_sizes`` (a padded batch of mixed sizes).
     - ``supports_block_controls``: ``forward`` takes ``block_controls`` (ControlNet adapters run in its block loop).
-    - ``prediction_type``: ``"flow"`` for a rectified-flow backbone; None: whatever its scheduler records.
+    - ``prediction_type``: what the model predicts, recorded in its config (:class:`RecordedPrediction`).
     - ``native_resolution``: trained at native sizes (pipelines skip PixArt's aspect-ratio bins).
     - ``use_additional_conditions``: PixArt-α's resolution / aspect-ratio micro-conditions (set per instance).
     """
@@ -115,9 +129,11 @@ class BackboneMixin:
     supports_token_masking: bool = False
     supports_image_sizes: bool = False
     supports_block_controls: bool = False
-    prediction_type: str | None = None
     native_resolution: bool = False
     use_additional_conditions: bool = False
+
+    #: What the model predicts: its config's ``prediction_type`` on an instance, the class's default on the class.
+    prediction_type = RecordedPrediction(None)
 
     @property
     def needs_full_grid(self) -> bool:

@@ -24,7 +24,7 @@ from ..nn.embeddings import CaptionProjection, PatchEmbed
 from ..nn.masking import gather_tokens, scatter_tokens
 from ..nn.normalization import AdaLayerNormSingle, add_output_head, output_head
 from .cache import StepCacheMixin
-from .config_checks import check_kv_compression, check_positive_ints
+from .config_checks import check_kv_compression, check_positive_ints, check_prediction_record
 from .inheritance import inherit_from
 from .inputs import (
     as_bias,
@@ -98,6 +98,11 @@ class PixArtTransformer(
         self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
         linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
+        prediction_type: what the model predicts (None: unknown, taken as PixArt's ``epsilon``): ``epsilon``, ``v_prediction``, ``sample`` (x0) or
+            ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given ``scheduler=None`` samples
+            with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
+        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
+            None: PixArt's linear betas), for that default scheduler.
         time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's
             guidance embedding, see :func:`dit.nn.embeddings.guidance_scale_embedding`); None: no such input.
         vae_scale_factor: image pixels per latent pixel, for the micro-conditions the model computes itself when
@@ -151,8 +156,11 @@ class PixArtTransformer(
         vae_scale_factor: int = 8,
         kv_compress_padding: str = "replicate",
         qk_norm: str | None = None,
+        prediction_type: str | None = None,
+        noise_shift: float | None = None,
     ):
         super().__init__()
+        check_prediction_record(prediction_type, noise_shift)
         check_positive_ints(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
             num_layers=num_layers, sample_size=sample_size, patch_size=patch_size, vae_scale_factor=vae_scale_factor,

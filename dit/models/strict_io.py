@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, _add_variant
 from safetensors import safe_open
 
-from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError, check_keys
+from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError, check_keys, restore_default_permissions
 
 
 class StrictIOMixin:
@@ -53,6 +54,9 @@ class StrictIOMixin:
         opt-in.
         """
         path = os.fspath(pretrained_model_name_or_path)
+        if kwargs.get("variant") is None:
+            subfolder = kwargs.get("subfolder")
+            refuse_variant_only_folder(os.path.join(path, subfolder) if subfolder else path)
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError(
@@ -107,6 +111,8 @@ class StrictIOMixin:
             use_flashpack=use_flashpack,
             **kwargs,
         )
+        if is_main_process:
+            restore_default_permissions(save_directory)  # safetensors writes 0o600
 
 
 def variant_files(files: list[str], variant: str | None) -> list[str]:
@@ -115,6 +121,25 @@ def variant_files(files: list[str], variant: str | None) -> list[str]:
     if variant is None:
         return files
     return [f for f in files if f".{variant}." in f or f".{variant}-" in f]
+
+
+_WEIGHTS = re.compile(r"^[^.]+(?:\.(?P<variant>[\w-]+?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+_INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index(?:\.(?P<variant>[\w-]+))?\.json$")
+
+
+def refuse_variant_only_folder(folder: str | os.PathLike) -> None:
+    """Raise when a local ``folder`` holds weights of variants only (``save_pretrained(..., variant="fp16")``
+    writes no main weights): as in diffusers, such a folder loads with ``variant=`` only; the error names it."""
+    if not os.path.isdir(folder):
+        return
+    matches = [m for f in os.listdir(folder) if (m := _WEIGHTS.match(f) or _INDEX.match(f))]
+    variants = sorted({m["variant"] for m in matches if m["variant"]})
+    if variants and all(m["variant"] for m in matches):
+        raise FileNotFoundError(
+            f"{os.fspath(folder)!r} holds only weights of variant {' / '.join(map(repr, variants))} and no main "
+            f"weights: load it with from_pretrained(..., variant={variants[0]!r}), as diffusers does for a folder "
+            "saved with save_pretrained(..., variant=...) alone."
+        )
 
 
 def _refuse_pickle_only_folder(path: str, subfolder: str | None, variant: str | None = None) -> None:

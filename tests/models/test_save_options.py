@@ -122,3 +122,22 @@ def test_multi_adapter_reads_the_earlier_layout(tmp_path):
     for i, adapter in enumerate(adapters):
         adapter.save_pretrained(tmp_path / f"adapter_{i}")
     _assert_same_weights(MultiControlNetAdapter.from_pretrained(tmp_path), MultiControlNetAdapter(adapters))
+
+
+@pytest.mark.parametrize("max_shard_size", ["10GB", "20KB"])
+def test_a_variant_only_folder_loads_with_its_variant_and_names_it_otherwise(tmp_path, max_shard_size):
+    """save_pretrained(variant=...) alone writes no main weights: as in diffusers, loading needs variant=, and
+    leaving it out is an error naming the variant (for our models and for a pipeline's other components)."""
+    from dit.pipelines import TextToImagePipeline
+    from tests.tiny import save_tiny_pipeline
+
+    pipe = TextToImagePipeline.from_pretrained(save_tiny_pipeline(tmp_path / "main"))
+    pipe.save_pretrained(tmp_path / "out", variant="fp16", max_shard_size=max_shard_size)
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "out", variant="fp16")
+    _assert_same_weights(loaded.transformer, pipe.transformer)
+    with pytest.raises(FileNotFoundError, match=r"only weights of variant 'fp16'.*variant='fp16'"):
+        TextToImagePipeline.from_pretrained(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"transformer' holds only weights of variant 'fp16'"):
+        PixArtTransformer.from_pretrained(tmp_path / "out", subfolder="transformer")
+    pipe.save_pretrained(tmp_path / "out")  # the main weights beside the variant: both load
+    assert isinstance(TextToImagePipeline.from_pretrained(tmp_path / "out"), TextToImagePipeline)

@@ -298,7 +298,7 @@ def test_objective_must_match_the_frozen_base(features, pipeline_dir, tmp_path):
 
 
 def test_validation_takes_its_pipeline_from_the_features(tmp_path, pipeline_dir):
-    folder = make_features(tmp_path / "f", sizes=((8, 8),))
+    folder = make_features(tmp_path / "f", sizes=((8, 8),), record=False)
     common = ["max_steps=1", "validation.every=1", "validation.prompts=[a red circle]", "validation.steps=1"]
     with pytest.raises(ConfigError, match=r"validation.every=1 .*validation.pipeline.*extract_config.json"):
         Trainer(_config(folder, tmp_path / "a", *common))
