@@ -172,7 +172,8 @@ def main() -> None:
     write_features(base_pipe, out / "features", args.images, args.control)
     cls = type(base_pipe.transformer).__name__
     common = [f"model.cls={'PixArtTransformer' if 'Transformer2DModel' in cls else cls}",
-              f"model.pretrained={base / 'transformer'}", f"data.path={out / 'features'}", f"validation.pipeline={base}", f"checkpoint_every={10**9}",
+              f"model.pretrained={base / 'transformer'}", f"data.path={out / 'features'}",
+              f"validation.pipeline={base}", f"checkpoint_every={10**9}",
               *objective_overrides(base_pipe.scheduler), *args.overrides]  # fmt: skip
     full, full_s = train("full", out, [*common, f"controlnet.num_blocks={num_blocks}", f"max_steps={args.steps}"])
 

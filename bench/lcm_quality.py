@@ -65,7 +65,8 @@ def distill(teacher_dir: Path, feature_dir: Path, out: Path, mode: str, steps: i
     start = [f"model.inherit_from={teacher_dir / 'transformer'}"] if mode == "embedded" else [
         f"model.pretrained={teacher_dir / 'transformer'}"]  # fmt: skip
     overrides = [
-        f"data.path={feature_dir}", f"validation.pipeline={teacher_dir}", f"output_dir={out / 'train'}", "overwrite=true", *start, "objective.distill=lcm",
+        f"data.path={feature_dir}", f"validation.pipeline={teacher_dir}", f"output_dir={out / 'train'}",
+        "overwrite=true", *start, "objective.distill=lcm",
         f"objective.distill_teacher={teacher_dir}", "data.caption_dropout=0", "optim.lr=1e-4",
         "optim.warmup_steps=100", "optim.schedule=cosine", "objective.lcm.loss=l2", f"max_steps={steps}",
         f"checkpoint_every={steps}",

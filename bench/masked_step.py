@@ -60,7 +60,8 @@ def trainer_at(ratio: float, folder: Path, preset: dict, dtype: str, steps: int)
 
     overrides = [f"data.path={folder}", f"data.batch_size={preset['batch']}", "data.caption_dropout=0",
                  "ema_decay=null", "model.cls=MicroDiTTransformer", f"output_dir={folder / f'run{ratio}'}",
-                 "objective.name=x0", "objective.x0_weighting=uniform", "report_to=none", "pipeline=false", f"masking.ratio={ratio}",
+                 "objective.name=x0", "objective.x0_weighting=uniform", "report_to=none", "pipeline=false",
+                 f"masking.ratio={ratio}",
                  f"max_steps={steps}", f"mixed_precision={'no' if dtype == 'fp32' else dtype}"]  # fmt: skip
     config = load_config(None, overrides)
     config.model.kwargs = dict(preset["model"])

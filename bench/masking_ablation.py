@@ -104,7 +104,8 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
     from dit.train import Trainer, load_config
 
     torch.set_num_threads(1)
-    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"validation.pipeline={recipe / 'encoders'}", f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
+    overrides = [*ARMS[arm], f"data.path={recipe / 'features'}", f"validation.pipeline={recipe / 'encoders'}",
+                 f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
                  f"masking.unmasked_steps={unmasked_steps}", f"checkpoint_every={steps}"]  # fmt: skip
     started = time.perf_counter()
     trainer = Trainer(load_config(CONFIG, overrides))

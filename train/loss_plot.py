@@ -37,6 +37,12 @@ def read_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def smoothing_weight(count: int) -> float:
+    """The moving average's weight for a curve of ``count`` points: an effective window of about a twentieth of the
+    curve (0 up to 20 points, 0.9 at 200, at most 0.99), so that the smoothed line never lags far behind."""
+    return min(0.99, max(0.0, 1.0 - 20.0 / max(count, 1)))
+
+
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """TensorBoard's smoothing: an exponential moving average, debiased so that it starts at the first value."""
     smoothed, average = [], 0.0
@@ -70,7 +76,7 @@ def _label(value: float) -> str:
 
 
 def draw_loss_curve(steps: list[int], losses: list[float], size: tuple[int, int] = SIZE) -> Image.Image:
-    """The loss curve: raw loss per logged step, a smoothed line over it (from 10 points on), axes with step
+    """The loss curve: raw loss per logged step, a smoothed line over it (beyond 20 points), axes with step
     numbers and loss values; log-scale y when the loss spans a decade or more."""
     image = Image.new("RGB", size, BACKGROUND)
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
@@ -104,8 +110,9 @@ def draw_loss_curve(steps: list[int], losses: list[float], size: tuple[int, int]
     title = f"loss{scale} ({len(losses)} logged steps; last {losses[-1]:.4g} at step {steps[-1]})"
     draw.text((left, 10), title, fill=AXES, font=font)
     _polyline(draw, [at(s, v) for s, v in zip(steps, losses)], RAW, 1)
-    if len(losses) >= 10:
-        _polyline(draw, [at(s, v) for s, v in zip(steps, smooth(losses))], SMOOTHED, 2)
+    weight = smoothing_weight(len(losses))
+    if weight > 0:
+        _polyline(draw, [at(s, v) for s, v in zip(steps, smooth(losses, weight))], SMOOTHED, 2)
     return image
 
 

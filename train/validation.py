@@ -115,6 +115,7 @@ class Validator:
         images = pipe(
             cfg.prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height,
             width=cfg.width, generator=torch.Generator().manual_seed(cfg.seed),
+            clean_caption=False,  # the captions as the trainer encoded them (lower-cased and stripped)
         ).images  # fmt: skip
         transformer.train(was_training)
         grid = captioned_grid(images, cfg.prompts)

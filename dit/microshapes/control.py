@@ -90,7 +90,7 @@ def control_generator(pipe, steps: int = 20, guidance_scale: float = 4.5, **call
         extra = dict(call_kwargs, control_image=controls) if isinstance(pipe, ControlNetPipeline) else call_kwargs
         out = pipe(
             prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-            generator=torch.Generator().manual_seed(seed), output_type="np", **extra,
+            generator=torch.Generator().manual_seed(seed), output_type="np", clean_caption=False, **extra,
         ).images  # fmt: skip
         return [np.round(image * 255).astype(np.uint8) for image in out]
 

@@ -93,9 +93,9 @@ class FiTTransformer(
             (:func:`dit.nn.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
             captions that place things ("on the left"), which relative RoPE alone cannot anchor. Parameter-free,
             defined at every size, so it needs no extrapolation.
-        prediction_type: what the model predicts (default ``flow``): ``epsilon``, ``v_prediction``, ``sample`` (x0) or
-            ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given ``scheduler=None`` samples
-            with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
+        prediction_type: what the model predicts (default ``flow``): ``epsilon``, ``v_prediction``, ``sample``
+            (x0) or ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given
+            ``scheduler=None`` samples with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
         noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
             None: PixArt's linear betas), for that default scheduler.
     """

@@ -98,9 +98,10 @@ class PixArtTransformer(
         self_attention_type: ``softmax`` or ``linear`` (ReLU linear attention, LiT).
         linear_attention_heads: heads of linear self-attention (None: ``num_attention_heads // 4``, at least 1).
         attention_conv_kernel_size: depthwise value-convolution side in self-attention (None: off; LiT: 5).
-        prediction_type: what the model predicts (None: unknown, taken as PixArt's ``epsilon``): ``epsilon``, ``v_prediction``, ``sample`` (x0) or
-            ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given ``scheduler=None`` samples
-            with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
+        prediction_type: what the model predicts (None: unknown, taken as PixArt's ``epsilon``): ``epsilon``,
+            ``v_prediction``, ``sample`` (x0) or ``flow`` (a rectified-flow velocity); the trainer records it, and a
+            pipeline given ``scheduler=None`` samples with the matching scheduler
+            (:func:`dit.pipelines.schedulers.default_scheduler`).
         noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
             None: PixArt's linear betas), for that default scheduler.
         time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's

@@ -18,6 +18,7 @@ from dit.train.loss_plot import (
     read_losses,
     save_loss_plot,
     smooth,
+    smoothing_weight,
 )
 
 
@@ -51,7 +52,7 @@ def test_the_curve_is_drawn(name):
     curve = np.concatenate([_pixels_of(area, RAW), _pixels_of(area, SMOOTHED)])  # the smoothed line may cover it
     assert len(curve) >= (5 if len(steps) == 1 else 200), f"{name}: {len(curve)} curve pixels"
     assert (area != np.array(BACKGROUND, dtype=np.uint8)).any(axis=-1).mean() > 0.001
-    if len(steps) >= 10:
+    if len(steps) > 20:
         assert len(_pixels_of(area, SMOOTHED)) >= 200  # the smoothed line over the raw one
     columns = curve[:, 1]
     if len(steps) > 1:  # the curve spans the plot's width, first step to last
@@ -73,6 +74,14 @@ def test_log_scale_when_the_loss_spans_decades(name, log):
     assert is_log == log and low < high
     if log:
         assert low <= math.log10(min(losses)) and high >= math.log10(max(losses))
+
+
+def test_the_smoothed_line_keeps_up_with_a_short_curve():
+    """Ten logged steps of a falling loss: no smoothing (the raw line is the curve); 400 steps: the smoothed line at
+    the end is within a few percent of the loss there, not still near the start."""
+    assert smoothing_weight(10) == 0.0 and 0.85 < smoothing_weight(200) < 0.95 and smoothing_weight(10**6) == 0.99
+    losses = [1.0 - 0.002 * s for s in range(400)]  # 1.0 -> 0.2
+    assert abs(smooth(losses, smoothing_weight(400))[-1] - losses[-1]) < 0.05
 
 
 def test_smoothing_starts_at_the_first_value_and_follows_a_constant():
