@@ -91,7 +91,7 @@ def pipeline(work: Path, out: str = "train"):
     from dit import FiTTransformer
     from dit.microshapes.mixed_sizes import shipped_encoders
     from dit.pipelines import TextToImagePipeline
-    from dit.train.extract import load_encoders
+    from dit.train.extraction import load_encoders
 
     checkpoints = work / out / "checkpoints"
     transformer = FiTTransformer.from_pretrained(checkpoints / (checkpoints / "latest").read_text() / "model").eval()

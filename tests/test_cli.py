@@ -164,6 +164,27 @@ def test_building_the_parser_imports_neither_torch_nor_diffusers():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
+HELP_IMPORTS = """
+import sys
+from dit.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit_:
+    assert exit_.code == 0, exit_.code
+print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", [["--help"], ["generate", "--help"], ["train", "--help"], ["extract", "--help"]])
+def test_help_imports_neither_torch_nor_diffusers(command):
+    """Every command's help answers without the heavy imports (before: ``dit train --help`` and ``dit extract
+    --help`` imported torch and diffusers, about 6 s)."""
+    result = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *command], capture_output=True, text=True,
+                            env=OFFLINE)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: dit" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout[-500:]
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["--version"])

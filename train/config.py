@@ -345,9 +345,14 @@ RANGES: dict[str, Range] = {
     "masking.ratio": DECAY, "masking.unmasked_steps": NON_NEGATIVE,
 }  # fmt: skip
 
-#: ``objective.distill``'s values: None and the name of every registered distillation objective
-#: (:func:`dit.train.objectives.register_distillation` adds them as their modules are imported).
-DISTILL_CHOICES: list[str | None] = [None]
+#: The built-in distillation objectives: ``objective.distill`` name -> the module that defines it, imported when a run
+#: builds it (:func:`dit.train.objectives.distillation_class`), so that importing the trainer's parts (or ``dit train
+#: --help``) needs none of them.
+BUILTIN_DISTILLATIONS: dict[str, str] = {"hybrid": "dit.train.distillation", "lcm": "dit.train.consistency"}
+
+#: ``objective.distill``'s values: None, the built-in distillations, and any a plug-in registers with
+#: :func:`dit.train.objectives.register_distillation`.
+DISTILL_CHOICES: list[str | None] = [None, *BUILTIN_DISTILLATIONS]
 
 #: Allowed values of string keys.
 CHOICES: dict[str, tuple | list] = {

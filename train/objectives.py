@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from importlib import import_module
 from typing import ClassVar
 
 import torch
 from diffusers import SchedulerMixin
 
-from .config import DISTILL_CHOICES, ConfigError, ObjectiveConfig
+from .config import BUILTIN_DISTILLATIONS, DISTILL_CHOICES, ConfigError, ObjectiveConfig
 from .parametrisation import (
     EpsilonParametrisation,
     FlowParametrisation,
@@ -292,8 +293,17 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "flow": RectifiedFlow,
 }
 
-#: Distillation objectives by ``objective.distill`` name, filled by :func:`register_distillation`.
+#: Distillation objectives by ``objective.distill`` name, filled by :func:`register_distillation` (a built-in one when
+#: :func:`distillation_class` first asks for it).
 DISTILLATIONS: dict[str, type] = {}
+
+
+def distillation_class(name: str | None) -> type | None:
+    """The distillation objective registered as ``name`` (a built-in one is imported on first use:
+    :data:`~dit.train.config.BUILTIN_DISTILLATIONS`); None for None or an unknown name."""
+    if name is not None and name not in DISTILLATIONS and name in BUILTIN_DISTILLATIONS:
+        import_module(BUILTIN_DISTILLATIONS[name])  # its @register_distillation class registers itself
+    return DISTILLATIONS.get(name) if name is not None else None
 
 
 def register_distillation(cls: type) -> type:
@@ -316,7 +326,8 @@ def build_objective(config: ObjectiveConfig) -> Objective:
         return objective
     if not config.distill_teacher:
         raise ConfigError(f"objective.distill={distill!r} needs objective.distill_teacher (the teacher's folder).")
-    if distill not in DISTILLATIONS:
-        known = " or ".join(repr(name) for name in DISTILLATIONS)
+    method = distillation_class(distill)
+    if method is None:
+        known = " or ".join(repr(name) for name in DISTILL_CHOICES if name is not None)
         raise ConfigError(f"objective.distill: unknown distillation {distill!r}; use {known}.")
-    return DISTILLATIONS[distill].from_config(objective, config)
+    return method.from_config(objective, config)

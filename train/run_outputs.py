@@ -15,7 +15,6 @@ from dit.models.registry import backbone_class
 
 from .checkpointing import checkpoint_dir, latest_name
 from .config import ConfigError, TrainConfig
-from .consistency import ConsistencyDistillation
 from .validation import (
     ENCODERS,
     EXTRACT_CONFIG,
@@ -32,12 +31,6 @@ class RunOutputs:
     def save_pipeline(self) -> Path | None:
         """``output_dir/pipeline`` (see :func:`save_pipeline`)."""
         return save_pipeline(self)
-
-    def save_lcm_folder(self) -> Path:
-        """``output_dir/lcm`` of a consistency-distillation run (what its objective exports at the end)."""
-        if not isinstance(self.objective, ConsistencyDistillation):
-            raise ValueError("An LCM folder is written by consistency distillation runs (objective.distill=lcm).")
-        return self.objective.export(self)
 
 
 def encoders_source(config: TrainConfig) -> Path | None:

@@ -21,7 +21,7 @@ from dit.pipelines.defaults import save_sampling_defaults
 from dit.pipelines.text_to_image import TextToImagePipeline
 
 from .config import ConfigError, TrainConfig, ValidationConfig
-from .extract import load_encoders
+from .extraction import load_encoders
 from .validation_prompts import PROMPTS_FILE, read_validation_prompts
 
 EXTRACT_CONFIG = "extract_config.json"  # beside the shards: {"pipeline": the folder `dit extract` encoded with}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.extract import load_encoders
+from ..train.extraction import load_encoders
 from ..train.feature_writer import FeatureWriter
 from ..train.validation import record_extraction
 from .recipe import to_tensor

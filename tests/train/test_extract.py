@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dit.cli import main as cli_main
 from dit.train import Trainer, load_config
-from dit.train.extract import bucket_of, extract
+from dit.train.extraction import bucket_of, extract
 from tests.tiny import TINY, _image_folder, _png, save_tiny_pipeline
 
 
@@ -227,7 +227,7 @@ def test_extract_control_latents_computed_from_each_image(tmp_path, pipeline_dir
 
 def test_extract_control_images_from_a_folder(tmp_path, pipeline_dir):
     """FOLDER holds one control image per image under the same file name; a missing one is a broken sample."""
-    from dit.train.extract import image_tensor
+    from dit.train.extraction import image_tensor
 
     data = _image_folder(tmp_path / "images", broken=False)
     controls = tmp_path / "controls"

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dit.train.extract import extract
+from dit.train.extraction import extract
 from dit.train.sources import Record
 from tests.tiny import save_tiny_pipeline
 

@@ -5,6 +5,8 @@ split of the objectives into losses and parametrisations."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from torch import nn
 from dit import MicroDiTTransformer, PixArtTransformer
 from dit.nn.masking import patch_loss_mask
 from dit.train import Trainer, load_config
-from dit.train.config import DISTILL_CHOICES, ConfigError, LCMConfig, MaskingConfig, ObjectiveConfig
+from dit.train.config import (
+    BUILTIN_DISTILLATIONS,
+    DISTILL_CHOICES,
+    ConfigError,
+    LCMConfig,
+    MaskingConfig,
+    ObjectiveConfig,
+)
 from dit.train.consistency import ConsistencyDistillation
 from dit.train.controlnet import ControlNetTraining
 from dit.train.data import padding_mask
@@ -22,7 +31,13 @@ from dit.train.distillation import Distillation, HybridDistillation
 from dit.train.features import Contribution, Feature, StepInputs, check_features, merge
 from dit.train.masking import TokenMasking
 from dit.train.mixed_sizes import MixedSizes
-from dit.train.objectives import DISTILLATIONS, OBJECTIVES, build_objective, register_distillation
+from dit.train.objectives import (
+    DISTILLATIONS,
+    OBJECTIVES,
+    build_objective,
+    distillation_class,
+    register_distillation,
+)
 from dit.train.parametrisation import PARAMETRISATIONS, Parametrisation
 from tests.tiny import MICRODIT, TINY, _losses, make_features, randomize_
 
@@ -60,7 +75,25 @@ def _overrides(name: str, teacher: Path) -> list[str]:
 
 
 def _classes() -> dict[str, type]:
-    return {cls.name: cls for cls in (TokenMasking, MixedSizes, ControlNetTraining, *DISTILLATIONS.values())}
+    distillations = [distillation_class(name) for name in BUILTIN_DISTILLATIONS]
+    return {cls.name: cls for cls in (TokenMasking, MixedSizes, ControlNetTraining, *distillations)}
+
+
+def test_every_builtin_distillation_is_defined_where_the_config_says():
+    """``objective.distill``'s built-in names are known without importing their modules (``dit train --help`` and
+    the config need no torch); asking for one imports its module, whose class registers under that name."""
+    code = (
+        "import sys; from dit.train.config import DISTILL_CHOICES; import dit.train.objectives as o; "
+        "assert 'dit.train.consistency' not in sys.modules and o.DISTILLATIONS == {}; "
+        "print(DISTILL_CHOICES, o.distillation_class('lcm').__name__, o.distillation_class('hybrid').__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[None,", "'hybrid',", "'lcm']", "ConsistencyDistillation", "HybridDistillation"]
+    for name, module in BUILTIN_DISTILLATIONS.items():
+        cls = distillation_class(name)
+        assert cls.name == name and cls.__module__ == module and DISTILLATIONS[name] is cls
+    assert distillation_class(None) is None and distillation_class("nope") is None
 
 
 # ----- the one check ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 from dit.microshapes.recipe import DEFAULT_CONFIG, VALIDATION_PROMPTS
 from dit.train import Trainer, engine, load_config
 from dit.train.config import ConfigError
-from dit.train.extract import extract
+from dit.train.extraction import extract
 from dit.train.loss_plot import SIZE
 from dit.train.validation import MIN_CELL, captioned_grid
 from dit.train.validation_prompts import PROMPTS_FILE, CaptionSample, read_validation_prompts
