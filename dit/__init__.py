@@ -6,8 +6,8 @@ so ``DiffusionPipeline.from_pretrained(folder)`` resolves them after ``import di
 """
 
 import logging
-from importlib import import_module
 
+from .lazy import lazy_exports
 from .pipelines.registration import register_when_imported
 
 register_when_imported()
@@ -39,14 +39,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dit' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

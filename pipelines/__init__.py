@@ -5,7 +5,7 @@ diffusers' pipelines (``dit generate`` checks its arguments before that import).
 with diffusers (:mod:`dit.pipelines.registration`), so ``DiffusionPipeline.from_pretrained`` loads our folders.
 """
 
-from importlib import import_module
+from dit.lazy import lazy_exports
 
 _EXPORTS = {
     "ControlNetPipeline": ".controlnet",
@@ -15,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

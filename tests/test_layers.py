@@ -16,6 +16,7 @@ LAYERS = {
     "dit.nn": 0,  # the nn core: attention, blocks, embeddings, normalization, MoE, packing, masking, context
     "dit.checkpoint": 0,  # safetensors I/O and key checks
     "dit.errors": 0,  # one-line errors of the commands (stdlib only)
+    "dit.lazy": 0,  # lazy package attributes (stdlib only)
     "dit.configs": 0,  # the shipped YAML configs (data)
     "dit.models": 1,  # backbones, ControlNet adapters, the pixel autoencoder
     "dit.convert": 2,  # original-checkpoint conversion

@@ -5,7 +5,7 @@ the built-in distillation objectives are imported when a run asks for one
 (:func:`dit.train.objectives.distillation_class`).
 """
 
-from importlib import import_module
+from dit.lazy import lazy_exports
 
 #: Public name -> the module defining it (imported on first use).
 _EXPORTS = {
@@ -23,14 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dit.train' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

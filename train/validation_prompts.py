@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from .extract_progress import write_text_atomically
+
 PROMPTS_FILE = "validation_prompts.json"  # {"prompts": [...], "seen": N}
 NUM_PROMPTS = 4
 
@@ -48,7 +50,5 @@ def write_validation_prompts(data_path: str | Path, sample: CaptionSample) -> Pa
     if not sample.prompts:
         return None
     path = Path(data_path) / PROMPTS_FILE
-    tmp = path.with_name(PROMPTS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"prompts": sample.prompts, "seen": sample.seen}, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps({"prompts": sample.prompts, "seen": sample.seen}, indent=2) + "\n")
     return path
