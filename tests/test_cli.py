@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -306,6 +307,19 @@ def test_train_missing_pretrained_is_one_line_and_leaves_no_folder(tmp_path, cap
     assert not out.exists()
     out.mkdir()  # a folder that was there stays
     assert cli_main([*argv, f"model.pretrained={pretrained}"]) == 2 and out.is_dir()
+
+
+def test_train_on_missing_features_is_one_line_before_any_validation_notice(tmp_path, capsys):
+    """The shipped config validates on the data's own captions: with no data, the missing data is the one thing said
+    (before: a notice that validation_prompts.json is missing came first)."""
+    config = TINY.parent / "microshapes.yaml"
+    argv = ["train", "--config", str(config), f"data.path={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'run'}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(argv) == 1
+    assert [str(w.message) for w in caught] == []
+    assert _one_error_line(capsys.readouterr().err).startswith("No feature shards (*.safetensors) in")
+    assert not (tmp_path / "run").exists()
 
 
 def test_extract_checks_its_data_before_writing(tmp_path, capsys):

@@ -45,13 +45,19 @@ def _open_shard(file: Path):
         ) from error
 
 
+def feature_files(path: str | Path) -> list[Path]:
+    """The feature shards in ``path`` (``*.safetensors`` but the null caption); none is a FileNotFoundError."""
+    files = sorted(p for p in Path(path).glob("*.safetensors") if p.name != NULL_CAPTION_FILE)
+    if not files:
+        raise FileNotFoundError(f"No feature shards (*.safetensors) in {str(path)!r}; run `dit extract` first.")
+    return files
+
+
 class FeatureDataset(Dataset):
     """Samples from a folder of feature shards (``*.safetensors``), loaded lazily shard by shard."""
 
     def __init__(self, path: str | Path):
-        self.files = sorted(p for p in Path(path).glob("*.safetensors") if p.name != NULL_CAPTION_FILE)
-        if not self.files:
-            raise FileNotFoundError(f"No feature shards (*.safetensors) in {path!r}; run `dit extract` first.")
+        self.files = feature_files(path)
         self.lengths, self.sizes = [], []
         for file in self.files:
             with _open_shard(file) as f:

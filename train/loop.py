@@ -29,7 +29,7 @@ from dit.nn.text_padding import trimmed_text_length
 from .buckets import bucketed
 from .checkpointing import METRICS, checkpoint_dir, truncate_metrics
 from .config import ConfigError, TrainConfig, validate
-from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate
+from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate, feature_files
 from .ema import EMA, is_sharded
 from .engine import _check_engine, _tracker
 from .features import Feature, StepInputs, check_features, merge
@@ -60,6 +60,8 @@ class Trainer(RunFolder, RunOutputs):
 
     def __init__(self, config: TrainConfig):
         self.config = validate(config)
+        if config.data.source == "features":
+            feature_files(config.data.path)  # missing data is said first, before what validation would need of it
         encoders_source(config)  # output_dir/pipeline can be complete: checked before anything is written
         self.root = Path(config.output_dir)
         # cpu=True without CUDA: several processes (torchrun or `accelerate launch --multi_gpu`) then run

@@ -101,7 +101,9 @@ def _from_pretrained(cls: type, pretrained: str) -> torch.nn.Module:
     if not Path(pretrained).exists() and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1):
         raise ConfigError(f"{unknown} (a hub id looks like org/name).")
     try:
-        return cls.from_pretrained(pretrained, subfolder=_transformer_subfolder(pretrained))
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notice for what diffusers passes it
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            return cls.from_pretrained(pretrained, subfolder=_transformer_subfolder(pretrained))
     except OSError as error:
         if Path(pretrained).exists():
             raise
