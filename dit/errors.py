@@ -99,13 +99,24 @@ def _code_of(error: BaseException, user_errors: Mapping[type[BaseException], int
 
 @contextmanager
 def removed_if_left_empty(folder: str | Path | None) -> Iterator[None]:
-    """Remove ``folder`` when the block fails and left it empty (only empty folders inside) and it did not exist
-    before: a failed start leaves nothing behind; a folder that was there is never removed."""
-    folder = Path(folder) if folder is not None else None
-    existed = folder is None or folder.exists() or folder.is_symlink()
+    """Remove ``folder`` (and the parents the block created for it) when the block fails and left it empty (only
+    empty folders inside) and it did not exist before: a failed start leaves nothing behind; a folder that was there
+    is never removed."""
+    new = _first_missing(Path(folder)) if folder is not None else None
     try:
         yield
     except BaseException:
-        if not existed and folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
-            shutil.rmtree(folder, ignore_errors=True)
+        if new is not None and new.is_dir() and not any(p.is_file() or p.is_symlink() for p in new.rglob("*")):
+            shutil.rmtree(new, ignore_errors=True)
         raise
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (what creating it would add); None when
+    ``folder`` exists."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing = path
+    return missing

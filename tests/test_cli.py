@@ -341,3 +341,7 @@ def test_removed_if_left_empty_keeps_what_was_there_or_written(tmp_path):
                 (folder / "sub" / "file").write_text("x")
             raise RuntimeError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "written"]
+    with pytest.raises(RuntimeError), removed_if_left_empty(tmp_path / "runs" / "mine"):  # parents made for it too
+        (tmp_path / "runs" / "mine").mkdir(parents=True)
+        raise RuntimeError
+    assert not (tmp_path / "runs").exists()
