@@ -22,12 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, alternate, machine, peak_bytes, result_path, write_json  # noqa: E402
 
-from dit.nn.attention import DiTAttention  # noqa: E402
+from dit.models.presets import preset_config  # noqa: E402
+from dit.nn.attention import AttentionSpec, DiTAttention  # noqa: E402
 from dit.nn.blocks import PixArtBlock  # noqa: E402
 from dit.nn.context import BlockContext  # noqa: E402
 from dit.nn.kernels import kernel_mode, triton_installed  # noqa: E402
 
-WIDTH, HEADS, TEXT = 1152, 16, 120  # PixArt-XL
+_XL = preset_config("PixArt-XL-2-1024")
+WIDTH, HEADS, TEXT = _XL["num_attention_heads"] * _XL["attention_head_dim"], _XL["num_attention_heads"], 120
 VARIANTS = {
     "softmax": {},
     "kv_compress_2": {"kv_compress_ratio": 2, "kv_compress_mode": "conv"},
@@ -42,10 +44,10 @@ KERNEL_VARIANTS = ("kv_compress_2", "linear")
 
 
 def _modules(options: dict, device: str, dtype: torch.dtype):
-    opts = dict(options)
-    heads = opts.pop("heads", HEADS)
-    layer = DiTAttention(WIDTH, heads, WIDTH // heads, **opts)
-    block = PixArtBlock(WIDTH, HEADS, WIDTH // HEADS, cross_attention_dim=WIDTH, self_attention_options=options)
+    spec = AttentionSpec(**options)
+    heads = spec.heads or HEADS
+    layer = DiTAttention(WIDTH, heads, WIDTH // heads, spec=spec)
+    block = PixArtBlock(WIDTH, HEADS, WIDTH // HEADS, cross_attention_dim=WIDTH, self_attention=spec)
     return layer.to(device, dtype).eval(), block.to(device, dtype).eval()
 
 

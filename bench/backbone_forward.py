@@ -1,14 +1,17 @@
 """Our PixArt forward against diffusers' PixArtTransformer2DModel with the same weights.
 
-PixArt-XL-shaped blocks (16 heads x 72, 4096-wide T5 captions) with fewer layers, batch 2, 512px and 1024px
-latents, fp32 and bf16 (weights cast, not autocast), for an α config (micro-conditions, 120-token text with 40
-real) and a Σ config (300-token padding, a 20-token prompt). Each model gets the text as its pipeline passes it:
-diffusers the full padding, ours the padding trimmed to a 64-multiple on the host (``trim_text_padding``, once per
-pipeline call; exact). Runs alternate and flip order; medians are compared. Peak memory is the forward's peak resident memory above its start in a fresh process on CPU
-(``max_memory_allocated`` on CUDA). Writes ``bench/results/backbone_forward_<device>.json``.
+PixArt-XL-shaped blocks (16 heads x 72, 4096-wide T5 captions; ``--preset`` names another PixArt size of
+``dit.models.presets``) with fewer layers, batch 2, 512px and 1024px latents, fp32 and bf16 (weights cast, not
+autocast), for an α config (micro-conditions, 120-token text with 40 real) and a Σ config (300-token padding, a
+20-token prompt). Each model gets the text as its pipeline passes it: diffusers the full padding, ours the padding
+trimmed to a 64-multiple on the host (``trim_text_padding``, once per pipeline call; exact). Runs alternate and flip
+order; medians are compared. Peak memory is the forward's peak resident memory above its start in a fresh process
+on CPU (``max_memory_allocated`` on CUDA). Writes the JSON to ``--out`` (``bench/results/backbone_forward_<device>.json``
+records it; default ``runs/bench/``).
 
     python bench/backbone_forward.py                       # CPU, everything
     python bench/backbone_forward.py --device cuda --dtypes bf16 --sizes 1024
+    python bench/backbone_forward.py --preset tiny-pixart --sizes 64 --dtypes fp32   # seconds
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from dit.models.presets import PRESETS, preset_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -40,29 +45,45 @@ VARIANTS = {
     "alpha": {"config": {"use_additional_conditions": True}, "text_tokens": 120, "real_tokens": 40},
     "sigma": {"config": {"use_additional_conditions": False}, "text_tokens": 300, "real_tokens": 20},
 }
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
-          sample_size=128, patch_size=2, caption_channels=4096, interpolation_scale=2)  # fmt: skip
+#: The presets this benchmark can time: ours against diffusers' class, so PixArt ones only.
+PIXART_PRESETS = [name for name, preset in PRESETS.items() if preset.cls == "PixArtTransformer"]
+#: PixArt-XL-2 at 1024 px (the XL blocks; ``--layers`` of its 28 are timed).
+DEFAULT_PRESET = "PixArt-XL-2-1024"
 
 
-def build(variant: str, layers: int, dtype: torch.dtype, device: str):
+def base_config(preset: str = DEFAULT_PRESET) -> dict:
+    """The preset's config without its micro-conditions (each variant sets its own)."""
+    config = preset_config(preset)
+    config.pop("use_additional_conditions", None)
+    return config
+
+
+def build(variant: str, layers: int, dtype: torch.dtype, device: str, preset: str = DEFAULT_PRESET):
     """diffusers' model with random weights and ours with the same weights, both cast to ``dtype``."""
     from diffusers import PixArtTransformer2DModel
 
     from dit import PixArtTransformer
 
-    config = {**XL, **VARIANTS[variant]["config"], "num_layers": layers}
+    config = {**base_config(preset), **VARIANTS[variant]["config"], "num_layers": layers}
     torch.manual_seed(0)
     reference = PixArtTransformer2DModel(**config).eval()
     ours = PixArtTransformer(**config).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
-    return reference.to(device, dtype), ours.to(device, dtype), config
+    return reference.to(device, dtype), ours.to(device, dtype), dict(ours.config)  # every field, defaults included
 
 
 def inputs(
-    variant: str, size: int, batch: int, dtype: torch.dtype, device: str, trimmed: bool = False, width: int = 4096
+    variant: str,
+    size: int,
+    batch: int,
+    dtype: torch.dtype,
+    device: str,
+    trimmed: bool = False,
+    width: int = 4096,
+    channels: int = 4,
 ) -> dict:
-    """One forward's inputs, captions ``width`` wide; ``trimmed``: the text as our pipeline passes it (padding cut
-    to a 64-multiple)."""
+    """One forward's inputs, captions ``width`` wide, latents of ``channels``; ``trimmed``: the text as our pipeline
+    passes it (padding cut to a 64-multiple)."""
     from dit.nn.text_padding import trim_text_padding
 
     spec = VARIANTS[variant]
@@ -71,7 +92,7 @@ def inputs(
     mask = torch.zeros(batch, spec["text_tokens"], dtype=torch.long)
     mask[:, : spec["real_tokens"]] = 1
     kwargs = {
-        "hidden_states": torch.randn(batch, 4, latent, latent, generator=gen).to(device, dtype),
+        "hidden_states": torch.randn(batch, channels, latent, latent, generator=gen).to(device, dtype),
         "encoder_hidden_states": torch.randn(batch, spec["text_tokens"], width, generator=gen).to(device, dtype),
         "encoder_attention_mask": mask.to(device),
         "timestep": torch.full((batch,), 500, device=device),
@@ -110,12 +131,19 @@ def run(model, kwargs) -> torch.Tensor:
         return model(**kwargs, return_dict=False)[0]
 
 
-def memory_probe(which: str, variant: str, size: int, dtype: str, layers: int, batch: int, device: str) -> int:
+def model_inputs(variant: str, size: int, batch: int, dtype: torch.dtype, device: str, config: dict, trimmed: bool):
+    """:func:`inputs` shaped for ``config`` (its latent channels and caption width)."""
+    shape = {"width": config["caption_channels"], "channels": config["in_channels"]}
+    return inputs(variant, size, batch, dtype, device, trimmed=trimmed, **shape)
+
+
+def memory_probe(which: str, variant: str, size: int, dtype: str, args) -> int:
     """Peak memory of one forward above its start (fresh process on CPU)."""
-    reference, ours, _ = build(variant, layers, DTYPES[dtype], device)
+    device = args.device
+    reference, ours, config = build(variant, args.layers, DTYPES[dtype], device, args.preset)
     model = reference if which == "diffusers" else ours
     del reference, ours
-    kwargs = inputs(variant, size, batch, DTYPES[dtype], device, trimmed=which == "ours")
+    kwargs = model_inputs(variant, size, args.batch, DTYPES[dtype], device, config, trimmed=which == "ours")
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -132,9 +160,9 @@ def memory_probe(which: str, variant: str, size: int, dtype: str, layers: int, b
 
 def measure_memory(which, variant, size, dtype, args) -> int:
     if args.device == "cuda":
-        return memory_probe(which, variant, size, dtype, args.layers, args.batch, "cuda")
+        return memory_probe(which, variant, size, dtype, args)
     cmd = [sys.executable, __file__, "--memory-probe", which, variant, str(size), dtype,
-           "--layers", str(args.layers), "--batch", str(args.batch)]  # fmt: skip
+           "--layers", str(args.layers), "--batch", str(args.batch), "--preset", args.preset]  # fmt: skip
     # Every allocation of 64 KiB or more gets its own mapping, returned on free: resident memory then follows
     # live tensors instead of whatever glibc kept cached from building the model.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -143,9 +171,9 @@ def measure_memory(which, variant, size, dtype, args) -> int:
 
 
 def bench_case(variant: str, size: int, dtype: str, args, peaks: dict) -> dict:
-    reference, ours, config = build(variant, args.layers, DTYPES[dtype], args.device)
-    kwargs = inputs(variant, size, args.batch, DTYPES[dtype], args.device)
-    ours_kwargs = inputs(variant, size, args.batch, DTYPES[dtype], args.device, trimmed=True)
+    reference, ours, config = build(variant, args.layers, DTYPES[dtype], args.device, args.preset)
+    kwargs = model_inputs(variant, size, args.batch, DTYPES[dtype], args.device, config, trimmed=False)
+    ours_kwargs = model_inputs(variant, size, args.batch, DTYPES[dtype], args.device, config, trimmed=True)
     diff = (run(ours, ours_kwargs).float() - run(reference, kwargs).float()).abs().max().item()
     calls = {"diffusers": functools.partial(run, reference, kwargs), "ours": functools.partial(run, ours, ours_kwargs)}
     timing = alternate(calls, args.device, args.runs)
@@ -176,10 +204,11 @@ def bench_case(variant: str, size: int, dtype: str, args, peaks: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=PIXART_PRESETS, help="the model size (its width)")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--variants", default="alpha,sigma")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="how many of the preset's layers")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     add_out_argument(parser, "backbone_forward_<device>.json")
@@ -187,7 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_probe:
         which, variant, size, dtype = args.memory_probe
-        peak = memory_probe(which, variant, int(size), dtype, args.layers, args.batch, args.device)
+        peak = memory_probe(which, variant, int(size), dtype, args)
         print(json.dumps({"peak_bytes": peak}))
         return
 
@@ -204,7 +233,14 @@ def main() -> None:
         "benchmark": "backbone_forward",
         "device": args.device,
         "machine": machine(args.device),
-        "config": {**XL, "num_layers": args.layers, "batch": args.batch, "runs": args.runs, "variants": VARIANTS},
+        "preset": args.preset,
+        "config": {
+            **base_config(args.preset),
+            "num_layers": args.layers,
+            "batch": args.batch,
+            "runs": args.runs,
+            "variants": VARIANTS,
+        },
         "matmul_peak_gflops": peaks,
         "flop_basis": "multiply-adds of the forward as diffusers executes it, padded text included",
         "targets": "CPU: ours <= 1.0x diffusers' median time in every case, <= 0.95x for the Σ 300-token cases, "

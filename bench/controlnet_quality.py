@@ -50,12 +50,13 @@ def objective_overrides(scheduler) -> list[str]:
     overrides = [f"objective.name={PREDICTIONS[cfg.prediction_type]}",
                  f"objective.num_train_timesteps={cfg.num_train_timesteps}"]  # fmt: skip
     if cfg.get("trained_betas") is None:
-        return overrides + [f"objective.beta_start={cfg.beta_start}", f"objective.beta_end={cfg.beta_end}"]
-    # a shifted schedule (dit.train.parametrisation.discrete_betas): every SNR of PixArt's linear betas divided by shift^2
+        return overrides + [f"objective.discrete.beta_start={cfg.beta_start}",
+                            f"objective.discrete.beta_end={cfg.beta_end}"]  # fmt: skip
+    # a shifted schedule (dit.train.objectives.parametrisation.discrete_betas): every SNR of PixArt's linear betas divided by shift^2
     betas = torch.linspace(0.0001, 0.02, cfg.num_train_timesteps, dtype=torch.float64)
     trained = torch.tensor(cfg.trained_betas, dtype=torch.float64)
     snr = [(a / (1 - a)) for a in (torch.cumprod(1 - b, 0) for b in (betas, trained))]
-    return overrides + [f"objective.noise_shift={float((snr[0] / snr[1]).median().sqrt()):.6g}"]
+    return overrides + [f"objective.discrete.noise_shift={float((snr[0] / snr[1]).median().sqrt()):.6g}"]
 
 
 def write_features(pipe, out: Path, n_images: int, kind: str, seed: int = 0) -> None:
@@ -63,7 +64,7 @@ def write_features(pipe, out: Path, n_images: int, kind: str, seed: int = 0) -> 
     from dit.microshapes.control import control_image, image_size
     from dit.microshapes.recipe import to_tensor
     from dit.microshapes.world import paraphrase, random_scene, render
-    from dit.train.feature_writer import ControlFeatureWriter
+    from dit.train.extract.feature_writer import ControlFeatureWriter
 
     width, height = image_size(pipe)
     rng = random.Random(seed)

@@ -91,7 +91,7 @@ def pipeline(work: Path, out: str = "train"):
     from dit import FiTTransformer
     from dit.microshapes.mixed_sizes import shipped_encoders
     from dit.pipelines import TextToImagePipeline
-    from dit.train.extraction import load_encoders
+    from dit.train.extract.extraction import load_encoders
 
     checkpoints = work / out / "checkpoints"
     transformer = FiTTransformer.from_pretrained(checkpoints / (checkpoints / "latest").read_text() / "model").eval()
@@ -288,7 +288,7 @@ def main() -> None:
     results = evaluate(pipe, args)
     evaluation_s = time.perf_counter() - started
     from dit.train import load_config
-    from dit.train.config import to_yaml
+    from dit.train.config_io import to_yaml
 
     payload = {
         "benchmark": "fit_quality",

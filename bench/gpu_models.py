@@ -18,12 +18,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backbone_forward import VARIANTS, inputs  # noqa: E402
-from backbone_forward import XL as FORWARD_XL  # noqa: E402
+from backbone_forward import VARIANTS, base_config, inputs  # noqa: E402
 from common import alternate  # noqa: E402
 
 #: PixArt-XL-2 at 1024 px, all 28 layers (α: micro-conditions, 120-token text; Σ: none, 300-token text).
-XL = {**FORWARD_XL, "num_layers": 28}
+XL = base_config("PixArt-XL-2-1024")
 #: The same shapes at toy width and depth, for ``--tiny`` (CPU, seconds).
 TINY = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, cross_attention_dim=48,
             sample_size=16, patch_size=2, caption_channels=32, interpolation_scale=1, num_layers=2)  # fmt: skip

@@ -1,7 +1,8 @@
 """The GPU benchmark suite: one command on one H100 or H200 (sized for about 8 minutes), JSON into --out.
 
 On the lent machines, which have no diffusers and no network: ``bash bench/gpu_session.sh [options]`` (see its
-header), in calls that each fit the 10-minute limit: ``--parts forward,train`` (about 4 min on an H200), then
+header), in calls that each fit the 10-minute limit (each part's wall time: ``bench/results/gpu_suite.json``):
+``--parts forward,train``, then
 ``--parts pytest,attention,lit,profile``, then ``--parts microshapes,lcm,recipe``.
 
 Parts (all by default, in this order; ``--parts`` picks some):

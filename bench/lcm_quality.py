@@ -67,7 +67,7 @@ def distill(teacher_dir: Path, feature_dir: Path, out: Path, mode: str, steps: i
     overrides = [
         f"data.path={feature_dir}", f"validation.pipeline={teacher_dir}", f"output_dir={out / 'train'}",
         "overwrite=true", *start, "objective.distill=lcm",
-        f"objective.distill_teacher={teacher_dir}", "data.caption_dropout=0", "optim.lr=1e-4",
+        f"objective.teacher={teacher_dir}", "data.caption_dropout=0", "optim.lr=1e-4",
         "optim.warmup_steps=100", "optim.schedule=cosine", "objective.lcm.loss=l2", f"max_steps={steps}",
         f"checkpoint_every={steps}",
         "ema_decay=null", "validation.every=0", "report_to=none", *MODES[mode], *extra,

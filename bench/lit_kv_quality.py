@@ -4,7 +4,7 @@
 
 Three runs on the MicroShapes features, each with the trainer and `configs/microshapes.yaml`:
 1. LiT inherited from the shipped PixArt model (``model.inherit_from``) with hybrid distillation from it
-   (``objective.distill_teacher``), for 25% of the teacher's training steps;
+   (``objective.teacher``), for 25% of the teacher's training steps;
 2. the same LiT from scratch for the same steps (reported beside it);
 3. the shipped model with KV compression (ratio 2, deep half, conv from the averaging init), briefly fine-tuned.
 Each is evaluated like the teacher (20 steps, guidance 4.5, the same suite and seeds). Targets: LiT distilled >= 90%
@@ -78,7 +78,7 @@ def main() -> None:
     short = [f"max_steps={student_steps}", "ema_decay=0.995", "optim.warmup_steps=100", f"checkpoint_every={10**9}"]
     runs = {
         "lit_distilled": ["model.cls=LiTTransformer", f"model.inherit_from={teacher}",
-                          f"objective.distill_teacher={teacher}", *short],
+                          f"objective.teacher={teacher}", *short],
         "lit_scratch": ["model.cls=LiTTransformer", *short],
         "kv_compress_2": [f"model.inherit_from={teacher}", "model.kwargs.kv_compress_ratio=2",
                           f"max_steps={args.kv_steps}", "optim.lr=2e-4", "optim.warmup_steps=20",

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, alternate, machine, peak_bytes, write_json  # noqa: E402
 
 from dit import LiTTransformer, PixArtTransformer  # noqa: E402
+from dit.models.presets import preset_config  # noqa: E402
 from dit.nn.kernels import kernel_mode, triton_installed  # noqa: E402
 
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
-          sample_size=128, patch_size=2, caption_channels=4096, interpolation_scale=2, num_layers=28,
-          use_additional_conditions=False)  # fmt: skip
+#: PixArt-Σ XL/2 at 1024 px, all 28 layers; the LiT models are the same config as LiTTransformer (LiT-XL-2-1024).
+XL = preset_config("PixArt-Sigma-XL-2-1024")
 TINY = dict(
     XL, num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64, caption_channels=32, num_layers=2
 )

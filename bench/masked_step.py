@@ -6,7 +6,8 @@ compared. Target (issue: micro-budget training): the 0.75 step takes <= 0.4x the
 
 Presets: ``tiny`` (default): a small MicroDiT at 256 px (32x32 latents, patch 2 -> 256 tokens, width 256,
 8 backbone blocks, a 1-block patch-mixer, 4 experts every other block); ``microshapes``: the MicroShapes ablation
-model (64 tokens), whose ratios set the ablation's equal-budget step counts.
+model (64 tokens; the ``microshapes-microdit`` size preset of ``dit.models.presets``), whose ratios set the ablation's
+equal-budget step counts.
 
     python bench/masked_step.py [--preset microshapes] [--device cuda --dtype bf16]
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dit.models.presets import preset_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, alternate, machine, write_json  # noqa: E402
 
@@ -32,10 +35,7 @@ PRESETS = {
         batch=8, text_tokens=77, latent_channels=4,
     ),
     "microshapes": dict(
-        model=dict(num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, num_layers=6,
-                   cross_attention_dim=128, sample_size=32, patch_size=4, caption_channels=64,
-                   use_additional_conditions=False, interpolation_scale=1, patch_mixer_layers=1, num_experts=4),
-        batch=32, text_tokens=24, latent_channels=8,
+        model=preset_config("microshapes-microdit"), batch=32, text_tokens=24, latent_channels=8,
     ),
 }  # fmt: skip
 RATIOS = (0.0, 0.5, 0.75)
@@ -60,7 +60,7 @@ def trainer_at(ratio: float, folder: Path, preset: dict, dtype: str, steps: int)
 
     overrides = [f"data.path={folder}", f"data.batch_size={preset['batch']}", "data.caption_dropout=0",
                  "ema_decay=null", "model.cls=MicroDiTTransformer", f"output_dir={folder / f'run{ratio}'}",
-                 "objective.name=x0", "objective.x0_weighting=uniform", "report_to=none", "pipeline=false",
+                 "objective.name=x0", "objective.x0.weighting=uniform", "report_to=none", "pipeline=false",
                  f"masking.ratio={ratio}",
                  f"max_steps={steps}", f"mixed_precision={'no' if dtype == 'fp32' else dtype}"]  # fmt: skip
     config = load_config(None, overrides)

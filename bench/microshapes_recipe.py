@@ -1,6 +1,7 @@
 """The MicroShapes recipe's wall time and the evaluator's report, as one JSON (``--out``).
 
-    python bench/microshapes_recipe.py                          # run the recipe, then evaluate (CPU: ~45 min)
+    python bench/microshapes_recipe.py                          # run the recipe, then evaluate (CPU: the wall
+                                                                # time in bench/results/microshapes_cpu.json)
     python bench/microshapes_recipe.py --device cuda            # the same on one GPU
     python bench/microshapes_recipe.py --from-run runs/microshapes   # evaluate a finished run, with its recorded times
 

@@ -21,14 +21,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_scaling import HEADS, VARIANTS, WIDTH  # noqa: E402
 
-from dit.nn.attention import DiTAttention  # noqa: E402
+from dit.nn.attention import AttentionSpec, DiTAttention  # noqa: E402
 from dit.nn.kernels import kernel_mode  # noqa: E402
 
 
 def _layer(options: dict, device: str, dtype: torch.dtype) -> DiTAttention:
-    opts = dict(options)
-    heads = opts.pop("heads", HEADS)
-    return DiTAttention(WIDTH, heads, WIDTH // heads, **opts).to(device, dtype).eval()
+    spec = AttentionSpec(**options)
+    heads = spec.heads or HEADS
+    return DiTAttention(WIDTH, heads, WIDTH // heads, spec=spec).to(device, dtype).eval()
 
 
 @torch.inference_mode()

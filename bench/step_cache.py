@@ -18,7 +18,7 @@ extrapolated to first order) at two refresh intervals, each enabled by ``transfo
 Target: one setting at least 1.4x faster end to end with at most 3 points lower one-object accuracy. Writes the
 JSON to ``--out`` (``bench/results/step_cache_cpu.json`` records it) and prints a markdown table. ``--threads 1``
 (default) keeps CPU timings stable when other work shares the cores: with two threads on two shared cores the same
-batch took 2.5-10x longer and varied run to run.
+batch took several times longer and varied run to run.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Training step of our loop on our PixArt backbone against a plain step over diffusers' PixArtTransformer2DModel.
 
-Same config (PixArt-XL-shaped blocks, fewer layers), same batch (Σ-style 300-token text with 20-60 real tokens),
-same precision, AdamW and gradient clipping in both; EMA off in both. Ours is ``Trainer._optimizer_step`` (data
+Same config (PixArt-XL-shaped blocks, fewer layers; ``--preset`` names another PixArt size of ``dit.models.presets``),
+same batch (Σ-style 300-token text with 20-60 real tokens), same precision, AdamW and gradient clipping in both; EMA
+off in both. Ours is ``Trainer._optimizer_step`` (data
 plan, per-sample draws, DDPM ε loss with the learned-sigma term); the reference is the minimal diffusers step
 (forward, ε MSE on the first channels, backward, clip, AdamW). Runs alternate; medians compared. Peak memory is
 one step's peak resident memory above its start, after a warm-up step, in a fresh process.
 
     python bench/train_step.py [--device cuda --dtype bf16 --size 512 --layers 28]
+    python bench/train_step.py --preset tiny-pixart --size 64      # seconds
 """
 
 from __future__ import annotations
@@ -22,30 +24,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dit.models.presets import PRESETS, preset_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, alternate, machine, peak_bytes, write_json  # noqa: E402
 
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, cross_attention_dim=1152,
-          sample_size=64, patch_size=2, caption_channels=4096, interpolation_scale=1, use_additional_conditions=False)  # fmt: skip
+#: The presets this benchmark can time: ours against diffusers' class, so PixArt ones only.
+PIXART_PRESETS = [name for name, preset in PRESETS.items() if preset.cls == "PixArtTransformer"]
+#: PixArt-XL-2 at 512 px (the XL blocks; ``--layers`` of its 28 are trained, at ``--size``).
+DEFAULT_PRESET = "PixArt-XL-2-512"
 TEXT_TOKENS = 300
 
 
-def write_features(folder: Path, batch: int, latent: int, text_tokens: int = TEXT_TOKENS, width: int = 4096) -> None:
-    """``batch * 4`` samples: random latents, ``text_tokens``-token captions with 20-60 real tokens (fewer when
-    ``text_tokens`` is smaller)."""
+def write_features(
+    folder: Path, batch: int, latent: int, text_tokens: int = TEXT_TOKENS, width: int = 4096, channels: int = 4
+) -> None:
+    """``batch * 4`` samples: random latents of ``channels``, ``text_tokens``-token captions ``width`` wide with 20-60
+    real tokens (fewer when ``text_tokens`` is smaller)."""
     gen = torch.Generator().manual_seed(0)
     n = batch * 4
     mask = torch.zeros(n, text_tokens, dtype=torch.long)
     for i in range(n):
         mask[i, : min(text_tokens, 20 + (i * 13) % 41)] = 1
-    save_file({"latent_mean": torch.randn(n, 4, latent, latent, generator=gen),
+    save_file({"latent_mean": torch.randn(n, channels, latent, latent, generator=gen),
                "text_embeds": torch.randn(n, text_tokens, width, generator=gen), "text_mask": mask},
               folder / "shard-000.safetensors")  # fmt: skip
 
 
-def build(args, folder: Path, model_config: dict = XL, ema_decay: float | None = None):
+def build(args, folder: Path, model_config: dict | None = None, ema_decay: float | None = None):
     """Our trainer (``ema_decay``: its EMA, off by default) and a diffusers model + optimizer with the same initial
-    weights, ``model_config`` with ``args.layers`` blocks at ``args.size`` px."""
+    weights, ``model_config`` (default: ``args.preset``'s) with ``args.layers`` blocks at ``args.size`` px."""
     from diffusers import PixArtTransformer2DModel
 
     from dit.train import Trainer, load_config
@@ -55,6 +63,7 @@ def build(args, folder: Path, model_config: dict = XL, ema_decay: float | None =
                  "pipeline=false", "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
                  f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}"]  # fmt: skip
     config = load_config(None, overrides)
+    model_config = preset_config(args.preset) if model_config is None else model_config
     config.model.kwargs = {**model_config, "num_layers": args.layers, "sample_size": args.size // 8}
     trainer = Trainer(config)
     torch.manual_seed(0)
@@ -99,7 +108,7 @@ def reference_step(reference, optimizer, batch: dict, device: str, dtype: str) -
 
 def reference_batch(trainer, size: int) -> dict:
     """``size`` samples with the full text padding, as diffusers' training scripts feed PixArt (our loop trims it)."""
-    from dit.train.data import collate
+    from dit.train.data.dataset import collate
 
     samples = [trainer.dataset[i] for i in range(size)]
     return collate(samples, min_text_length=samples[0]["text_mask"].shape[0])
@@ -115,9 +124,17 @@ def step_functions(trainer, reference, optimizer, args):
     }
 
 
+def features(folder: Path, args) -> None:
+    """The features of ``args.preset``'s shapes (:func:`write_features`)."""
+    config = preset_config(args.preset)
+    write_features(
+        folder, args.batch, args.size // 8, width=config["caption_channels"], channels=config["in_channels"]
+    )
+
+
 def memory_probe(which: str, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        write_features(Path(tmp), args.batch, args.size // 8)
+        features(Path(tmp), args)
         trainer, reference, optimizer = build(args, Path(tmp))
         step = step_functions(trainer, reference, optimizer, args)[which]
         (reference if which == "ours" else trainer.model).to("meta")  # drop the other model's weights
@@ -128,9 +145,10 @@ def memory_probe(which: str, args) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=PIXART_PRESETS, help="the model size (its width)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="how many of the preset's layers")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--memory-probe", choices=["ours", "diffusers"])
@@ -141,13 +159,15 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_features(Path(tmp), args.batch, args.size // 8)
+        features(Path(tmp), args)
         trainer, reference, optimizer = build(args, Path(tmp))
         timing = alternate(step_functions(trainer, reference, optimizer, args), args.device, args.runs)
     memory = {}
     for which in ("diffusers", "ours"):
         cmd = [sys.executable, __file__, "--memory-probe", which] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k in ("device", "dtype", "size", "layers", "batch")
+            f"--{k}={v}"
+            for k, v in vars(args).items()
+            if k in ("device", "preset", "dtype", "size", "layers", "batch")
         ]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -162,8 +182,9 @@ def main() -> None:
         "benchmark": "train_step",
         "device": args.device,
         "machine": machine(args.device),
+        "preset": args.preset,
         "config": {
-            **XL,
+            **preset_config(args.preset),
             "num_layers": args.layers,
             "image_size": args.size,
             "batch": args.batch,

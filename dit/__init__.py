@@ -29,6 +29,8 @@ __version__ = "0.1.0"
 #: Public name -> the module defining it (imported on first use).
 _EXPORTS = {
     "ControlNetAdapter": "dit.models",
+    "DiTBackbone": "dit.models",
+    "build_preset": "dit.models",
     "FiTTransformer": "dit.models",
     "LiTTransformer": "dit.models",
     "MicroDiTTransformer": "dit.models",

@@ -1,6 +1,6 @@
 """The checks of the ``dit`` commands' arguments, run before any model loads: prompts (``--prompt-file``, ``@FILE``),
-``-o``, ``--device`` and report paths. A bad one raises :class:`~dit.errors.UsageError` naming the option and the
-fix."""
+the sampling options, ``-o``, ``--device``, ``--model`` and report paths. A bad one raises
+:class:`~dit.errors.UsageError` naming the option and the fix."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dit.errors import UsageError, one_line
+from dit.microshapes.shipped import default_model
 
 #: Errors of the checks and the loading before any work: a bad value or folder (one line, exit code 2).
 SETUP_ERRORS = (ValueError, KeyError, OSError)
+#: ``--dtype`` -> the torch dtype's name.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def usage_errors() -> dict[type[BaseException], int]:
+    """What ``dit generate``, ``eval`` and ``controlnet-relevance`` print as one line ``error: ...`` (exit code): a
+    bad value or folder met while setting up (2), a file that cannot be written (1)."""
+    return {UsageError: 2, OSError: 1}
 
 
 def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
@@ -71,3 +80,42 @@ def check_report_path(path: str | None, flag: str = "--json") -> None:
     """A report file's folder exists (checked before any work)."""
     if path is not None and not Path(path).parent.is_dir():
         raise UsageError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first.")
+
+
+def check_sampling_args(args) -> None:
+    """The sampling options given on the command line (``--steps``, ``--guidance``, ``--height``, ``--width``,
+    ``--num-images``), checked before the model loads; a bad one raises a ``SamplingValueError`` that names the
+    option, the value and the allowed range."""
+    from functools import partial
+
+    from dit.pipelines import checks
+
+    options = {
+        "--steps": (args.steps, checks.check_num_inference_steps),
+        "--guidance": (args.guidance, checks.check_guidance_scale),
+        "--height": (args.height, partial(checks.check_image_side, "height")),
+        "--width": (args.width, partial(checks.check_image_side, "width")),
+        "--num-images": (getattr(args, "num_images", None), checks.check_num_images_per_prompt),
+    }
+    for flag, (value, check) in options.items():
+        if value is None:
+            continue
+        try:
+            check(value)
+        except checks.SamplingValueError as error:
+            raise checks.SamplingValueError(f"{flag}: {error}") from None
+
+
+def model_folder(model: Path | None) -> Path:
+    """``--model``: the pipeline folder to load: the shipped model when ``model`` is None, else ``model`` or, for a
+    training run folder, the ``pipeline/`` inside it (said on stderr, so stdout keeps only results)."""
+    from dit.pipelines.loading import pipeline_folder
+
+    if model is None:
+        if not (default_model() / "model_index.json").is_file():
+            raise FileNotFoundError(f"no default model in this install ({default_model()}); pass --model PATH.")
+        return default_model()
+    folder = pipeline_folder(model)
+    if folder != Path(model):
+        print(f"model: {folder} (the pipeline of the run folder {model})", file=sys.stderr)
+    return folder

@@ -7,6 +7,8 @@ a real adapter. The most relevant positions then make a slim adapter: the traine
 (``ControlNetAdapter.from_transformer(base, positions=...)``, ``controlnet.positions`` in the trainer).
 
     dit controlnet-relevance --model BASE_PIPELINE --controlnet ADAPTER [--keep 3 --slim-out SLIM] [--json R.json]
+
+(a ``dit`` command: :func:`add_parser` and :func:`run`, :mod:`dit.cli`'s convention).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .cli_checks import SETUP_ERRORS, check_report_path, resolve_device, usage_errors
 from .report import print_report
 
 if TYPE_CHECKING:  # imported where used: `dit --help` builds this parser without torch
@@ -91,7 +94,7 @@ def _user_metric(spec: str, base_pipe) -> Metric:
 
 
 def add_parser(commands) -> None:
-    """The ``dit controlnet-relevance`` subcommand."""
+    """The ``dit controlnet-relevance`` subcommand of ``commands`` (argparse sub-parsers)."""
     rel = commands.add_parser(
         "controlnet-relevance", help="quality drop of skipping each block of a trained ControlNet adapter (RelaCtrl)"
     )
@@ -109,13 +112,12 @@ def add_parser(commands) -> None:
     rel.add_argument("--slim-out", help="with --keep: save the adapter of the kept trained blocks here")
     rel.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     rel.add_argument("--json", help="write the report here too")
-    rel.set_defaults(func=main)
+    rel.set_defaults(func=run, user_errors=usage_errors)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``dit controlnet-relevance``: the inputs are checked and loaded first (a bad one raises
     :class:`~dit.errors.UsageError`, one line), then each block's relevance is measured."""
-    from .cli_checks import SETUP_ERRORS, check_report_path, resolve_device
     from .errors import as_usage_error
     from .models.controlnet import ControlNetAdapter
     from .pipelines import TextToImagePipeline

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .models import PixArtTransformer
+from .models.presets import preset_config
 from .pipelines.text_to_image import TextToImagePipeline
 
 WORDS = (
@@ -16,11 +17,8 @@ WORDS = (
     "bottom center above below white black gray background cat dog photo"
 ).split()
 
-TINY_PIXART = dict(
-    num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-    cross_attention_dim=24, sample_size=8, caption_channels=32, use_additional_conditions=False,
-    interpolation_scale=1,
-)  # fmt: skip
+#: The tiny PixArt transformer's config (the ``tiny-pixart`` size preset).
+TINY_PIXART = preset_config("tiny-pixart")
 
 
 def tiny_tokenizer(words: list[str] | tuple[str, ...] = tuple(WORDS), max_length: int = 16):

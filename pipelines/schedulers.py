@@ -3,7 +3,7 @@ predicts) and, for the discrete schedule, ``noise_shift`` (the SNR shift it was 
 
 A pipeline given ``scheduler=None`` (a transformer on its own, a folder without ``scheduler/``) samples with
 :func:`default_scheduler`; the trainer records both fields in every model it trains, so that the default is the
-sampler its run saved (:meth:`dit.train.parametrisation.Parametrisation.sampling_scheduler`).
+sampler its run saved (:meth:`dit.train.objectives.parametrisation.Parametrisation.sampling_scheduler`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 
 from dit.checkpoint import default_file_mode, restore_default_permissions
 from dit.train import Trainer, load_config
-from dit.train.extract_progress import save_atomically
+from dit.train.extract.progress import save_atomically
 from tests.tiny import TINY, make_features, save_tiny_pipeline
 
 

@@ -176,14 +176,52 @@ print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modul
 """
 
 
-@pytest.mark.parametrize("command", [["--help"], ["generate", "--help"], ["train", "--help"], ["extract", "--help"]])
+COMMAND_NAMES = ["generate", "eval", "train", "extract", "controlnet-relevance"]
+
+
+@pytest.mark.parametrize("command", [["--help"], *([name, "--help"] for name in COMMAND_NAMES)], ids=" ".join)
 def test_help_imports_neither_torch_nor_diffusers(command):
     """Every command's help answers without the heavy imports (before: ``dit train --help`` and ``dit extract
-    --help`` imported torch and diffusers, about 6 s)."""
+    --help`` imported torch and diffusers)."""
     result = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *command], capture_output=True, text=True,
                             env=OFFLINE)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "usage: dit" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout[-500:]
+
+
+def test_every_command_follows_the_one_convention():
+    """Each command is a module of dit.cli.COMMANDS whose add_parser registers it with func=run and user_errors."""
+    import argparse
+
+    from dit.cli import COMMANDS
+
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command")
+    for module in COMMANDS:
+        module.add_parser(commands)
+    assert sorted(commands.choices) == sorted(COMMAND_NAMES)
+    for module, (name, sub) in zip(COMMANDS, commands.choices.items()):
+        assert sub.get_default("func") is module.run, name
+        errors = sub.get_default("user_errors")()
+        assert errors and all(issubclass(kind, BaseException) and code in (1, 2) for kind, code in errors.items())
+
+
+@pytest.mark.parametrize("module", ["dit.train", "dit.train.extract"])
+def test_the_training_commands_run_on_their_own_too(module, tmp_path):
+    """``python -m dit.train`` and ``python -m dit.train.extract``: the same arguments, one-line errors."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=OFFLINE)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: dit {module.rsplit('.', 1)[-1]}")
+    bad = ["--config", "missing.yaml"] if module == "dit.train" else ["photos", "--pipeline", "p", "--out", "o"]
+    result = subprocess.run([sys.executable, "-m", module, *bad], cwd=tmp_path, capture_output=True, text=True,
+                            env=OFFLINE)  # fmt: skip
+    assert result.returncode == 2 and _one_error_line(result.stderr)
+
+
+def test_train_overrides_keep_their_place_among_the_options(tmp_path, capsys):
+    """``dit train``'s key=value overrides are positional arguments of its subcommand: before or after --config."""
+    for argv in (["train", "--config", "missing.yaml", "max_steps=1"], ["train", "max_steps=1", "--config", "m.yaml"]):
+        assert cli_main(argv) == 2
+        assert "no such file" in _one_error_line(capsys.readouterr().err)
 
 
 def test_version(capsys):

@@ -24,7 +24,8 @@ LAYERS = {
     "dit.train": 4,  # the training loop, its objectives and features, feature extraction
     "dit.microshapes": 5,  # the MicroShapes world, its evaluator and recipe
     "dit.tiny": 5,  # tiny components (T5, tokenizer, VAE, pipeline) for tests and the MicroShapes recipe
-    "dit.cli": 6,  # the `dit` command
+    "dit.cli": 6,  # the `dit` command: its parser and the list of its commands
+    "dit.commands": 6,  # `dit generate`, `dit eval`
     "dit.controlnet_relevance": 6,  # `dit controlnet-relevance`
     "dit": 6,  # the package root: a facade over the layers (never imported from inside them)
 }

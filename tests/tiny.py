@@ -21,9 +21,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit.models.presets import preset, preset_config
+from dit.models.registry import backbone_class
 from dit.pipelines import TextToImagePipeline
 from dit.tiny import tiny_t5, tiny_tokenizer, tiny_vae  # noqa: F401  (re-exported for the tests)
-from dit.train.objectives import Objective
+from dit.train.objectives.losses import Objective
 
 #: Where the Triton kernels' tests run: CUDA when there is one, else the CPU through ``TRITON_INTERPRET=1``
 #: (tests/conftest.py sets it before triton is imported).
@@ -36,24 +38,14 @@ needs_triton = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"  # the tiny PixArt training config
 
-# α-1024-MS style: micro-conditions on (sample_size 128 would switch them on by default; set explicitly here)
-ALPHA = dict(
-    num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-    cross_attention_dim=24, sample_size=8, caption_channels=32, use_additional_conditions=True,
-    interpolation_scale=2,
-)  # fmt: skip
+# The tiny size presets (dit.models.presets) under the names the tests use.
+# α-1024-MS style: micro-conditions on (sample_size 128 would switch them on by default; set explicitly there)
+ALPHA = preset_config("tiny-pixart-alpha")
 # Σ style: no micro-conditions, 300-token text in the real model
-SIGMA = dict(
-    num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=2,
-    cross_attention_dim=24, sample_size=8, caption_channels=32, use_additional_conditions=False,
-    interpolation_scale=1,
-)  # fmt: skip
+SIGMA = preset_config("tiny-pixart")
 CONFIGS = {"alpha": ALPHA, "sigma": SIGMA}
 # FiT: 4x4-patch training grid (sample_size 8, patch 2), up to 48 tokens per image (e.g. a 12x16 latent)
-FIT = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, patch_size=2, sample_size=8,
-    max_tokens=48, caption_channels=32,
-)  # fmt: skip
+FIT = preset_config("tiny-fit")
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
@@ -95,13 +87,13 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: f
     assert difference <= tolerance * scale, f"max |diff| {difference:.3g} > {tolerance:g} x {scale:.3g}"
 
 
+def tiny_backbone(name: str, **overrides) -> tuple[type, dict]:
+    """Size preset ``name``'s class and config (a fresh copy, ``overrides`` applied)."""
+    return backbone_class(preset(name).cls), preset_config(name, **overrides)
+
+
 #: One tiny config of every backbone class, by name: (class, config).
-BACKBONES = {
-    "pixart": (PixArtTransformer, SIGMA),
-    "lit": (LiTTransformer, SIGMA),
-    "microdit": (MicroDiTTransformer, {**SIGMA, "num_experts": 2, "patch_mixer_layers": 1}),
-    "fit": (FiTTransformer, FIT),
-}
+BACKBONES = {name: tiny_backbone(f"tiny-{name}") for name in ("pixart", "lit", "microdit", "fit")}
 
 
 # ----- one forward of every backbone variant, for compile, sync and placement checks ------------------------------
@@ -122,7 +114,7 @@ def variant_model(name: str) -> torch.nn.Module:
     if name == "fit-mixed":
         return FiTTransformer(**FIT).eval()
     if name == "microdit-masked":
-        return MicroDiTTransformer(**SIGMA, num_experts=2, patch_mixer_layers=1).train()
+        return MicroDiTTransformer(**preset_config("tiny-microdit")).train()
     raise KeyError(name)
 
 
@@ -227,11 +219,9 @@ MICRODIT = [
 ]  # fmt: skip
 
 
-# a tiny FiT: 2x2 patches, 4x4-patch training grid, up to 48 tokens; latents 4 channels, text width 32
-FIT_KWARGS = (
-    "{num_attention_heads: 2, attention_head_dim: 8, in_channels: 4, num_layers: 2, patch_size: 2, sample_size: 8, "
-    "max_tokens: 48, caption_channels: 32}"
-)
+# a tiny FiT (the tiny-fit preset) as a `model.kwargs=` override: 2x2 patches, 4x4-patch training grid, up to 48
+# tokens; latents 4 channels, text width 32 (JSON is a YAML flow mapping)
+FIT_KWARGS = json.dumps(FIT)
 SIZES = ((8, 8), (4, 12), (12, 4), (6, 6))  # latent (h, w): square, wide, tall, small square
 
 

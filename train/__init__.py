@@ -1,8 +1,12 @@
 """Training with accelerate (imported as ``dit.train``): one loop, pluggable objectives and features, exact resume.
 
+The top level holds the loop (:mod:`.loop`) and what builds a run (:mod:`.config`, :mod:`.model_setup`,
+:mod:`.engine`, :mod:`.optim`, :mod:`.ema`) and the ``dit train`` command (:mod:`.command`); the sub-packages hold the
+data (:mod:`.data`), the objectives (:mod:`.objectives`), the features (:mod:`.features`), the run folder and its
+outputs (:mod:`.run`) and feature extraction (:mod:`.extract`).
+
 ``import dit.train`` is cheap: the names below are imported on first use (``dit train --help`` needs no torch), and
-the built-in distillation objectives are imported when a run asks for one
-(:func:`dit.train.objectives.distillation_class`).
+a distillation's module is imported when a run asks for one (:data:`~dit.train.config.DISTILLATIONS`).
 """
 
 from dit.lazy import lazy_exports
@@ -11,15 +15,15 @@ from dit.lazy import lazy_exports
 _EXPORTS = {
     "TrainConfig": "dit.train.config",
     "load_config": "dit.train.config",
-    "ConsistencyDistillation": "dit.train.consistency",
-    "Distillation": "dit.train.distillation",
-    "HybridDistillation": "dit.train.distillation",
-    "TrainingInterrupted": "dit.train.interrupts",
+    "DISTILLATIONS": "dit.train.config",
+    "ConsistencyDistillation": "dit.train.objectives.consistency",
+    "Distillation": "dit.train.objectives.distillation",
+    "HybridDistillation": "dit.train.objectives.distillation",
+    "TrainingInterrupted": "dit.train.run.interrupts",
     "Trainer": "dit.train.loop",
     "TrainingDiverged": "dit.train.loop",
-    "OBJECTIVES": "dit.train.objectives",
-    "build_objective": "dit.train.objectives",
-    "register_distillation": "dit.train.objectives",
+    "OBJECTIVES": "dit.train.objectives.losses",
+    "build_objective": "dit.train.objectives.build",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,17 +1,32 @@
-"""Training configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides, validated on parse."""
+"""Training configuration: nested dataclasses loaded from YAML plus ``key=value`` overrides
+(:mod:`dit.train.config_io`), validated on parse (:func:`validate`).
+
+The ``objective`` section names a loss and, optionally, a distillation around it; each loss and each distillation
+reads its own sub-section (``objective.discrete``, ``objective.x0``, ``objective.flow``, ``objective.lcm``, ...), and
+:func:`validate_objective` checks the whole section in one place.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .config_io import (
+    AT_LEAST_1,
+    DECAY,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Range,
+    apply_override,
+    check_choices,
+    check_ranges,
+    from_dict,
+    read_yaml_file,
+)
 
 
 @dataclass
@@ -49,8 +64,50 @@ class DataConfig:
 
 
 @dataclass
+class DiscreteConfig:
+    """``objective.discrete``: the DDPM noise schedule of the discrete objectives (``ddpm_eps``, ``v``, ``x0``)."""
+
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    noise_shift: float = 1.0  # divide every timestep's SNR by noise_shift^2 (1: PixArt's linear betas)
+    min_snr_gamma: float | None = None  # min-SNR loss weighting; None: off
+
+
+@dataclass
+class EpsilonConfig:
+    """``objective.ddpm_eps``: ε-prediction, with PixArt's learned-sigma VLB term when the model outputs variance
+    channels."""
+
+    vlb_weight: float = 1.0
+
+
+@dataclass
+class SampleConfig:
+    """``objective.x0``: clean-sample prediction's loss weighting."""
+
+    weighting: str = "v"  # "v" (|x0_hat - x0|^2 / sigma^2, the v-space loss) or "uniform" (|x0_hat - x0|^2)
+    sigma_floor: float = 0.05  # "v" weighting: sigma >= this in the division
+
+
+@dataclass
+class FlowConfig:
+    """``objective.flow``: rectified flow's training times, t = sigmoid(N(logit_normal_mean, logit_normal_std^2))."""
+
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+
+@dataclass
+class HybridConfig:
+    """``objective.hybrid``: LiT's hybrid distillation (``objective.distill: hybrid``) from ``objective.teacher``."""
+
+    eps_weight: float = 0.5  # weight of ||eps_teacher - eps_student||^2
+    var_weight: float = 0.05  # weight of ||Sigma_teacher - Sigma_student||^2 (learned-sigma channels)
+
+
+@dataclass
 class LCMConfig:
-    """Latent consistency distillation (``objective.distill: lcm``); the teacher is ``objective.distill_teacher``.
+    """``objective.lcm``: latent consistency distillation (``objective.distill: lcm``) from ``objective.teacher``.
 
     Guidance is in diffusers' convention, ``uncond + g * (cond - uncond)`` (LCM's ``w`` is ``g - 1``). Fixed mode
     (PixArt-δ): the teacher uses ``guidance_scale`` and the student samples without CFG. Embedded mode
@@ -69,25 +126,58 @@ class LCMConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The loss. ``ddpm_eps`` (with PixArt's learned-sigma VLB term when the model outputs it), ``v``, ``x0``
-    (clean-sample prediction with the v-space loss), ``flow``."""
+    """The loss ``name`` (``ddpm_eps``, ``v``, ``x0``, ``flow``), optionally distilled from a frozen ``teacher`` by
+    the method ``distill`` (``hybrid``, ``lcm``). Each loss and each method reads its own section
+    (:data:`OBJECTIVE_SECTIONS`; a distillation's is named after it); :func:`validate_objective` checks them all."""
 
     name: str = "ddpm_eps"
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    min_snr_gamma: float | None = None
-    noise_shift: float = 1.0  # discrete objectives: divide every timestep's SNR by noise_shift^2 (1: PixArt's betas)
-    x0_weighting: str = "v"  # x0: "v" (|x0_hat - x0|^2 / sigma^2, the v-space loss) or "uniform" (|x0_hat - x0|^2)
-    x0_sigma_floor: float = 0.05  # x0 with "v" weighting: sigma >= this in the division
-    vlb_weight: float = 1.0
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
-    distill: str | None = None  # "hybrid" (LiT), "lcm" or another registered one; None: "hybrid" with a teacher
-    distill_teacher: str | None = None  # a frozen PixArt teacher folder (transformer or pipeline)
-    distill_eps_weight: float = 0.5  # weight of ||eps_teacher - eps_student||^2
-    distill_var_weight: float = 0.05  # weight of ||Sigma_teacher - Sigma_student||^2 (learned-sigma channels)
+    num_train_timesteps: int = 1000  # every loss: the discrete schedule's length, or flow's model-time scale
+    discrete: DiscreteConfig = field(default_factory=DiscreteConfig)
+    ddpm_eps: EpsilonConfig = field(default_factory=EpsilonConfig)
+    x0: SampleConfig = field(default_factory=SampleConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    distill: str | None = None  # a name of DISTILLATIONS; None: "hybrid" when a teacher is set, else no distillation
+    teacher: str | None = None  # a distillation's frozen teacher: a transformer or pipeline folder of any backbone
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
+
+    @property
+    def distillation(self) -> str | None:
+        """The distillation the run trains: ``distill``, or ``hybrid`` when only a ``teacher`` is set."""
+        return self.distill or ("hybrid" if self.teacher else None)
+
+
+#: ``objective.name`` -> the sections of ``objective`` its loss reads (besides ``num_train_timesteps``).
+OBJECTIVE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ddpm_eps": ("discrete", "ddpm_eps"),
+    "v": ("discrete",),
+    "x0": ("discrete", "x0"),
+    "flow": ("flow",),
+}
+
+#: The distillations, the one place their names live: ``objective.distill`` name -> ``module:Class``, imported when a
+#: run builds it (:func:`dit.train.objectives.build.distillation_class`), so that the config and ``dit train --help``
+#: import none of them. A method's settings are the ``objective`` section of its name (when it has any).
+DISTILLATIONS: dict[str, str] = {
+    "hybrid": "dit.train.objectives.distillation:HybridDistillation",
+    "lcm": "dit.train.objectives.consistency:ConsistencyDistillation",
+}
+
+#: Keys of the flat ``objective`` section of older configs -> where each one is now.
+MOVED_KEYS: dict[str, str] = {
+    "objective.beta_start": "objective.discrete.beta_start",
+    "objective.beta_end": "objective.discrete.beta_end",
+    "objective.noise_shift": "objective.discrete.noise_shift",
+    "objective.min_snr_gamma": "objective.discrete.min_snr_gamma",
+    "objective.vlb_weight": "objective.ddpm_eps.vlb_weight",
+    "objective.x0_weighting": "objective.x0.weighting",
+    "objective.x0_sigma_floor": "objective.x0.sigma_floor",
+    "objective.logit_normal_mean": "objective.flow.logit_normal_mean",
+    "objective.logit_normal_std": "objective.flow.logit_normal_std",
+    "objective.distill_teacher": "objective.teacher",
+    "objective.distill_eps_weight": "objective.hybrid.eps_weight",
+    "objective.distill_var_weight": "objective.hybrid.var_weight",
+}
 
 
 @dataclass
@@ -182,149 +272,6 @@ class TrainConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false are booleans, so ``mixed_precision: no`` stays the string 'no'."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    key: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-class ConfigError(ValueError):
-    """A configuration key that does not exist or a value of the wrong type; the message names it."""
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a type annotation (and turn YAML lists into tuples), or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not of type {annotation}.")
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}.")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}.")
-        (item,) = typing.get_args(annotation)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
-        return dict(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__}).")
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types are errors naming the key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(fields))}.")
-    values = {}
-    for name, value in data.items():
-        hint, key = hints[name], f"{where}.{name}"
-        values[name] = from_dict(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
-    return cls(**values)
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
-    if "=" not in override:
-        raise ConfigError(f"Override {override!r} must look like key=value (e.g. optim.lr=1e-4).")
-    key, raw = override.split("=", 1)
-    *parents, leaf = key.strip().split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"Override {override!r}: {part!r} is not a section.")
-    node[leaf] = _load_yaml(raw)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`. A missing
-    file or broken YAML is a :class:`ConfigError` naming the file (and the line and column)."""
-    data = _read_yaml_file(Path(path)) if path is not None else {}
-    data = data or {}
-    for override in overrides:
-        apply_override(data, override)
-    return validate(from_dict(TrainConfig, data))
-
-
-def _read_yaml_file(path: Path):
-    try:
-        return _load_yaml(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        reason = "no such file" if isinstance(error, FileNotFoundError) else " ".join(str(error).split())
-        raise ConfigError(f"--config {path}: {reason}.") from error
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or " ".join(str(error).split())
-        raise ConfigError(f"{where}: not valid YAML ({problem}).") from error
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a number may take: ``low``/``high`` bounds (None: unbounded), each closed unless ``*_open``."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def admits(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
-FRACTION, DECAY = Range(0, 1), Range(0, 1, high_open=True)
-
 #: Allowed ranges of numeric keys (null stays allowed where the type is optional); tuples are checked per element.
 RANGES: dict[str, Range] = {
     "max_steps": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
@@ -332,58 +279,109 @@ RANGES: dict[str, Range] = {
     "data.batch_size": AT_LEAST_1, "data.num_workers": NON_NEGATIVE, "data.caption_dropout": FRACTION,
     "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.betas": DECAY, "optim.eps": POSITIVE,
     "optim.warmup_steps": NON_NEGATIVE, "optim.grad_clip": POSITIVE,
-    "objective.num_train_timesteps": AT_LEAST_1, "objective.beta_start": Range(0, 1, True, True),
-    "objective.beta_end": Range(0, 1, True, True), "objective.min_snr_gamma": POSITIVE,
-    "objective.noise_shift": POSITIVE, "objective.x0_sigma_floor": POSITIVE, "objective.vlb_weight": NON_NEGATIVE,
-    "objective.logit_normal_std": POSITIVE, "objective.distill_eps_weight": NON_NEGATIVE,
-    "objective.distill_var_weight": NON_NEGATIVE, "objective.lcm.guidance_scale": NON_NEGATIVE,
-    "objective.lcm.guidance_range": NON_NEGATIVE, "objective.lcm.num_ddim_timesteps": AT_LEAST_1,
-    "objective.lcm.timestep_scaling": POSITIVE, "objective.lcm.huber_c": POSITIVE, "objective.lcm.target_ema": DECAY,
     "validation.every": NON_NEGATIVE, "validation.steps": AT_LEAST_1, "validation.guidance_scale": NON_NEGATIVE,
     "validation.height": AT_LEAST_1, "validation.width": AT_LEAST_1,
     "model.lora_rank": AT_LEAST_1, "model.lora_alpha": POSITIVE, "controlnet.num_blocks": AT_LEAST_1,
     "masking.ratio": DECAY, "masking.unmasked_steps": NON_NEGATIVE,
 }  # fmt: skip
 
-#: The built-in distillation objectives: ``objective.distill`` name -> the module that defines it, imported when a run
-#: builds it (:func:`dit.train.objectives.distillation_class`), so that importing the trainer's parts (or ``dit train
-#: --help``) needs none of them.
-BUILTIN_DISTILLATIONS: dict[str, str] = {"hybrid": "dit.train.distillation", "lcm": "dit.train.consistency"}
-
-#: ``objective.distill``'s values: None, the built-in distillations, and any a plug-in registers with
-#: :func:`dit.train.objectives.register_distillation`.
-DISTILL_CHOICES: list[str | None] = [None, *BUILTIN_DISTILLATIONS]
-
 #: Allowed values of string keys.
-CHOICES: dict[str, tuple | list] = {
+CHOICES: dict[str, tuple] = {
     "optim.schedule": ("constant", "cosine"),
-    "objective.x0_weighting": ("v", "uniform"),
-    "objective.distill": DISTILL_CHOICES,
-    "objective.lcm.loss": ("huber", "l2"),
     "mixed_precision": ("no", "fp16", "bf16", "fp8"),
     "report_to": ("auto", "tensorboard", "none"),
 }
 
+#: The ranges of the ``objective`` section's keys, checked by :func:`validate_objective`.
+OBJECTIVE_RANGES: dict[str, Range] = {
+    "num_train_timesteps": AT_LEAST_1, "discrete.beta_start": Range(0, 1, True, True),
+    "discrete.beta_end": Range(0, 1, True, True), "discrete.noise_shift": POSITIVE,
+    "discrete.min_snr_gamma": POSITIVE, "ddpm_eps.vlb_weight": NON_NEGATIVE, "x0.sigma_floor": POSITIVE,
+    "flow.logit_normal_std": POSITIVE, "hybrid.eps_weight": NON_NEGATIVE, "hybrid.var_weight": NON_NEGATIVE,
+    "lcm.guidance_scale": NON_NEGATIVE, "lcm.guidance_range": Range(1), "lcm.num_ddim_timesteps": AT_LEAST_1,
+    "lcm.timestep_scaling": POSITIVE, "lcm.huber_c": POSITIVE, "lcm.target_ema": DECAY,
+}  # fmt: skip
 
-def _lookup(config: Any, key: str) -> Any:
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
+#: The allowed values of the ``objective`` section's string keys (``distill``: :data:`DISTILLATIONS`).
+OBJECTIVE_CHOICES: dict[str, tuple] = {
+    "name": tuple(OBJECTIVE_SECTIONS),
+    "x0.weighting": ("v", "uniform"),
+    "lcm.loss": ("huber", "l2"),
+}
+
+
+def refuse_moved_keys(data: dict[str, Any]) -> None:
+    """A key of :data:`MOVED_KEYS` in the raw config ``data`` is a ConfigError that names its new key."""
+    for old, new in MOVED_KEYS.items():
+        section, _, key = old.partition(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(
+                f"config.{old} is now {new} (each objective and distillation has its own section): write "
+                f"{new}={data[section][key]!r} instead."
+            )
+
+
+def validate_objective(objective: ObjectiveConfig) -> ObjectiveConfig:
+    """The one check of the ``objective`` section: known loss and distillation names, a teacher for a distillation,
+    every key in its range or choices, and no setting in the section of a loss or method this run does not train
+    (it would be ignored). Returns ``objective``, or raises a ConfigError naming the key and the fix."""
+    check_choices(objective, OBJECTIVE_CHOICES, where="config.objective")
+    check_ranges(objective, OBJECTIVE_RANGES, where="config.objective")
+    method = objective.distillation
+    if method is not None and method not in DISTILLATIONS:
+        known = " or ".join(repr(name) for name in DISTILLATIONS)
+        raise ConfigError(f"config.objective.distill: unknown distillation {method!r}; use {known} (or null).")
+    if method is not None and not objective.teacher:
+        raise ConfigError(f"config.objective.distill={method!r} needs objective.teacher (the teacher's folder).")
+    _check_unused_sections(objective, {*OBJECTIVE_SECTIONS[objective.name], method})
+    _check_lcm(objective)
+    return objective
+
+
+def _check_lcm(objective: ObjectiveConfig) -> None:
+    """``objective.lcm``'s keys that depend on each other, or on the loss."""
+    lcm = objective.lcm
+    low, high = lcm.guidance_range or (1.0, 1.0)
+    if low > high:
+        raise ConfigError(f"config.objective.lcm.guidance_range {[low, high]} must be [low, high] with low <= high.")
+    steps = objective.num_train_timesteps
+    if objective.name != "flow" and lcm.num_ddim_timesteps > steps:
+        raise ConfigError(
+            f"config.objective.lcm.num_ddim_timesteps={lcm.num_ddim_timesteps}: the solver grid of a discrete "
+            f"schedule has at most objective.num_train_timesteps={steps} steps."
+        )
+
+
+def _check_unused_sections(objective: ObjectiveConfig, used: set[str | None]) -> None:
+    """Every section of ``objective`` that the run's loss and distillation do not read keeps its defaults."""
+    for section in dataclasses.fields(objective):
+        value = getattr(objective, section.name)
+        if section.name in used or not dataclasses.is_dataclass(value):
+            continue
+        default = section.default_factory()
+        changed = [f.name for f in dataclasses.fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+        if changed:
+            key = f"objective.{section.name}.{changed[0]}"
+            raise ConfigError(
+                f"config.{key}={getattr(value, changed[0])!r} is a setting of {_owner(section.name)}, which this "
+                f"run does not train (objective.name={objective.name}, objective.distill={objective.distillation}); "
+                f"remove it."
+            )
+
+
+def _owner(section: str) -> str:
+    """Who reads the ``objective`` section ``section``, in words."""
+    losses = [name for name, sections in OBJECTIVE_SECTIONS.items() if section in sections]
+    return f"objective.name={' or '.join(losses)}" if losses else f"objective.distill={section}"
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Check every key of :data:`RANGES` and :data:`CHOICES` (and keys that exclude each other); returns ``config``
-    or raises a ConfigError naming the key, the value and what is allowed."""
-    for key, allowed in RANGES.items():
-        value = _lookup(config, key)
-        values = value if isinstance(value, tuple) else (value,)
-        if value is not None and not all(allowed.admits(v) for v in values):
-            raise ConfigError(f"config.{key}: {value!r} is out of range; it must be {allowed}.")
-    for key, options in CHOICES.items():
-        value = _lookup(config, key)
-        if value not in options:
-            listed = ", ".join(repr(o) for o in options)
-            raise ConfigError(f"config.{key}: {value!r} is not one of {listed}.")
+    """Check every key of :data:`RANGES` and :data:`CHOICES`, the objective section (:func:`validate_objective`) and
+    keys that exclude each other; returns ``config`` or raises a ConfigError naming the key, the value and what is
+    allowed."""
+    check_ranges(config, RANGES)
+    check_choices(config, CHOICES)
+    validate_objective(config.objective)
     if config.overwrite and config.resume:
         raise ConfigError(
             f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."
@@ -391,10 +389,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def to_yaml(config: TrainConfig) -> str:
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply overrides, validate, and return a :class:`TrainConfig`. A missing
+    file or broken YAML is a :class:`ConfigError` naming the file (and the line and column); a key that moved (see
+    :data:`MOVED_KEYS`) one naming its new place."""
+    data = (read_yaml_file(Path(path)) if path is not None else {}) or {}
+    for override in overrides:
+        apply_override(data, override)
+    refuse_moved_keys(data)
+    return validate(from_dict(TrainConfig, data))

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .config import ConfigError, TrainConfig
-from .objectives import distillation_class
+from .objectives.build import distillation_class
 
 
 def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
@@ -24,7 +24,7 @@ def _check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
             "validation.every: sampling runs on the main process alone, which an FSDP2-sharded model cannot; set "
             "validation.every=0 and sample the checkpoints' model_ema folders."
         )
-    method = distillation_class(config.objective.distill)
+    method = distillation_class(config.objective.distillation)
     if sharded and method is not None and method.sharded_refusal:
         raise ConfigError(f"objective.distill={config.objective.distill}: {method.sharded_refusal}")
     if kind == DistributedType.DEEPSPEED:

@@ -1,7 +1,7 @@
 """The one training loop: accelerate, pluggable objectives and features, EMA, atomic checkpoints, exact resume.
 
 What a run adds to plain training (token masking, mixed sizes, ControlNet, a distillation objective) comes in as
-:class:`~dit.train.features.Feature` plug-ins; the loop calls their hooks alike and names none of them.
+:class:`~dit.train.features.base.Feature` plug-ins; the loop calls their hooks alike and names none of them.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ from dit.models.base import compile_repeated_blocks
 from dit.models.capabilities import capability
 from dit.nn.text_padding import trimmed_text_length
 
-from .buckets import bucketed
-from .checkpointing import METRICS, checkpoint_dir, truncate_metrics
 from .config import ConfigError, TrainConfig, validate
-from .data import NULL_CAPTION_FILE, BatchPlan, FeatureDataset, PlannedBatches, collate, feature_files
+from .data.batch_plan import BatchPlan, PlannedBatches
+from .data.buckets import Batching, bucketed
+from .data.dataset import NULL_CAPTION_FILE, FeatureDataset, collate, feature_files
+from .data.step_inputs import _to_device, _with_caption, call_network, sample_draws
 from .ema import EMA, is_sharded
 from .engine import _check_engine, _tracker
-from .features import Feature, StepInputs, check_features, merge
-from .interrupts import InterruptGuard, TrainingInterrupted
-from .loss_plot import save_loss_plot
+from .features.base import StepInputs, check_features, merge
 from .model_setup import build_backbone, build_features, check_base_objective, wrap_model
-from .objectives import build_objective
+from .objectives.build import build_objective
 from .optim import build_optimizer, lr_factor
-from .run_folder import RunFolder
-from .run_outputs import RunOutputs, encoders_source
-from .step_inputs import _to_device, _with_caption, call_network, sample_draws
-from .validation import Validator, resolve_validation_pipeline
+from .run.checkpointing import METRICS, checkpoint_dir, truncate_metrics
+from .run.folder import RunFolder
+from .run.interrupts import InterruptGuard, TrainingInterrupted
+from .run.loss_plot import save_loss_plot
+from .run.outputs import RunOutputs, encoders_source
+from .run.validation import Validator, resolve_validation_pipeline
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,10 +119,17 @@ class Trainer(RunFolder, RunOutputs):
         self.dataset = FeatureDataset(config.data.path)
         self._check_latent_channels()
         global_batch = config.data.batch_size * self.accelerator.num_processes
-        buckets, summary = bucketed(self.dataset, global_batch, mixed=config.data.mixed_sizes)
-        self.plan = BatchPlan(buckets, global_batch, config.seed)
+        self.batching = self._batching(global_batch)
+        self.plan = BatchPlan(self.batching.buckets, global_batch, config.seed)
         if self.accelerator.is_main_process:
-            print(summary, file=sys.stderr)
+            print(self.batching.summary, file=sys.stderr)
+
+    def _batching(self, global_batch: int) -> Batching:
+        """How the samples are batched: as a feature decides (at most one may), else one latent size per batch."""
+        decided = [(f, b) for f in self.features if (b := f.batching(self.dataset, global_batch)) is not None]
+        if len(decided) > 1:
+            raise ConfigError(f"{' and '.join(f.label for f, _ in decided)} each decide the batching; turn one off.")
+        return decided[0][1] if decided else bucketed(self.dataset, global_batch)
 
     def _check_latent_channels(self) -> None:
         """The feature shards' latent channels must be the model's ``in_channels``."""
@@ -173,15 +181,6 @@ class Trainer(RunFolder, RunOutputs):
         return tensors["text_embeds"][:length], tensors["text_mask"][:length]
 
     # ----- what tests and tools read ------------------------------------------------------------------------
-    def feature(self, name: str) -> Feature | None:
-        """The run's feature called ``name``, or None."""
-        return next((f for f in self.features if f.name == name), None)
-
-    @property
-    def masking(self) -> Feature | None:
-        """The run's token masking (:class:`~dit.train.masking.TokenMasking`), or None."""
-        return self.feature("masking")
-
     @property
     def teacher(self) -> torch.nn.Module | None:
         """The distillation teacher the objective keeps, or None."""
@@ -202,7 +201,7 @@ class Trainer(RunFolder, RunOutputs):
         sampler = PlannedBatches(
             self.plan, start_micro, self.accelerator.process_index, self.accelerator.num_processes, count
         )
-        collate_fn = functools.partial(collate, pad=self.config.data.mixed_sizes, min_text_length=self.min_text_length)
+        collate_fn = functools.partial(collate, pad=self.batching.pad, min_text_length=self.min_text_length)
         return iter(
             torch.utils.data.DataLoader(
                 self.dataset,
@@ -213,17 +212,17 @@ class Trainer(RunFolder, RunOutputs):
             )
         )
 
-    def _draws(self, batch: dict, latents: torch.Tensor, micro_step: int) -> dict[str, torch.Tensor]:
-        """The micro-step's per-sample draws; a padded batch's are drawn at the largest size and cropped, so that a
-        sample's noise ignores its batch's canvas."""
+    def _draws(self, latents: torch.Tensor, micro_step: int) -> dict[str, torch.Tensor]:
+        """The micro-step's per-sample draws; with a batching's ``draw_size`` they are drawn at that size and cropped
+        to the batch, so that a sample's noise ignores its batch's canvas."""
         share = self.config.data.batch_size
         first = self.accelerator.process_index * share
-        padded = "image_sizes" in batch
-        shape = (latents.shape[1], *self.dataset.max_size) if padded else latents.shape[1:]
+        canvas = self.batching.draw_size
+        shape = (latents.shape[1], *canvas) if canvas is not None else latents.shape[1:]
         token_grid = any(f.needs_token_draws(self.step) for f in self.features)
         draws = sample_draws(self.config.seed, micro_step, list(range(first, first + share)), shape,
                              self.accelerator.device, token_mask=token_grid)  # fmt: skip
-        if padded:
+        if canvas is not None:
             draws.update({k: draws[k][..., : latents.shape[-2], : latents.shape[-1]] for k in ("noise", "eps")})
         return draws
 
@@ -243,7 +242,7 @@ class Trainer(RunFolder, RunOutputs):
     def _loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
         latents = batch["latent_mean"].to(device, non_blocking=True)
-        draws = self._draws(batch, latents, micro_step)
+        draws = self._draws(latents, micro_step)
         if batch["latent_std"] is not None and self.config.data.sample_posterior:
             latents = latents + batch["latent_std"].to(device, non_blocking=True) * draws["eps"]
         call = functools.partial(call_network, captions=self._captions(batch, draws))
@@ -288,8 +287,8 @@ class Trainer(RunFolder, RunOutputs):
             self.lock.acquire()
         self.stop_agreed = False
         try:
-            # SIGINT/SIGTERM: stop after the step in flight with a checkpoint (dit.train.interrupts); a second signal
-            # stops a single process at once (launchers of several forward the first one again)
+            # SIGINT/SIGTERM: stop after the step in flight with a checkpoint (dit.train.run.interrupts); a second
+            # signal stops a single process at once (launchers of several forward the first one again)
             abort = self._aborted if self.accelerator.num_processes == 1 else None
             with InterruptGuard(abort) as self.interrupts:
                 return self._train()

@@ -14,11 +14,11 @@ from dit.models.registry import backbone_class
 from dit.pipelines.schedulers import prediction_of
 
 from .config import ConfigError, TrainConfig
-from .controlnet import ControlNetTraining
-from .features import Feature
-from .masking import TokenMasking
-from .mixed_sizes import MixedSizes
-from .objectives import Objective
+from .features.base import Feature
+from .features.controlnet import ControlNetTraining
+from .features.masking import TokenMasking
+from .features.mixed_sizes import MixedSizes
+from .objectives.losses import Objective
 
 #: What each objective's sampler predicts -> the objective that trains it (for messages about a base model).
 OBJECTIVE_OF = {"epsilon": "ddpm_eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}

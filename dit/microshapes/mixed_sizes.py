@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.extraction import load_encoders
-from ..train.feature_writer import FeatureWriter
-from ..train.validation import record_extraction
+from ..train.extract.extraction import load_encoders
+from ..train.extract.feature_writer import FeatureWriter
+from ..train.run.validation import record_extraction
 from .recipe import to_tensor
 from .world import paraphrase, random_scene, render
 

@@ -5,9 +5,9 @@
 The default config is the shipped ``configs/microshapes.yaml`` (package data: :data:`DEFAULT_CONFIG`), found from
 any working directory.
 
-Every stage runs on a 2-core CPU (45 minutes) or on one GPU (``--device``; CUDA when available): the world is
-rendered in memory, a small ``AutoencoderKL`` (2x down, 8 latent channels) is trained on it, a 2-layer T5 encoder
-with a word-level tokenizer is trained to read the captions into per-object slots (``text_encoder.py``) and then
+Every stage runs on a 2-core CPU (bench/results/microshapes_cpu.json times it) or on one GPU (``--device``; CUDA
+when available): the world is rendered in memory, a small ``AutoencoderKL`` (2x down, 8 latent channels) is trained
+on it, a 2-layer T5 encoder with a word-level tokenizer is trained to read the captions into per-object slots (``text_encoder.py``) and then
 frozen, features go to safetensors shards, and the toolkit's trainer trains a small PixArt transformer on them.
 The result is a diffusers-format pipeline folder (safetensors only) plus ``recipe_report.json`` with stage times.
 
@@ -38,8 +38,8 @@ from ..models.registry import backbone_class
 from ..pipelines.assemble import assemble
 from ..tiny import WORDS, tiny_t5, tiny_tokenizer
 from ..train import Trainer, load_config
-from ..train.feature_writer import FeatureWriter
-from ..train.validation import record_extraction
+from ..train.extract.feature_writer import FeatureWriter
+from ..train.run.validation import record_extraction
 from .evaluator import PALETTE as _PALETTE
 from .shipped import default_model
 from .suite import evaluate, prompt_suite

@@ -1,10 +1,10 @@
 """diffusers' step caching (First-Block-Cache, Pyramid Attention Broadcast, FasterCache, TaylorSeer, MagCache) on the
 toolkit's backbones.
 
-Importing this module registers our blocks (:class:`~dit.nn.blocks.PixArtBlock`, :class:`~dit.nn.blocks.FiTBlock`)
-with diffusers' ``TransformerBlockRegistry``, as diffusers registers its own ``BasicTransformerBlock``: they take
-``(hidden_states, context)`` and return the hidden states, so ``apply_first_block_cache`` and ``apply_mag_cache``
-find what they need. The attention hooks (PAB, FasterCache) find ``DiTAttention`` through diffusers'
+Every backbone's block class (``block_class`` of :class:`~dit.models.backbone.DiTBackbone`, registered when the
+backbone class is defined) is registered with diffusers' ``TransformerBlockRegistry`` by :func:`register_cache_block`,
+as diffusers registers its own ``BasicTransformerBlock``: blocks take ``(hidden_states, context)`` and return the
+hidden states, so ``apply_first_block_cache`` and ``apply_mag_cache`` find what they need. The attention hooks (PAB, FasterCache) find ``DiTAttention`` through diffusers'
 ``AttentionModuleMixin``.
 
 :class:`StepCacheMixin` gives a backbone diffusers' ``enable_cache`` / ``disable_cache`` / ``cache_context`` and
@@ -27,28 +27,20 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.hooks.hooks import CacheContext, StateManager
 from diffusers.models.cache_utils import CacheMixin
 
-from ..nn.blocks import FiTBlock, PixArtBlock
+__all__ = ["SamplingRunHook", "StepCacheMixin", "register_cache_block"]
 
-__all__ = ["CACHED_BLOCKS", "SamplingRunHook", "StepCacheMixin", "register_cache_blocks"]
-
-#: The block classes registered with diffusers' ``TransformerBlockRegistry``.
-CACHED_BLOCKS = (PixArtBlock, FiTBlock)
 #: Name of the toolkit's top-level hook in a model's ``HookRegistry``.
 SAMPLING_RUN_HOOK = "dit_sampling_run"
 
 
-def register_cache_blocks() -> None:
-    """Register :data:`CACHED_BLOCKS` with diffusers' ``TransformerBlockRegistry`` (done at import; idempotent).
+def register_cache_block(block_class: type[torch.nn.Module]) -> None:
+    """Register ``block_class`` with diffusers' ``TransformerBlockRegistry`` (idempotent).
 
-    Each block is called as ``block(hidden_states, context)`` and returns the hidden states alone (no text stream),
+    The block is called as ``block(hidden_states, context)`` and returns the hidden states alone (no text stream),
     the metadata diffusers gives its ``BasicTransformerBlock``.
     """
-    for block_class in CACHED_BLOCKS:
-        metadata = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
-        TransformerBlockRegistry.register(model_class=block_class, metadata=metadata)
-
-
-register_cache_blocks()
+    metadata = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+    TransformerBlockRegistry.register(model_class=block_class, metadata=metadata)
 
 
 class SamplingRunHook(ModelHook):

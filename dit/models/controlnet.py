@@ -25,7 +25,7 @@ from ..nn.blocks import residual
 from ..nn.context import BlockContext
 from ..nn.linear import Linear
 from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BlockRunnerMixin
-from .registry import BACKBONES
+from .registry import backbone_class
 from .strict_io import StrictIOMixin
 
 __all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetAdapter", "block_controls"]
@@ -34,7 +34,10 @@ __all__ = ["BlockControls", "ControlNetAdapter", "ModelMixin", "MultiControlNetA
 def _backbone_class(name: str) -> type:
     """A backbone class of the toolkit by name (never an arbitrary import path from a config file) whose forward
     takes ``block_controls``, the hook adapters inject their residuals through."""
-    cls = BACKBONES.get(name)
+    try:
+        cls = backbone_class(name)
+    except ValueError:
+        cls = None
     if cls is None or not cls.supports_block_controls:
         raise ValueError(f"transformer_class={name!r} is not a backbone class of dit.models with a block loop.")
     return cls
@@ -82,8 +85,6 @@ class ControlNetAdapter(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ControlNetBlock"]
-    #: The base backbone blocks each ControlNet block wraps, compiled by ``compile_repeated_blocks``.
-    _repeated_blocks = ["PixArtBlock", "FiTBlock"]
 
     @register_to_config
     def __init__(
@@ -109,6 +110,11 @@ class ControlNetAdapter(
         )
         self.gradient_checkpointing = False
         self.initialize_weights()
+
+    @property
+    def _repeated_blocks(self) -> list[str]:
+        """The base backbone's block, which each ControlNet block wraps: compiled by ``compile_repeated_blocks``."""
+        return [_backbone_class(self.config.transformer_class).block_class.__name__]
 
     def initialize_weights(self) -> None:
         """Zero ``before_proj`` and every ``after_proj``: the adapter then leaves the base output unchanged."""
@@ -178,10 +184,11 @@ class ControlNetAdapter(
                 f"This ControlNet adapter was built for a base of width {self.width}; the transformer has width "
                 f"{_width(theirs)} (num_attention_heads * attention_head_dim)."
             )
-        if theirs["cross_attention_dim"] != mine["cross_attention_dim"]:
+        text_widths = (theirs.get("cross_attention_dim"), mine.get("cross_attention_dim"))
+        if text_widths[0] != text_widths[1]:
             raise ValueError(
-                f"This ControlNet adapter's blocks take text tokens of width {mine['cross_attention_dim']}; the "
-                f"transformer's cross_attention_dim is {theirs['cross_attention_dim']}."
+                f"This ControlNet adapter's blocks take text tokens of width {text_widths[1]}; the "
+                f"transformer's cross_attention_dim is {text_widths[0]}."
             )
         if self.positions[-1] + 1 >= theirs["num_layers"]:
             raise ValueError(

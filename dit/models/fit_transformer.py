@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records.
@@ -16,41 +16,31 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
+from ..nn.attention import AttentionMask
 from ..nn.attention.backends import AttentionBackend
-from ..nn.attention.ops import keep_mask_to_bias
 from ..nn.attention.rope import get_extrapolation, rotary_embedding
 from ..nn.blocks import FiTBlock
 from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
 from ..nn.linear import Linear
-from ..nn.normalization import add_output_head, output_head
+from ..nn.normalization import add_output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
-from .cache import StepCacheMixin
+from .backbone import DiTBackbone, ForwardInputs, ForwardState
 from .config_checks import check_positive_ints, check_prediction_record, is_positive_int
-from .inputs import check_control_size, check_guidance, check_inputs, text_tokens
-from .mixins import (
-    AttentionBackendMixin,
-    AttentionProcessorMixin,
-    BackboneMixin,
-    BlockRunnerMixin,
-    RecordedPrediction,
-)
-from .strict_io import StrictIOMixin
+from .inputs import check_control_size, check_guidance, text_tokens
+from .mixins import RecordedPrediction
 
 __all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
 
 
-class FiTTransformer(
-    BackboneMixin,
-    AttentionBackendMixin,
-    AttentionProcessorMixin,
-    BlockRunnerMixin,
-    StrictIOMixin,
-    StepCacheMixin,
-    ModelMixin,
-    ConfigMixin,
-    PeftAdapterMixin,
-):
+@dataclass
+class FiTState(ForwardState):
+    """The forward state of FiT: the token layout of the padded batch (each sample's tokens and where they go)."""
+
+    layout: TokenLayout | None = None
+
+
+class FiTTransformer(DiTBackbone):
     """FiT / FiTv2 flexible-resolution diffusion transformer (arXiv 2402.12376, 2410.13925), text- or class-conditioned.
 
     An image of any size is a variable-length sequence of ``p x p`` patch tokens (up to ``max_tokens``) placed by
@@ -96,14 +86,11 @@ class FiTTransformer(
         prediction_type: what the model predicts (default ``flow``): ``epsilon``, ``v_prediction``, ``sample``
             (x0) or ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given
             ``scheduler=None`` samples with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
-        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
+        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.discrete.noise_shift``;
             None: PixArt's linear betas), for that default scheduler.
     """
 
-    _supports_gradient_checkpointing = True
-    _no_split_modules = ["FiTBlock"]
-    #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
-    _repeated_blocks = ["FiTBlock"]
+    block_class = FiTBlock
     _skip_layerwise_casting_patterns = ["x_embedder", "norm", "timestep_embedder", "class_embedder"]
     #: A rectified-flow velocity unless the config records otherwise: pipelines default to a flow scheduler.
     prediction_type = RecordedPrediction("flow")
@@ -258,29 +245,36 @@ class FiTTransformer(
         Returns:
             (B, out_channels, H, W), zero outside each sample's valid region.
         """
-        check_inputs(self, hidden_states, encoder_hidden_states, timestep)
-        check_guidance(guidance, None, None)
-        self._ignore_attention_kwargs(cross_attention_kwargs)
+        inputs = ForwardInputs(
+            hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, added_cond_kwargs, guidance,
+            block_controls,
+        )  # fmt: skip
+        return self.run_forward(
+            inputs, return_dict, cross_attention_kwargs, image_sizes=image_sizes, class_labels=class_labels
+        )
+
+    def prepare(
+        self,
+        inputs: ForwardInputs,
+        backend: AttentionBackend,
+        image_sizes: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> FiTState:
+        """Each sample's patches packed into one padded sequence, the condition, text, masks and rotary tables."""
+        check_guidance(inputs.guidance, None, None)
+        hidden_states = inputs.hidden_states
         layout = self._layout(hidden_states, image_sizes)
-        batch, p = hidden_states.shape[0], self.config.patch_size
-        backend = self._attention_backend(hidden_states.device)
-
-        # 1. Input: each sample's patches packed into one padded sequence, and the blocks' context
         x = self._embed(hidden_states, layout)  # (B, L, D)
-        emb = self._condition(timestep, class_labels, batch, x.dtype, x.device)  # (B, D)
-        text, cross_bias = text_tokens(self.caption_projection, encoder_hidden_states, encoder_attention_mask, x.dtype)
+        emb = self._condition(inputs.timestep, class_labels, hidden_states.shape[0], x.dtype, x.device)  # (B, D)
+        text, cross_bias = text_tokens(
+            self.caption_projection, inputs.encoder_hidden_states, inputs.encoder_attention_mask, x.dtype
+        )  # (B, L', D), (B, 1, 1, L')
         context = self._block_context(backend, layout, text, cross_bias, emb, x.dtype)
+        return FiTState(x, context, emb, layout=layout)
 
-        # 2. Blocks
-        for index, block in enumerate(self.transformer_blocks):
-            x = self._run_block(block, x, context)  # (B, L, D)
-            if block_controls is not None:
-                x = block_controls(index, x, context)  # (B, L, D)
-
-        # 3. Output head, back to each sample's place on the canvas
-        x = output_head(self, x, emb)  # (B, L, p*p*C)
-        output = unpatchify(unpack(x, layout), layout.grid, p)  # (B, C, H, W), zeros outside valid regions
-        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+    def unpatchify(self, hidden_states: torch.Tensor, state: FiTState) -> torch.Tensor:
+        """(B, L, p*p*C) back to each sample's place on the canvas: (B, C, H, W), zeros outside valid regions."""
+        return unpatchify(unpack(hidden_states, state.layout), state.layout.grid, self.config.patch_size)
 
     def _block_context(
         self,
@@ -294,10 +288,11 @@ class FiTTransformer(
         """The blocks' context: condition and shared modulation from ``emb`` (B, D), masks in the backend's format
         (a key mask over padding when the samples came with their own sizes), rotary tables of the tokens."""
         cfg, length = self.config, layout.positions.shape[1]
+        heads = cfg.num_attention_heads
         cond = F.silu(emb)  # (B, D)
         self_mask = None
         if layout.padded:
-            self_mask = backend.adapt_mask(keep_mask_to_bias(layout.keep, dtype), cfg.num_attention_heads, length)
+            self_mask = AttentionMask.from_keep(layout.keep, dtype, backend, heads, length)
         rotary = rotary_embedding(
             layout.positions, layout.sizes, cfg.attention_head_dim, self.train_grid, cfg.rope_extrapolation,
             cfg.attention_logit_scale, cfg.rope_theta, dtype,
@@ -306,13 +301,12 @@ class FiTTransformer(
             encoder_hidden_states=text,  # (B, L', D)
             encoder_attention_mask=None
             if cross_bias is None
-            else backend.adapt_mask(cross_bias, cfg.num_attention_heads, length),
+            else AttentionMask.from_bias(cross_bias, backend, heads, length),
             attention_mask=self_mask,
             shared_modulation=self.adaln_shared(cond),  # (B, 6D)
             condition=cond,  # (B, D)
             grid=layout.grid,
             rotary=rotary,
-            positions=layout.positions,  # (B, L, 2)
             image_sizes=layout.sizes,  # (B, 2)
         )
 

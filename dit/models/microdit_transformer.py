@@ -16,11 +16,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..nn.blocks import FeedForward, PixArtBlock
-from ..nn.context import BlockContext
 from ..nn.masking import gather_tokens
 from ..nn.moe import ExpertChoiceFeedForward
+from .attention_config import self_attention_spec
 from .config_checks import check_positive_ints
-from .pixart_transformer import PixArtTransformer
+from .pixart_transformer import PixArtState, PixArtTransformer
 
 __all__ = ["MicroDiTTransformer", "ModelMixin"]
 
@@ -61,40 +61,26 @@ class MicroDiTTransformer(PixArtTransformer):
     def __init__(self, *args, **kwargs):
         micro = {name: kwargs.pop(name, default) for name, default in MICRODIT_DEFAULTS.items()}
         _validate(micro)
-        super().__init__(*args, **kwargs)  # its blocks read MicroDiT's options from self.config (_block_options)
-        cfg = self.config
+        super().__init__(*args, **kwargs)  # its blocks read MicroDiT's options from self.config (build_block)
+        mixer = range(self.config.patch_mixer_layers)
         self.patch_mixer = nn.ModuleList(
-            [
-                PixArtBlock(
-                    self.inner_dim,
-                    cfg.num_attention_heads,
-                    cfg.attention_head_dim,
-                    cross_attention_dim=cfg.cross_attention_dim,
-                    dropout=cfg.dropout,
-                    activation_fn=cfg.activation_fn,
-                    attention_bias=cfg.attention_bias,
-                    norm_elementwise_affine=cfg.norm_elementwise_affine,
-                    norm_eps=cfg.norm_eps,
-                    feed_forward=self._moe(index, 4 * self.inner_dim),
-                )  # fmt: skip
-                for index in range(cfg.patch_mixer_layers)
-            ]
+            [self.pixart_block(feed_forward=self._moe(index, 4 * self.inner_dim)) for index in mixer]
         )
 
     # ----- construction -------------------------------------------------------------------------------------
-    def _block_options(self, index: int) -> dict:
+    def build_block(self, index: int) -> PixArtBlock:
+        """Backbone block ``index``: PixArt's, with layer-wise scaled widths and an expert-choice MoE in every
+        ``experts_every_n``-th block."""
         cfg = self.config
-        options = super()._block_options(index)
-        depth, inner = cfg.num_layers, 4 * self.inner_dim
+        depth, inner, heads = cfg.num_layers, 4 * self.inner_dim, None
         if cfg.attention_multipliers is not None:
-            scale = _linear_at(cfg.attention_multipliers, index, depth)
-            options["attention_heads"] = max(1, round(scale * cfg.num_attention_heads))
+            heads = max(1, round(_linear_at(cfg.attention_multipliers, index, depth) * cfg.num_attention_heads))
         if cfg.ffn_multipliers is not None:
             inner = max(1, round(_linear_at(cfg.ffn_multipliers, index, depth) * self.inner_dim))
-        options["feed_forward"] = self._moe(index, inner, last=depth - 1) or FeedForward(
-            self.inner_dim, dropout=self.config.dropout, activation_fn=self.config.activation_fn, inner_dim=inner
+        feed_forward = self._moe(index, inner, last=depth - 1) or FeedForward(
+            self.inner_dim, dropout=cfg.dropout, activation_fn=cfg.activation_fn, inner_dim=inner
         )
-        return options
+        return self.pixart_block(self_attention_spec(cfg, index), attention_heads=heads, feed_forward=feed_forward)
 
     def _moe(self, index: int, inner_dim: int, last: int | None = None) -> ExpertChoiceFeedForward | None:
         """An expert-choice MoE for block ``index`` (never block ``last``), or None for a dense MLP there."""
@@ -104,19 +90,17 @@ class MicroDiTTransformer(PixArtTransformer):
         return ExpertChoiceFeedForward(self.inner_dim, cfg.num_experts, cfg.expert_capacity, inner_dim)
 
     # ----- forward pieces -----------------------------------------------------------------------------------
-    def _mix_and_mask(
-        self, x: torch.Tensor, keep_indices: torch.Tensor | None, context: BlockContext, kept: BlockContext
-    ) -> torch.Tensor:
+    def mix_and_mask(self, state: PixArtState) -> torch.Tensor:
         """Patch-mixer on all tokens then masking (deferred), or masking then the mixer (naive): (B, N, D) ->
-        (B, K, D). The mixer runs with ``context`` on all tokens, ``kept`` on the kept ones (naive), and attends
-        over every token it gets (no image-token ``attention_mask``)."""
+        (B, K, D). The mixer runs with the context of all tokens, or of the kept ones (naive), and attends over
+        every token it gets (no image-token ``attention_mask``)."""
+        x, keep_indices, context = state.tokens, state.keep_indices, state.full_context
         naive = keep_indices is not None and not self.config.deferred_masking
         if naive:
-            x, context = gather_tokens(x, keep_indices), kept  # (B, K, D)
+            x, context = gather_tokens(x, keep_indices), state.context  # (B, K, D)
         if context.attention_mask is not None:
             context = replace(context, attention_mask=None)
-        for block in self.patch_mixer:
-            x = self._run_block(block, x, context)  # (B, N or K, D)
+        x = self.run_blocks(self.patch_mixer, x, context)  # (B, N or K, D)
         if keep_indices is None or naive:
             return x
         return gather_tokens(x, keep_indices)  # (B, K, D)

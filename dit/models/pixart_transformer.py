@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.loaders import PeftAdapterMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 # diffusers' pipeline loader looks the name `ModelMixin` up in the module that model_index.json records for
@@ -17,41 +17,33 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
+from ..nn.attention import AttentionMask, AttentionSpec
 from ..nn.attention.backends import AttentionBackend
 from ..nn.blocks import PixArtBlock
 from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, PatchEmbed
 from ..nn.masking import gather_tokens, scatter_tokens
-from ..nn.normalization import AdaLayerNormSingle, add_output_head, output_head
-from .cache import StepCacheMixin
+from ..nn.normalization import AdaLayerNormSingle, add_output_head
+from .attention_config import self_attention_spec
+from .backbone import DiTBackbone, ForwardInputs, ForwardState
 from .config_checks import check_kv_compression, check_positive_ints, check_prediction_record
 from .inheritance import inherit_from
-from .inputs import (
-    as_bias,
-    check_control_size,
-    check_guidance,
-    check_inputs,
-    guidance_condition,
-    micro_conditions,
-    text_tokens,
-)
-from .mixins import AttentionBackendMixin, AttentionProcessorMixin, BackboneMixin, BlockRunnerMixin
-from .strict_io import StrictIOMixin
+from .inputs import as_bias, check_control_size, check_guidance, guidance_condition, micro_conditions, text_tokens
 
 __all__ = ["ModelMixin", "PixArtTransformer", "as_pixart_model"]
 
 
-class PixArtTransformer(
-    BackboneMixin,
-    AttentionBackendMixin,
-    AttentionProcessorMixin,
-    BlockRunnerMixin,
-    StrictIOMixin,
-    StepCacheMixin,
-    ModelMixin,
-    ConfigMixin,
-    PeftAdapterMixin,
-):
+@dataclass
+class PixArtState(ForwardState):
+    """The forward state of the PixArt family: the context of all N tokens (``context`` is that of the K tokens the
+    blocks run on), the kept patch indices (B, K) of token masking (None: all), and the latent size (H, W)."""
+
+    full_context: BlockContext | None = None
+    keep_indices: torch.Tensor | None = None
+    size: tuple[int, int] = (0, 0)
+
+
+class PixArtTransformer(DiTBackbone):
     """PixArt-α / PixArt-Σ diffusion transformer.
 
     Config fields, forward signature and state-dict keys are those of diffusers' ``PixArtTransformer2DModel``,
@@ -102,7 +94,7 @@ class PixArtTransformer(
             ``v_prediction``, ``sample`` (x0) or ``flow`` (a rectified-flow velocity); the trainer records it, and a
             pipeline given ``scheduler=None`` samples with the matching scheduler
             (:func:`dit.pipelines.schedulers.default_scheduler`).
-        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.noise_shift``;
+        noise_shift: the SNR shift of the discrete schedule the model was trained with (``objective.discrete.noise_shift``;
             None: PixArt's linear betas), for that default scheduler.
         time_cond_proj_dim: width of a ``timestep_cond`` added to the timestep embedding (an LCM student's
             guidance embedding, see :func:`dit.nn.embeddings.guidance_scale_embedding`); None: no such input.
@@ -110,10 +102,8 @@ class PixArtTransformer(
             ``added_cond_kwargs`` gives none (8 for PixArt's VAE).
     """
 
-    _supports_gradient_checkpointing = True
+    block_class = PixArtBlock
     _no_split_modules = ["PixArtBlock", "PatchEmbed"]
-    #: Blocks compiled by ``compile_repeated_blocks`` (regional compilation, as diffusers).
-    _repeated_blocks = ["PixArtBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "adaln_single"]
     supports_token_masking = True
     supports_block_controls = True
@@ -193,23 +183,7 @@ class PixArtTransformer(
         self.gradient_checkpointing = False
 
         self.pos_embed = PatchEmbed(patch_size, in_channels, inner_dim, sample_size // patch_size, interpolation_scale)
-        self.transformer_blocks = nn.ModuleList(
-            [
-                PixArtBlock(
-                    inner_dim,
-                    num_attention_heads,
-                    attention_head_dim,
-                    cross_attention_dim=cross_attention_dim,
-                    dropout=dropout,
-                    activation_fn=activation_fn,
-                    attention_bias=attention_bias,
-                    norm_elementwise_affine=norm_elementwise_affine,
-                    norm_eps=norm_eps,
-                    **self._block_options(index),
-                )
-                for index in range(num_layers)
-            ]
-        )
+        self.transformer_blocks = nn.ModuleList([self.build_block(index) for index in range(num_layers)])
         add_output_head(self, inner_dim, patch_size * patch_size * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(inner_dim, use_additional_conditions, time_cond_proj_dim)
         self.caption_projection = None
@@ -218,34 +192,26 @@ class PixArtTransformer(
         if null_caption_length is not None:
             self.y_embedding = nn.Parameter(torch.randn(null_caption_length, caption_channels) / caption_channels**0.5)
 
-    def _block_options(self, index: int) -> dict:
-        """Extra :class:`PixArtBlock` arguments of block ``index`` (subclasses add MoE or scaled widths)."""
-        return {"self_attention_options": self._self_attention_options(index)}
+    def build_block(self, index: int) -> PixArtBlock:
+        """Block ``index`` of ``transformer_blocks`` (subclasses scale its widths or swap its MLP)."""
+        return self.pixart_block(self_attention_spec(self.config, index))
 
-    def _self_attention_options(self, index: int) -> dict:
-        """The :class:`DiTAttention` options of block ``index``'s self-attention, from the config."""
-        cfg, options = self.config, {}
-        if cfg.self_attention_type not in ("softmax", "linear"):
-            raise ValueError(f"self_attention_type must be 'softmax' or 'linear', got {cfg.self_attention_type!r}.")
-        if cfg.self_attention_type == "linear":
-            heads = cfg.linear_attention_heads or max(1, cfg.num_attention_heads // 4)
-            if (cfg.num_attention_heads * cfg.attention_head_dim) % heads:
-                raise ValueError(f"linear_attention_heads={heads} does not divide the width.")
-            options.update(kernel="linear", heads=heads)
-        if cfg.attention_conv_kernel_size:
-            options["conv_kernel_size"] = cfg.attention_conv_kernel_size
-        layers = cfg.kv_compress_layers
-        if layers is None:
-            layers = range(cfg.num_layers // 2, cfg.num_layers)
-        if cfg.kv_compress_ratio is not None and index in layers:
-            options.update(kv_compress_ratio=cfg.kv_compress_ratio, kv_compress_mode=cfg.kv_compress_mode)
-            options["kv_compress_padding"] = getattr(cfg, "kv_compress_padding", "replicate")
-        qk_norm = getattr(cfg, "qk_norm", None)
-        if qk_norm not in (None, "layer_norm_across_heads"):
-            raise ValueError(f"qk_norm must be None or 'layer_norm_across_heads', got {qk_norm!r}.")
-        if qk_norm is not None:
-            options["qk_norm"] = qk_norm
-        return options
+    def pixart_block(
+        self,
+        self_attention: AttentionSpec | None = None,
+        attention_heads: int | None = None,
+        feed_forward: nn.Module | None = None,
+    ) -> PixArtBlock:
+        """A :class:`PixArtBlock` of this config with the given self-attention options, head count of both
+        attentions and MLP (None: the config's)."""
+        cfg = self.config
+        return PixArtBlock(
+            self.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim,
+            cross_attention_dim=cfg.cross_attention_dim, dropout=cfg.dropout, activation_fn=cfg.activation_fn,
+            attention_bias=cfg.attention_bias, norm_elementwise_affine=cfg.norm_elementwise_affine,
+            norm_eps=cfg.norm_eps, self_attention=self_attention, attention_heads=attention_heads,
+            feed_forward=feed_forward,
+        )  # fmt: skip
 
     @classmethod
     def from_pixart(cls, source, **overrides):
@@ -306,21 +272,38 @@ class PixArtTransformer(
             guidance: the classifier-free guidance scale g, (B,) or a scalar, of a model with ``time_cond_proj_dim``
                 (an LCM student), embedded as ``guidance_scale_embedding(g - 1)``.
         """
-        check_inputs(self, hidden_states, encoder_hidden_states, timestep)
-        check_guidance(guidance, timestep_cond, self.config.time_cond_proj_dim)
-        self._ignore_attention_kwargs(cross_attention_kwargs)
-        batch, _, height, width = hidden_states.shape
-        p = self.config.patch_size
-        backend = self._attention_backend(hidden_states.device)
+        inputs = ForwardInputs(
+            hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, added_cond_kwargs, guidance,
+            block_controls,
+        )  # fmt: skip
+        return self.run_forward(
+            inputs, return_dict, cross_attention_kwargs,
+            attention_mask=attention_mask, timestep_cond=timestep_cond, keep_indices=keep_indices,
+        )  # fmt: skip
 
-        # 1. Input: tokens, modulation, text and masks (the blocks' context)
+    def prepare(
+        self,
+        inputs: ForwardInputs,
+        backend: AttentionBackend,
+        attention_mask: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        keep_indices: torch.Tensor | None = None,
+    ) -> PixArtState:
+        """Patch tokens with positions, the adaLN-single modulation, text and masks: the blocks' context for all
+        tokens, and (token masking) for the kept ones."""
+        check_guidance(inputs.guidance, timestep_cond, self.config.time_cond_proj_dim)
+        hidden_states = inputs.hidden_states
+        height, width = hidden_states.shape[-2:]
+        p = self.config.patch_size
         x = self.pos_embed(hidden_states)  # (B, N, D)
-        t6, emb = self._modulation(hidden_states, timestep, added_cond_kwargs, timestep_cond, guidance, x.dtype)
-        text, cross_bias = text_tokens(self.caption_projection, encoder_hidden_states, encoder_attention_mask, x.dtype)
+        t6, emb = self._modulation(inputs, timestep_cond, x.dtype)  # (B, 6D), (B, D)
+        text, cross_bias = text_tokens(
+            self.caption_projection, inputs.encoder_hidden_states, inputs.encoder_attention_mask, x.dtype
+        )  # (B, L, D), (B, 1, 1, L)
         self_bias = as_bias(attention_mask, x.dtype)
         n_all = x.shape[1]
         if keep_indices is not None:
-            if self_bias is not None or block_controls is not None:
+            if self_bias is not None or inputs.block_controls is not None:
                 raise ValueError(
                     "keep_indices (token masking) cannot be combined with attention_mask or block_controls."
                 )
@@ -328,31 +311,27 @@ class PixArtTransformer(
         parts = (backend, text, cross_bias, t6)
         context = self._block_context(*parts, self_bias, (height // p, width // p), n_all)
         kept = context if keep_indices is None else self._block_context(*parts, None, None, keep_indices.shape[1])
+        return PixArtState(x, kept, emb, full_context=context, keep_indices=keep_indices, size=(height, width))
 
-        # 2. Patch mixer and token masking (training), then the blocks on the tokens left
-        x = self._mix_and_mask(x, keep_indices, context, kept)  # (B, K, D)
-        for index, block in enumerate(self.transformer_blocks):
-            x = self._run_block(block, x, kept)  # (B, K, D)
-            if block_controls is not None:
-                x = block_controls(index, x, kept)  # (B, N, D)
-
-        # 3. Output head and unpatchify
-        x = output_head(self, x, emb)  # (B, K, p*p*C)
-        if keep_indices is not None:
-            x = scatter_tokens(x, keep_indices, n_all)  # (B, N, p*p*C), zeros at the masked patches
-        h, w, c = height // p, width // p, self.out_channels
+    def unpatchify(self, hidden_states: torch.Tensor, state: PixArtState) -> torch.Tensor:
+        """(B, K, p*p*C) -> (B, C, H, W), zero at the patches token masking dropped."""
+        (height, width), p, c = state.size, self.config.patch_size, self.out_channels
+        x = hidden_states
+        if state.keep_indices is not None:
+            x = scatter_tokens(x, state.keep_indices, state.tokens.shape[1])  # (B, N, p*p*C)
+        batch, h, w = x.shape[0], height // p, width // p
         x = x.reshape(batch, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        output = x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
-        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+        return x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
 
-    def _modulation(self, hidden_states, timestep, added_cond_kwargs, timestep_cond, guidance, dtype):
+    def _modulation(self, inputs: ForwardInputs, timestep_cond: torch.Tensor | None, dtype: torch.dtype):
         """adaLN-single of the timestep, the micro-conditions (given, or the image's) and the guidance embedding:
         the shared modulation (B, 6D) and the condition embedding of the output head (B, D)."""
+        hidden_states, added_cond_kwargs = inputs.hidden_states, inputs.added_cond_kwargs
         batch, device = hidden_states.shape[0], hidden_states.device
-        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (B,)
-        if guidance is not None:
+        timestep = torch.as_tensor(inputs.timestep, device=device).reshape(-1).expand(batch)  # (B,)
+        if inputs.guidance is not None:
             dim = self.config.time_cond_proj_dim
-            timestep_cond = guidance_condition(guidance, batch, dim, hidden_states.dtype, device)  # (B, dim)
+            timestep_cond = guidance_condition(inputs.guidance, batch, dim, hidden_states.dtype, device)  # (B, dim)
         if self.use_additional_conditions:
             added_cond_kwargs = micro_conditions(added_cond_kwargs, hidden_states, self.config.vae_scale_factor)
         return self.adaln_single(
@@ -370,12 +349,12 @@ class PixArtTransformer(
         n_tokens: int,
     ) -> BlockContext:
         """The blocks' context for ``n_tokens`` image tokens on ``grid`` (None: tokens were dropped), masks made
-        once in the backend's format from the (B, 1, 1, L) biases."""
+        once, in every form the kernels read, from the (B, 1, 1, L) biases."""
         heads = self.config.num_attention_heads
         return BlockContext(
             encoder_hidden_states=text,  # (B, L, D)
-            encoder_attention_mask=None if cross_bias is None else backend.adapt_mask(cross_bias, heads, n_tokens),
-            attention_mask=None if self_bias is None else backend.adapt_mask(self_bias, heads, n_tokens),
+            encoder_attention_mask=_mask(cross_bias, backend, heads, n_tokens),
+            attention_mask=_mask(self_bias, backend, heads, n_tokens),
             shared_modulation=t6,  # (B, 6D)
             grid=grid,
         )
@@ -386,17 +365,14 @@ class PixArtTransformer(
         check_control_size(controlnet_cond, context.grid, self.config.patch_size)
         return self.pos_embed(controlnet_cond)  # (B, N, D)
 
-    def _mix_and_mask(
-        self, x: torch.Tensor, keep_indices: torch.Tensor | None, context: BlockContext, kept: BlockContext
-    ) -> torch.Tensor:
+    def mix_and_mask(self, state: PixArtState) -> torch.Tensor:
         """Tokens (B, N, D) -> the tokens the blocks run on, (B, K, D) with ``keep_indices``.
 
         PixArt has no patch mixer: masking drops tokens right after the patch embedding (with positions added).
-        ``context`` is that of all N tokens, ``kept`` that of the K kept ones (``context`` itself without masking).
         """
-        if keep_indices is None:
-            return x
-        return gather_tokens(x, keep_indices)  # (B, K, D)
+        if state.keep_indices is None:
+            return state.tokens
+        return gather_tokens(state.tokens, state.keep_indices)  # (B, K, D)
 
     def _check_maskable(self, keep_indices: torch.Tensor, n_tokens: int) -> None:
         if self.needs_full_grid:
@@ -406,6 +382,10 @@ class PixArtTransformer(
             )
         if keep_indices.ndim != 2 or keep_indices.shape[1] > n_tokens:
             raise ValueError(f"keep_indices must be (batch, K <= {n_tokens}), got shape {tuple(keep_indices.shape)}.")
+
+
+def _mask(bias: torch.Tensor | None, backend: AttentionBackend, heads: int, q_len: int) -> AttentionMask | None:
+    return None if bias is None else AttentionMask.from_bias(bias, backend, heads, q_len)
 
 
 def _validate_config(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DiTAttention
+from .attention import AttentionSpec, DiTAttention
 from .context import BlockContext
 from .linear import Linear
 from .normalization import modulate
@@ -82,8 +82,8 @@ class PixArtBlock(nn.Module):
         attention_bias: bias on q/k/v projections.
         norm_elementwise_affine: affine LayerNorms (PixArt: False).
         norm_eps: LayerNorm epsilon.
-        self_attention_options: extra :class:`DiTAttention` options of the self-attention (``kernel``,
-            ``kv_compress_ratio``, ``kv_compress_mode``, ``conv_kernel_size``, and ``heads`` to override the count).
+        self_attention: the options of the self-attention (kernel, KV compression, value convolution, QK-norm, and
+            ``heads`` to override the head count over the same width); None: plain softmax.
         attention_heads: heads of width ``attention_head_dim`` in both attentions, when the attention width differs
             from the token width (MicroDiT's layer-wise scaling); None: ``num_attention_heads``.
         feed_forward: a module replacing the MLP ``ff`` (e.g. an expert-choice MoE, or a scaled-width MLP).
@@ -100,17 +100,17 @@ class PixArtBlock(nn.Module):
         attention_bias: bool = True,
         norm_elementwise_affine: bool = False,
         norm_eps: float = 1e-6,
-        self_attention_options: dict | None = None,
+        self_attention: AttentionSpec | None = None,
         attention_heads: int | None = None,
         feed_forward: nn.Module | None = None,
     ):
         super().__init__()
         heads, head_dim = attention_heads or num_attention_heads, attention_head_dim
-        options = dict(self_attention_options or {})
-        self_heads = options.pop("heads", heads)
+        spec = self_attention or AttentionSpec()
+        self_heads = spec.heads or heads
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.attn1 = DiTAttention(
-            dim, self_heads, heads * head_dim // self_heads, bias=attention_bias, dropout=dropout, **options
+            dim, self_heads, heads * head_dim // self_heads, bias=attention_bias, dropout=dropout, spec=spec
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.attn2 = None
@@ -231,13 +231,13 @@ class FiTBlock(nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        heads, head_dim = num_attention_heads, attention_head_dim
+        heads, head_dim, spec = num_attention_heads, attention_head_dim, AttentionSpec(qk_norm=qk_norm)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm)
+        self.attn1 = DiTAttention(dim, heads, head_dim, bias=attention_bias, dropout=dropout, spec=spec)
         self.attn2 = None
         if cross_attention_dim is not None:
             self.attn2 = DiTAttention(
-                dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout, qk_norm=qk_norm
+                dim, heads, head_dim, cross_attention_dim, bias=attention_bias, dropout=dropout, spec=spec
             )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.ff = SwiGLUFeedForward(dim, ff_inner_dim, dropout)

@@ -1,7 +1,7 @@
 """``Linear``: ``nn.Linear`` that does not fall off a cliff for bf16/fp16 on CPUs without half-precision units.
 
 On CPUs without AVX512-BF16 or AMX (AVX2-only x86, for one), PyTorch's bf16 matmul is emulated and runs
-several times slower than fp32 (measured here: ~20 vs ~120 GFLOP/s on 2 cores). There the product of half-
+several times slower than fp32 (bench/results/backbone_forward_cpu.json compares the dtypes). There the product of half-
 precision inputs is computed in fp32 and rounded back, which is also what a native bf16 GEMM does with its fp32
 accumulators; rows are processed in chunks so the fp32 temporaries stay small. Everywhere else, and for fp32,
 it is exactly ``nn.Linear``. State-dict keys and PEFT/LoRA wrapping are unchanged (it is an ``nn.Linear``).

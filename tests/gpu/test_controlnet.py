@@ -1,6 +1,6 @@
 """ControlNet training on CUDA: only the adapter trains, gradient checkpointing, slim positions, a FiT base."""
 
-from tests.train.test_controlnet_training import (  # noqa: F401  (collected here again, marked gpu)
+from tests.train.features.test_controlnet_training import (  # noqa: F401  (collected here again, marked gpu)
     base,
     features,
     test_a_fit_base_trains_a_control_adapter,

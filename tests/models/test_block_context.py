@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit.models.presets import preset_config
 from dit.nn.context import BlockContext
 from dit.nn.embeddings import guidance_scale_embedding
 from tests.tiny import ALPHA, FIT, SIGMA, added_cond, randomize_
@@ -19,7 +20,7 @@ BACKBONES = {
     "pixart": lambda: PixArtTransformer(**SIGMA),
     "alpha": lambda: PixArtTransformer(**ALPHA),
     "lit": lambda: LiTTransformer(**SIGMA),
-    "microdit": lambda: MicroDiTTransformer(**SIGMA, num_experts=2, patch_mixer_layers=1),
+    "microdit": lambda: MicroDiTTransformer(**preset_config("tiny-microdit")),
     "fit": lambda: FiTTransformer(**FIT),
 }
 

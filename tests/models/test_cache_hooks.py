@@ -15,15 +15,14 @@ from diffusers.hooks import (
 )
 from diffusers.hooks._helpers import TransformerBlockRegistry
 
-from dit import FiTTransformer, PixArtTransformer
 from dit.models.cache import StepCacheMixin
 from dit.nn.blocks import FiTBlock, PixArtBlock
 from dit.pipelines import TextToImagePipeline
-from tests.tiny import FIT, SIGMA, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
+from tests.tiny import randomize_, tiny_backbone, tiny_t5, tiny_tokenizer, tiny_vae
 
 PROMPT = "a large red circle on the left, on a white background"
 LAYERS, STEPS = 4, 6
-BACKBONES = {"pixart": (PixArtTransformer, SIGMA), "fit": (FiTTransformer, FIT)}
+BACKBONES = {"pixart": tiny_backbone("tiny-pixart"), "fit": tiny_backbone("tiny-fit")}
 NEVER = (-2, -1)  # a timestep window no step falls in: the attention caches never skip
 ALWAYS = (-1, 1001)  # every step of a 1000-step schedule
 

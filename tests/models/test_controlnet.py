@@ -6,19 +6,19 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit import ControlNetAdapter, PixArtTransformer
 from dit.checkpoint import CheckpointKeyError
 from dit.models.controlnet import block_controls
 from dit.nn.packing import token_layout
-from tests.tiny import ALPHA, FIT, SIGMA, added_cond, randomize_
+from tests.tiny import SIGMA, added_cond, randomize_, tiny_backbone
 
 BACKBONES = {
-    "alpha": (PixArtTransformer, {**ALPHA, "num_layers": 4}),
-    "sigma": (PixArtTransformer, {**SIGMA, "num_layers": 4}),
-    "sigma-kv2": (PixArtTransformer, {**SIGMA, "num_layers": 4, "kv_compress_ratio": 2}),
-    "lit": (LiTTransformer, {**SIGMA, "num_layers": 4}),
-    "microdit": (MicroDiTTransformer, {**SIGMA, "num_layers": 4, "patch_mixer_layers": 1, "num_experts": 2}),
-    "fit": (FiTTransformer, {**FIT, "num_layers": 4, "absolute_position": "fractional"}),
+    "alpha": tiny_backbone("tiny-pixart-alpha", num_layers=4),
+    "sigma": tiny_backbone("tiny-pixart", num_layers=4),
+    "sigma-kv2": tiny_backbone("tiny-pixart", num_layers=4, kv_compress_ratio=2),
+    "lit": tiny_backbone("tiny-lit", num_layers=4),
+    "microdit": tiny_backbone("tiny-microdit", num_layers=4),
+    "fit": tiny_backbone("tiny-fit", num_layers=4, absolute_position="fractional"),
 }
 SHAPES = {"square": (8, 8), "wide": (6, 10)}
 

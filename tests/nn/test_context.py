@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from dit.nn.attention import AttentionMask, get_backend
 from dit.nn.attention.rope import rotary_embedding
 from dit.nn.blocks import FiTBlock, PixArtBlock
 from dit.nn.context import BlockContext
@@ -27,9 +28,10 @@ def test_pixart_block_reads_text_modulation_and_masks_from_the_context(masked):
     x, text = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
     bias = torch.zeros(2, 1, 1, 5)
     bias[0, ..., 3:] = -10000.0
+    mask = AttentionMask.from_bias(bias, get_backend("sdpa"), 2, 6)
     context = BlockContext(
         encoder_hidden_states=text,
-        encoder_attention_mask=bias if masked else None,
+        encoder_attention_mask=mask if masked else None,
         shared_modulation=torch.randn(2, 96),
         grid=(2, 3),
     )
@@ -53,7 +55,6 @@ def test_fit_block_reads_condition_and_rotary_from_the_context():
         condition=torch.randn(1, 16),
         grid=(2, 3),
         rotary=rotary_embedding(positions, sizes, 8, (2, 3)),
-        positions=positions,
         image_sizes=sizes,
     )
     x = torch.randn(1, 6, 16)

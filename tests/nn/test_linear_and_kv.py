@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit.nn.attention import DiTAttention
+from dit.nn.attention import AttentionSpec, DiTAttention
 from dit.nn.attention.kv_compress import KVCompress
 from dit.nn.attention.ops import linear_attention_reference, math_attention, relu_linear_attention
 
@@ -48,7 +48,7 @@ def test_linear_attention_matches_diffusers_sana_processor():
 
     torch.manual_seed(0)
     theirs = Attention(32, heads=2, dim_head=16, bias=True, out_bias=True, processor=SanaLinearAttnProcessor2_0())
-    ours = DiTAttention(32, heads=2, dim_head=16, kernel="linear")
+    ours = DiTAttention(32, heads=2, dim_head=16, spec=AttentionSpec(kernel="linear"))
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 50, 32)
     with torch.no_grad():
@@ -80,7 +80,9 @@ def test_kv_compress_conv_starts_as_average_pooling_then_layernorm():
 @pytest.mark.parametrize("grid", [(4, 6), (5, 3)], ids=["even", "odd"])
 def test_kv_compressed_attention_is_softmax_over_pooled_keys(grid):
     torch.manual_seed(0)
-    attn = DiTAttention(16, heads=2, dim_head=8, kv_compress_ratio=2, kv_compress_mode="avg").eval()
+    attn = DiTAttention(
+        16, heads=2, dim_head=8, spec=AttentionSpec(kv_compress_ratio=2, kv_compress_mode="avg")
+    ).eval()
     x = torch.randn(2, grid[0] * grid[1], 16)
     pool = KVCompress(16, 2, "avg")
     q = attn.to_q(x).unflatten(-1, (2, 8))
@@ -92,7 +94,7 @@ def test_kv_compressed_attention_is_softmax_over_pooled_keys(grid):
 
 
 def test_grid_options_need_a_grid_and_reject_pooled_masks():
-    attn = DiTAttention(16, heads=2, dim_head=8, kv_compress_ratio=2)
+    attn = DiTAttention(16, heads=2, dim_head=8, spec=AttentionSpec(kv_compress_ratio=2))
     x = torch.randn(1, 16, 16)
     with pytest.raises(ValueError, match="grid"):
         attn(x)
@@ -101,14 +103,14 @@ def test_grid_options_need_a_grid_and_reject_pooled_masks():
     with pytest.raises(ValueError, match="kv_compress_mode"):
         KVCompress(16, 2, "nearest")
     with pytest.raises(ValueError, match="kernel"):
-        DiTAttention(16, 2, 8, kernel="cosine")
+        DiTAttention(16, 2, 8, spec=AttentionSpec(kernel="cosine"))
 
 
 def test_value_convolution_starts_at_zero_and_sees_neighbours_only_on_the_grid():
     torch.manual_seed(0)
-    attn = DiTAttention(16, heads=1, dim_head=16, kernel="linear", conv_kernel_size=5)
+    attn = DiTAttention(16, heads=1, dim_head=16, spec=AttentionSpec(kernel="linear", conv_kernel_size=5))
     x = torch.randn(1, 12, 16)
-    plain = DiTAttention(16, heads=1, dim_head=16, kernel="linear")
+    plain = DiTAttention(16, heads=1, dim_head=16, spec=AttentionSpec(kernel="linear"))
     plain.load_state_dict({k: v for k, v in attn.state_dict().items() if "dwc" not in k})
     with torch.no_grad():
         assert torch.allclose(attn(x, grid=(3, 4)), plain(x), atol=1e-6)  # zero-initialised
@@ -151,7 +153,7 @@ def test_uniform_without_padding_matches_ave():
 def test_qk_norm_across_heads_is_pixart_sigmas_layer_norm():
     """``qk_norm="layer_norm_across_heads"``: affine LayerNorm(width, eps 1e-5) on q and k before compression."""
     torch.manual_seed(0)
-    attn = DiTAttention(16, 2, 8, qk_norm="layer_norm_across_heads", kv_compress_ratio=2).eval()
+    attn = DiTAttention(16, 2, 8, spec=AttentionSpec(qk_norm="layer_norm_across_heads", kv_compress_ratio=2)).eval()
     assert attn.norm_q.weight.shape == (16,) and attn.norm_q.eps == 1e-5
     for norm in (attn.norm_q, attn.norm_k):
         torch.nn.init.normal_(norm.weight)
@@ -164,4 +166,4 @@ def test_qk_norm_across_heads_is_pixart_sigmas_layer_norm():
     with torch.no_grad():
         assert torch.allclose(attn(x, grid=(4, 4)), attn.to_out[0](out), atol=1e-5)
     with pytest.raises(ValueError, match="qk_norm"):
-        DiTAttention(16, 2, 8, qk_norm="rms")
+        DiTAttention(16, 2, 8, spec=AttentionSpec(qk_norm="rms"))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dit.nn.attention import DiTAttention
+from dit.nn.attention import AttentionSpec, DiTAttention
 from dit.nn.attention.rope import (
     EXTRAPOLATIONS,
     RotaryEmbedding,
@@ -184,7 +184,7 @@ def _rotary(batch, tokens, head_dim=8, logit_scale=None):
 
 
 def test_qk_norm_adds_no_state_dict_keys():
-    plain, normed = DiTAttention(16, 2, 8), DiTAttention(16, 2, 8, qk_norm=True)
+    plain, normed = DiTAttention(16, 2, 8), DiTAttention(16, 2, 8, spec=AttentionSpec(qk_norm=True))
     assert list(plain.state_dict()) == list(normed.state_dict())
     normed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 6, 16)
@@ -193,7 +193,7 @@ def test_qk_norm_adds_no_state_dict_keys():
 
 def test_qk_norm_then_rotary_then_scale_matches_reference():
     torch.manual_seed(0)
-    attn = DiTAttention(16, 2, 8, qk_norm=True).eval()
+    attn = DiTAttention(16, 2, 8, spec=AttentionSpec(qk_norm=True)).eval()
     x = torch.randn(2, 8, 16)
     scale = torch.tensor([1.0, 1.7]).view(2, 1, 1, 1)
     rotary = _rotary(2, 8, logit_scale=scale)
@@ -211,9 +211,10 @@ def test_identity_rotary_is_no_rotary(masked):
     x = torch.randn(2, 8, 16)
     mask = None
     if masked:
-        from dit.nn.attention import keep_mask_to_bias
+        from dit.nn.attention import AttentionMask, get_backend
 
-        mask = keep_mask_to_bias(torch.tensor([[True] * 8, [True] * 5 + [False] * 3]), torch.float32)
+        keep = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+        mask = AttentionMask.from_keep(keep, torch.float32, get_backend("sdpa"), 2, 8)
     identity = RotaryEmbedding(torch.ones(2, 8, 1, 8), torch.zeros(2, 8, 1, 8))
     torch.testing.assert_close(attn(x, mask=mask, rotary=identity), attn(x, mask=mask))
     assert not torch.allclose(attn(x, mask=mask, rotary=_rotary(2, 8)), attn(x, mask=mask))
@@ -222,7 +223,7 @@ def test_identity_rotary_is_no_rotary(masked):
 def test_rotary_on_math_backend_matches_sdpa():
     from dit.nn.attention import get_backend
 
-    attn = DiTAttention(16, 2, 8, qk_norm=True).eval()
+    attn = DiTAttention(16, 2, 8, spec=AttentionSpec(qk_norm=True)).eval()
     x, rotary = torch.randn(2, 8, 16), _rotary(2, 8, logit_scale=torch.full((2, 1, 1, 1), 1.3))
     sdpa = attn(x, rotary=rotary)
     attn.backend = get_backend("math")

@@ -6,13 +6,12 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from peft import LoraConfig
 
-from dit import FiTTransformer, PixArtTransformer
 from dit.pipelines import TextToImagePipeline
-from tests.tiny import FIT, SIGMA, assert_fp32_close, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
+from tests.tiny import assert_fp32_close, randomize_, tiny_backbone, tiny_t5, tiny_tokenizer, tiny_vae
 
 PROMPT = "a large red circle on the left, on a white background"
 TARGETS = ["to_q", "to_k", "to_v", "proj_out"]
-BACKBONES = {"pixart": (PixArtTransformer, SIGMA), "fit": (FiTTransformer, FIT)}
+BACKBONES = {"pixart": tiny_backbone("tiny-pixart"), "fit": tiny_backbone("tiny-fit")}
 
 
 def _transformer(kind: str):

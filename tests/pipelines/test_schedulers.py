@@ -9,20 +9,22 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
 
-from dit import ControlNetAdapter, FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit import ControlNetAdapter, FiTTransformer, PixArtTransformer
 from dit.microshapes.shipped import default_model
 from dit.pipelines import ControlNetPipeline, TextToImagePipeline
 from dit.pipelines.schedulers import default_scheduler, shifted_betas
-from tests.tiny import FIT, SIGMA, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
+from tests.tiny import SIGMA, randomize_, tiny_backbone, tiny_t5, tiny_tokenizer, tiny_vae
 
 SHIPPED = default_model()
 PROMPT = "a large red circle on the left, on a white background"
-BACKBONES = {
-    PixArtTransformer: SIGMA,
-    LiTTransformer: SIGMA,
-    MicroDiTTransformer: {**SIGMA, "out_channels": 4, "patch_mixer_layers": 1, "num_experts": None},
-    FiTTransformer: FIT,
-}
+BACKBONES = dict(
+    [
+        tiny_backbone("tiny-pixart"),
+        tiny_backbone("tiny-lit"),
+        tiny_backbone("tiny-microdit", out_channels=4, num_experts=None),
+        tiny_backbone("tiny-fit"),
+    ]
+)
 PREDICTIONS = ["epsilon", "v_prediction", "sample", "flow"]
 
 

@@ -133,9 +133,9 @@ def test_cli_generate_writes_png(tmp_path, capsys):
 
 
 def test_cli_generate_without_default_model_says_so(monkeypatch, tmp_path, capsys):
-    import dit.cli
+    import dit.cli_checks
 
-    monkeypatch.setattr(dit.cli, "default_model", lambda: tmp_path / "missing")
+    monkeypatch.setattr(dit.cli_checks, "default_model", lambda: tmp_path / "missing")
     assert cli_main(["generate", PROMPT]) == 2
     assert "no default model" in capsys.readouterr().err
 

@@ -84,7 +84,8 @@ def test_accelerate_configs_use_accelerates_field_names():
         os.environ.update(saved)
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and not plugin.cpu_ram_efficient_loading
-    assert plugin.transformer_cls_names_to_wrap == ["PixArtBlock"] and not plugin.activation_checkpointing
+    # no class named: accelerate wraps the model's `_no_split_modules` (every backbone's block_class)
+    assert not plugin.transformer_cls_names_to_wrap and not plugin.activation_checkpointing
 
 
 def test_sharded_engines_refuse_what_they_cannot_run():
@@ -106,7 +107,10 @@ def test_sharded_engines_refuse_what_they_cannot_run():
     assert _check_engine(engine(DistributedType.MULTI_GPU), config("validation.every=2")) is False
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         _check_engine(engine(DistributedType.FSDP), config())
-    for overrides, key in ((["validation.every=2"], "validation.every"), (["objective.distill=lcm"], "lcm")):
+    for overrides, key in (
+        (["validation.every=2"], "validation.every"),
+        (["objective.distill=lcm", "objective.teacher=t"], "LCM distillation with DDP"),
+    ):
         with pytest.raises(ConfigError, match=key):
             _check_engine(engine(DistributedType.FSDP, fsdp2=True), config(*overrides))
     deepspeed = engine(DistributedType.DEEPSPEED)

@@ -44,9 +44,9 @@ def _variants(folders: dict[str, Path]) -> dict[str, list[str]]:
     pixart = folders["pixart"]
     return {
         "ema": [],
-        "lcm": ["objective.name=v", "objective.distill=lcm", f"objective.distill_teacher={pixart}",
+        "lcm": ["objective.name=v", "objective.distill=lcm", f"objective.teacher={pixart}",
                 f"model.pretrained={pixart}", "data.caption_dropout=0"],
-        "lit-distill": ["model.cls=LiTTransformer", f"model.inherit_from={pixart}", f"objective.distill_teacher={pixart}"],
+        "lit-distill": ["model.cls=LiTTransformer", f"model.inherit_from={pixart}", f"objective.teacher={pixart}"],
         "controlnet": [f"model.pretrained={pixart}", "controlnet.num_blocks=1"],
         "masking": [*MICRODIT, "masking.unmasked_steps=0", "ema_decay=0.9"],
         "mixed-sizes": [f"data.path={folders['mixed']}", "model.cls=FiTTransformer", f"model.kwargs={FIT_KWARGS}",

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from dit.cli import main as cli_main
 from dit.tiny import tiny_pipeline
 from dit.train import Trainer, TrainingDiverged, load_config
-from dit.train.checkpointing import list_checkpoints
 from dit.train.config import ConfigError
+from dit.train.run.checkpointing import list_checkpoints
 from tests.tiny import TINY, make_features
 
 
@@ -165,7 +165,7 @@ def test_cli_config_error_is_one_line_and_non_zero(capsys):
 # ----- 8. disk full, corrupt files, resume fallback, metrics ------------------------------------------------------
 def _fail_second_save(monkeypatch, error: Exception):
     """The model folder of the second checkpoint fails after writing part of a file, as a full disk does."""
-    from dit.train import run_folder as loop
+    from dit.train.run import folder as loop
 
     original, calls = loop.save_model, {"n": 0}
 

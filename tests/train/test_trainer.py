@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from dit import PixArtTransformer
 from dit.train import Trainer, TrainingDiverged, load_config
-from dit.train.checkpointing import list_checkpoints
+from dit.train.run.checkpointing import list_checkpoints
 from tests.tiny import TINY, _losses, launch_two_processes, make_features
 
 
@@ -67,7 +67,7 @@ def test_checkpoint_layout_and_limit(features, tmp_path):
 def test_every_process_finishes_saving_before_the_checkpoint_is_renamed(features, tmp_path, monkeypatch):
     """accelerate's save_state ends without a barrier; the main process may only publish (rename the folder every
     rank writes its RNG state into) after all ranks are past it, or a slower rank writes into a moved folder."""
-    from dit.train import run_folder as checkpointing_module
+    from dit.train.run import folder as checkpointing_module
 
     trainer, calls = Trainer(_config(features, tmp_path)), []
 
@@ -142,13 +142,13 @@ def test_two_processes_match_one(features, tmp_path):
 
 
 def test_lit_inherits_from_pixart_and_distills_from_it(features, tmp_path):
-    """model.inherit_from + objective.distill_teacher: a LiT student trained against a frozen PixArt teacher."""
+    """model.inherit_from + objective.teacher: a LiT student trained against a frozen PixArt teacher."""
     base = load_config(TINY, ["data.path=x"]).model.kwargs
     teacher = PixArtTransformer(**base)
     teacher.save_pretrained(tmp_path / "teacher")
     config = _config(
         features, tmp_path / "run", "model.cls=LiTTransformer", f"model.inherit_from={tmp_path / 'teacher'}",
-        f"objective.distill_teacher={tmp_path / 'teacher'}", "max_steps=2", "ema_decay=null",
+        f"objective.teacher={tmp_path / 'teacher'}", "max_steps=2", "ema_decay=null",
     )  # fmt: skip
     trainer = Trainer(config)
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -13,10 +13,10 @@ from PIL import Image
 from dit.microshapes.recipe import DEFAULT_CONFIG, VALIDATION_PROMPTS
 from dit.train import Trainer, engine, load_config
 from dit.train.config import ConfigError
-from dit.train.extraction import extract
-from dit.train.loss_plot import SIZE
-from dit.train.validation import MIN_CELL, captioned_grid
-from dit.train.validation_prompts import PROMPTS_FILE, CaptionSample, read_validation_prompts
+from dit.train.extract.extraction import extract
+from dit.train.run.loss_plot import SIZE
+from dit.train.run.validation import MIN_CELL, captioned_grid
+from dit.train.run.validation_prompts import PROMPTS_FILE, CaptionSample, read_validation_prompts
 from tests.tiny import CAPTIONS, TINY, _image_folder, make_features, save_tiny_pipeline
 
 PROMPTS = ["a red circle on the left", "a blue square"]
@@ -95,7 +95,7 @@ def test_loss_plot_at_the_end_and_in_every_checkpoint(run):
 
 
 def test_a_failing_plot_does_not_fail_the_run(tmp_path, monkeypatch):
-    from dit.train import loss_plot
+    from dit.train.run import loss_plot
 
     def broken(*args):
         raise RuntimeError("no plotting today")

@@ -2,6 +2,7 @@
 
 from .backends import BACKENDS, AttentionBackend, get_backend, resolve_backend
 from .kv_compress import KVCompress
+from .mask import AttentionMask
 from .module import DiTAttention
 from .ops import keep_mask_to_bias, math_attention, relu_linear_attention, sdpa_attention
-from .processors import DiTAttnProcessor
+from .processors import AttentionSpec, DiTAttnProcessor

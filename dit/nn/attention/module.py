@@ -12,7 +12,8 @@ from torch import nn
 from ..linear import Linear
 from .backends import AttentionBackend, get_backend
 from .kv_compress import KVCompress
-from .processors import KERNELS, DiTAttnProcessor, call_processor, warn_unused_kwargs
+from .mask import AttentionMask
+from .processors import AttentionSpec, DiTAttnProcessor, call_processor, warn_unused_kwargs
 from .rope import RotaryEmbedding
 
 
@@ -20,7 +21,8 @@ class DiTAttention(Attention, AttentionModuleMixin):
     """Multi-head attention with diffusers' parameter names (``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
 
     Self-attention when ``encoder_hidden_states`` is None, cross-attention otherwise. Variants are options of this
-    one module, each a small pure op or submodule:
+    one module, given as one typed :class:`~dit.nn.attention.processors.AttentionSpec` (checked where it is built),
+    each a small pure op or submodule:
 
     - ``kernel="softmax"``: a registered backend (``sdpa`` by default, ``math`` as the plain reference,
       ``xformers`` on CUDA, or one of diffusers' dispatcher backends); ``kernel="linear"``: ReLU linear attention
@@ -52,13 +54,8 @@ class DiTAttention(Attention, AttentionModuleMixin):
         bias: bias on the q/k/v projections.
         out_bias: bias on the output projection.
         dropout: dropout after the output projection.
-        kernel: ``softmax`` or ``linear``.
-        kv_compress_ratio: spatial stride of key/value compression (None: off).
-        kv_compress_mode: ``conv``, ``avg``, ``uniform`` or ``ave``.
-        kv_compress_padding: ``replicate`` (any grid, every token kept) or ``none`` (PixArt-Σ: drop the remainder).
-        conv_kernel_size: side of the depthwise value convolution (None: off).
-        qk_norm: False; True / ``"layer_norm"`` (per head, no affine parameters, eps 1e-6); or
-            ``"layer_norm_across_heads"`` (PixArt-Σ: full width, affine, eps 1e-5).
+        spec: the variant options (kernel, KV compression, value convolution, QK-norm); None: plain softmax
+            attention. Its ``heads`` is the caller's business (the block that sizes this module).
     """
 
     _default_processor_cls = DiTAttnProcessor
@@ -74,37 +71,31 @@ class DiTAttention(Attention, AttentionModuleMixin):
         bias: bool = True,
         out_bias: bool = True,
         dropout: float = 0.0,
-        kernel: str = "softmax",
-        kv_compress_ratio: int | None = None,
-        kv_compress_mode: str = "conv",
-        kv_compress_padding: str = "replicate",
-        conv_kernel_size: int | None = None,
-        qk_norm: bool | str = False,
+        spec: AttentionSpec | None = None,
     ):
         nn.Module.__init__(self)  # not Attention.__init__: the modules are built here, with the same names
-        if kernel not in KERNELS:
-            raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {sorted(KERNELS)}.")
-        if (kv_compress_ratio or conv_kernel_size) and cross_attention_dim is not None:
+        spec = AttentionSpec() if spec is None else spec
+        if spec.needs_grid and cross_attention_dim is not None:
             raise ValueError("kv_compress_ratio and conv_kernel_size are self-attention options (they need a grid).")
         inner_dim = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
-        self.heads, self.kernel = heads, kernel
+        self.heads, self.kernel = heads, spec.kernel
         self.to_q = Linear(query_dim, inner_dim, bias=bias)
         self.to_k = Linear(kv_dim, inner_dim, bias=bias)
         self.to_v = Linear(kv_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(dropout)])
         self.kv_compress = None
-        if kv_compress_ratio:
-            self.kv_compress = KVCompress(inner_dim, kv_compress_ratio, kv_compress_mode, kv_compress_padding)
+        if spec.kv_compress_ratio:
+            ratio, mode, padding = spec.kv_compress_ratio, spec.kv_compress_mode, spec.kv_compress_padding
+            self.kv_compress = KVCompress(inner_dim, ratio, mode, padding)
         self.dwc = None
-        if conv_kernel_size:
-            self.dwc = nn.Conv2d(
-                inner_dim, inner_dim, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner_dim
-            )
+        if spec.conv_kernel_size:
+            size = spec.conv_kernel_size
+            self.dwc = nn.Conv2d(inner_dim, inner_dim, size, padding=size // 2, groups=inner_dim)
             nn.init.zeros_(self.dwc.weight)
             nn.init.zeros_(self.dwc.bias)
         self.norm_q = self.norm_k = None
-        self.qk_norm = _qk_norm_type(qk_norm)
+        self.qk_norm = spec.qk_norm
         if self.qk_norm == "layer_norm":
             self.norm_q = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
             self.norm_k = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
@@ -124,14 +115,14 @@ class DiTAttention(Attention, AttentionModuleMixin):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
         grid: tuple[int, int] | None = None,
         rotary: RotaryEmbedding | None = None,
         **cross_attention_kwargs: Any,
     ) -> torch.Tensor:
         """``hidden_states`` (B, N, C) attend to ``encoder_hidden_states`` (B, L, C') or to themselves.
 
-        ``mask`` is the kernel's key mask, made once per forward by the model (see ``AttentionBackend``); ``grid``
+        ``mask`` is the key mask, made once per forward by the model in every form the kernels read; ``grid``
         the (h, w) token grid of ``hidden_states``, needed by KV compression and the value convolution;
         ``rotary`` the per-token rotary tables (B, N, 1, D) and logit scale of self-attention. A processor that is
         not a :class:`DiTAttnProcessor` gets diffusers' arguments (``attention_mask`` as a (B, 1, Lk) bias) and
@@ -185,19 +176,6 @@ class DiTAttention(Attention, AttentionModuleMixin):
         if not self.fused_projections or not all(isinstance(m, nn.Linear) for m in (self.to_q, self.to_k, self.to_v)):
             return None
         return getattr(self, _fused_name(self))
-
-
-def _qk_norm_type(qk_norm: bool | str) -> str | None:
-    """``qk_norm`` as one name: None (off), ``layer_norm`` (per head) or ``layer_norm_across_heads`` (full width)."""
-    if qk_norm is False or qk_norm is None:
-        return None
-    if qk_norm is True:
-        return "layer_norm"
-    if qk_norm not in ("layer_norm", "layer_norm_across_heads"):
-        raise ValueError(
-            f"Unknown qk_norm {qk_norm!r}; choose False, True ('layer_norm', per head) or 'layer_norm_across_heads'."
-        )
-    return qk_norm
 
 
 def _set_diffusers_attributes(

@@ -103,11 +103,6 @@ def linear_attention_reference(
     return out.to(q.dtype)  # (B, Lq, H, D)
 
 
-def keep_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A kernel mask (additive bias ``(B, 1, 1, Lk)`` or an expanded ``(B, H, Lq, Lk)`` one) -> keep-mask (B, Lk)."""
-    return None if mask is None else mask[:, 0, 0, :] > MASKED_BIAS / 2
-
-
 def tokens_to_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``(B, h*w, C)`` row-major tokens -> ``(B, C, h, w)``."""
     height, width = grid

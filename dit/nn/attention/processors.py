@@ -9,6 +9,8 @@ calls it: ``processor(attn, hidden_states, encoder_hidden_states=..., attention_
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,15 +18,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils import logging
 
 from ..kernels import use_kernels
-from .ops import (
-    MASKED_BIAS,
-    grid_to_tokens,
-    keep_from_mask,
-    merge_heads,
-    relu_linear_attention,
-    split_heads,
-    tokens_to_grid,
-)
+from .kv_compress import MODES, PADDINGS
+from .mask import AttentionMask
+from .ops import grid_to_tokens, merge_heads, relu_linear_attention, split_heads, tokens_to_grid
 from .rope import RotaryEmbedding, apply_rotary
 
 logger = logging.get_logger(__name__)
@@ -32,20 +28,82 @@ logger = logging.get_logger(__name__)
 # ``attn`` below is a :class:`~dit.nn.attention.DiTAttention` (a diffusers ``Attention``; this module is below it).
 
 
-def _softmax(attn: Attention, q, k, v, mask):
-    return attn.backend.kernel(q, k, v, mask)  # the registered softmax backend (sdpa / math / xformers / diffusers')
+def _softmax(attn: Attention, q, k, v, mask: AttentionMask | None):
+    # the registered softmax backend (sdpa / math / xformers / diffusers'), on the mask in its own format
+    return attn.backend.kernel(q, k, v, None if mask is None else mask.kernel)
 
 
-def _linear(attn: Attention, q, k, v, mask):
+def _linear(attn: Attention, q, k, v, mask: AttentionMask | None):
+    keep = None if mask is None else mask.keep  # (B, Lk)
     if use_kernels(q, k, v, batch_tokens=q.shape[0] * q.shape[1]):  # Triton (CUDA): fp32 state, bf16 tensor cores
         from ..kernels.linear_attention import triton_linear_attention
 
-        return triton_linear_attention(q, k, v, keep_from_mask(mask))
-    return relu_linear_attention(q, k, v, keep_from_mask(mask))
+        return triton_linear_attention(q, k, v, keep)
+    return relu_linear_attention(q, k, v, keep)
 
 
 #: ``kernel`` option -> ``(module, q, k, v, mask) -> out``, all ``(B, L, H, D)``.
 KERNELS = {"softmax": _softmax, "linear": _linear}
+#: ``qk_norm`` option -> its name in :class:`AttentionSpec` (None: off).
+QK_NORMS = {False: None, None: None, True: "layer_norm", "layer_norm": "layer_norm",
+            "layer_norm_across_heads": "layer_norm_across_heads"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The options of one :class:`~dit.nn.attention.DiTAttention`, typed and checked once, where it is built.
+
+    Args:
+        kernel: a key of :data:`KERNELS`: ``softmax`` (the model's softmax backend) or ``linear`` (ReLU linear
+            attention, LiT).
+        heads: the head count of this attention when it differs from its block's (LiT's linear self-attention has
+            a quarter of the heads over the same width); None: the block's.
+        kv_compress_ratio: spatial stride of key/value compression, an int >= 2 (PixArt-Σ); None: off.
+        kv_compress_mode: a key of :data:`~dit.nn.attention.kv_compress.MODES` (``conv``, ``avg``, ``uniform``,
+            ``ave``).
+        kv_compress_padding: ``replicate`` (any grid, every token reaches a cell) or ``none`` (PixArt-Σ: drop the
+            remainder rows/columns).
+        conv_kernel_size: side of the depthwise value convolution (LiT: 5); None: off.
+        qk_norm: None; ``layer_norm`` (per head, no parameters; ``True`` is accepted for it); or
+            ``layer_norm_across_heads`` (PixArt-Σ: full width, affine).
+    """
+
+    kernel: str = "softmax"
+    heads: int | None = None
+    kv_compress_ratio: int | None = None
+    kv_compress_mode: str = "conv"
+    kv_compress_padding: str = "replicate"
+    conv_kernel_size: int | None = None
+    qk_norm: str | bool | None = None
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"Unknown attention kernel {self.kernel!r}; choose one of {sorted(KERNELS)}.")
+        if not isinstance(self.qk_norm, (bool, str, type(None))) or self.qk_norm not in QK_NORMS:
+            raise ValueError(
+                f"Unknown qk_norm {self.qk_norm!r}; choose False, True ('layer_norm', per head) or "
+                "'layer_norm_across_heads'."
+            )
+        object.__setattr__(self, "qk_norm", QK_NORMS[self.qk_norm])
+        _check_optional_int("heads", self.heads, 1)
+        _check_optional_int("kv_compress_ratio", self.kv_compress_ratio, 2)
+        _check_optional_int("conv_kernel_size", self.conv_kernel_size, 1)
+        if self.kv_compress_mode not in MODES:
+            raise ValueError(f"Unknown kv_compress_mode {self.kv_compress_mode!r}; choose one of {sorted(MODES)}.")
+        if self.kv_compress_padding not in PADDINGS:
+            raise ValueError(
+                f"Unknown kv_compress_padding {self.kv_compress_padding!r}; choose one of {sorted(PADDINGS)}."
+            )
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the attention reads the token grid (KV compression or the value convolution)."""
+        return self.kv_compress_ratio is not None or self.conv_kernel_size is not None
+
+
+def _check_optional_int(name: str, value, low: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
+        raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}.")
 
 
 class DiTAttnProcessor:
@@ -61,7 +119,7 @@ class DiTAttnProcessor:
         attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
         grid: tuple[int, int] | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
@@ -118,10 +176,10 @@ def _position_queries_keys(
 
 
 def _add_value_conv(
-    attn: Attention, out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]
+    attn: Attention, out: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None, grid: tuple[int, int]
 ) -> torch.Tensor:
     """``out`` plus the depthwise convolution of the values on their grid (LiT); padding tokens count as zeros."""
-    keep = keep_from_mask(mask)
+    keep = None if mask is None else mask.keep  # (B, N)
     if use_kernels(v, out, batch_tokens=v.shape[0] * v.shape[1]):  # one Triton kernel, token layout, sum included
         from ..kernels.depthwise_conv import triton_token_dwc
 
@@ -132,15 +190,6 @@ def _add_value_conv(
 
 
 # ----- any other processor, called as diffusers calls it ---------------------------------------------------------
-def diffusers_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A kernel-format key mask -> diffusers' ``attention_mask``: an additive bias (B, 1, Lk), 0 kept, -10000 dropped."""
-    keep = keep_from_mask(mask)
-    if keep is None:
-        return None
-    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)  # (B, Lk)
-    return bias.masked_fill_(~keep, MASKED_BIAS)[:, None, :]  # (B, 1, Lk)
-
-
 def _options_outside(attn: Attention, rotary: RotaryEmbedding | None) -> list[str]:
     """The options of ``attn`` that only :class:`DiTAttnProcessor` computes."""
     options = {
@@ -163,7 +212,7 @@ def call_processor(
     attn: Attention,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    mask: AttentionMask | None,
     rotary: RotaryEmbedding | None,
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
@@ -181,6 +230,6 @@ def call_processor(
         attn,
         hidden_states,
         encoder_hidden_states=encoder_hidden_states,
-        attention_mask=diffusers_mask(mask, hidden_states.dtype),
+        attention_mask=None if mask is None else mask.diffusers_bias(hidden_states.dtype),
         **kwargs,
     )

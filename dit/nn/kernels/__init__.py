@@ -21,11 +21,9 @@ from collections.abc import Iterator
 import torch
 
 _MODES = ("auto", "0", "1")
-#: ``auto`` serves a call only from this many tokens (batch x tokens): measured on an H200 (bf16, PixArt-XL width,
-#: bench/results/attention_scaling_cuda.json, lit_speed_cuda.json), a layer of up to 4096 tokens is bound by the host,
-#: where the kernels' launches cost more than the torch ops (LiT 1.47 against 0.91 ms, KV pooling 0.82 against
-#: 0.65 ms at 4096 tokens), and from 16384 tokens the kernels win (LiT 1.24 against 2.29 ms; a LiT-XL forward at
-#: 1024 px batch 4, 16384 tokens per layer: 57 against 86 ms).
+#: ``auto`` serves a call only from this many tokens (batch x tokens): on an H200 (bf16, PixArt-XL width) a layer of
+#: up to 4096 tokens is bound by the host, where the kernels' launches cost more than the torch ops, and from 16384
+#: tokens the kernels win (the figures: bench/results/gpu_attention.json, gpu_lit.json).
 AUTO_MIN_TOKENS = 16384
 _override: str | None = None
 
@@ -71,7 +69,8 @@ def use_kernels(*tensors: torch.Tensor, batch_tokens: int = 0) -> bool:
 
     Never under ``torch.compile`` (inductor fuses the torch ops itself). ``auto``: CUDA tensors, from
     :data:`AUTO_MIN_TOKENS` tokens, and only where autograd does not record: a LiT-XL training step at 1024 px batch 2
-    was slower with them (251 against 233 ms on an H200), so training takes them only with ``DIT_TRITON=1``.
+    was slower with them on an H200 (bench/results/gpu_lit.json, ``train``), so training takes them only with
+    ``DIT_TRITON=1``.
     """
     if torch.compiler.is_compiling():
         return False

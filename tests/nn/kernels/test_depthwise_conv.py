@@ -112,12 +112,14 @@ def check_strided(device: str) -> None:
 
 def check_module(device: str) -> None:
     """The kernel with a ``DiTAttention``'s own ``dwc`` parameters matches its module applied as the processor does."""
-    from dit.nn.attention import DiTAttention
+    from dit.nn.attention import AttentionSpec, DiTAttention
     from dit.nn.attention.ops import grid_to_tokens, tokens_to_grid
     from dit.nn.kernels.depthwise_conv import triton_token_dwc
 
     grid, heads = (5, 7), 2
-    attn = DiTAttention(CHANNELS, heads, CHANNELS // heads, kernel="linear", conv_kernel_size=5).to(device)
+    attn = DiTAttention(
+        CHANNELS, heads, CHANNELS // heads, spec=AttentionSpec(kernel="linear", conv_kernel_size=5)
+    ).to(device)
     with torch.no_grad():
         attn.dwc.weight.normal_()
         attn.dwc.bias.normal_()

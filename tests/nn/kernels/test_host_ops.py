@@ -1,8 +1,8 @@
 """The host work around the Triton kernels: torch ops and kernel launches per attention-layer call.
 
-On an H200 a layer of a few thousand tokens is bound by the host (bench/results/attention_scaling_cuda.json: about
-1.1-1.5 ms per LiT layer from 256 to 4096 tokens with the kernels, flat), so every torch op the wrappers issue beside
-their launches costs time there. Counted on the CPU with the launches recorded and skipped.
+On an H200 a layer of a few thousand tokens is bound by the host (bench/results/attention_scaling_cuda.json: a LiT
+layer's time stays flat from 256 to 4096 tokens with the kernels), so every torch op the wrappers issue beside their
+launches costs time there. Counted on the CPU with the launches recorded and skipped.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dit.nn.attention import DiTAttention
+from dit.nn.attention import AttentionSpec, DiTAttention
 from dit.nn.kernels import set_kernels
 from tests.tiny import needs_triton
 
@@ -42,7 +42,7 @@ def launches(monkeypatch):
 
 def _layer_call(mode: str, dtype: torch.dtype, backward: bool) -> tuple[list[str], torch.Tensor]:
     torch.manual_seed(0)
-    layer = DiTAttention(32, 2, 16, kernel="linear", conv_kernel_size=5).to(dtype)
+    layer = DiTAttention(32, 2, 16, spec=AttentionSpec(kernel="linear", conv_kernel_size=5)).to(dtype)
     x = torch.randn(1, GRID[0] * GRID[1], 32, dtype=dtype, requires_grad=backward)  # (1, N, C)
     set_kernels(mode)
     counter = _CountOps()
