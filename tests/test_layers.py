@@ -145,3 +145,12 @@ def test_function_local_imports_count(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "dit.nn.fake", tmp_path / "fake.py")
     (tmp_path / "fake.py").write_text(source)
     assert _imports("dit.nn.fake") == {"dit.cli"}
+
+
+def test_train_keeps_at_most_twelve_modules_at_its_top_level():
+    """The loop, its config and engine stay at the top of ``train/``; data, features, objectives, the run folder and
+    feature extraction live in sub-packages (issue 30)."""
+    top = sorted(path.name for path in (ROOT / "train").glob("*.py"))
+    packages = sorted(path.parent.name for path in (ROOT / "train").glob("*/__init__.py"))
+    assert len(top) <= 12, top
+    assert {"data", "extract", "features", "objectives", "run"} <= set(packages), packages

@@ -66,12 +66,13 @@ class ForwardState:
     read (a token layout, kept indices, ...).
 
     Args:
-        tokens: embedded image tokens (B, N, D), before any patch mixer or token masking.
+        tokens: embedded image tokens (B, N, D), before any patch mixer or token masking; released (None) once
+            :meth:`~DiTBackbone.mix_and_mask` has made the blocks' input, so the hooks after it must not read it.
         context: the blocks' :class:`~dit.nn.context.BlockContext` (for the tokens the blocks run on).
         embedding: the condition of the output head (B, D).
     """
 
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
     context: BlockContext
     embedding: torch.Tensor
 
@@ -181,6 +182,7 @@ class DiTBackbone(
 
         state = self.prepare(inputs, backend, **family_inputs)  # tokens (B, N, D), context, embedding (B, D)
         x = self.mix_and_mask(state)  # (B, K, D)
+        state.tokens = None  # not kept alive through the blocks (the first block's residual makes a new tensor)
         x = self.run_blocks(self.transformer_blocks, x, state.context, inputs.block_controls)  # (B, K, D)
         x = output_head(self, x, state.embedding)  # (B, K, p*p*C)
         output = self.unpatchify(x, state)  # (B, C, H, W)

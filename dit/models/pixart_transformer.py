@@ -316,10 +316,10 @@ class PixArtTransformer(DiTBackbone):
     def unpatchify(self, hidden_states: torch.Tensor, state: PixArtState) -> torch.Tensor:
         """(B, K, p*p*C) -> (B, C, H, W), zero at the patches token masking dropped."""
         (height, width), p, c = state.size, self.config.patch_size, self.out_channels
+        batch, h, w = hidden_states.shape[0], height // p, width // p
         x = hidden_states
         if state.keep_indices is not None:
-            x = scatter_tokens(x, state.keep_indices, state.tokens.shape[1])  # (B, N, p*p*C)
-        batch, h, w = x.shape[0], height // p, width // p
+            x = scatter_tokens(x, state.keep_indices, h * w)  # (B, N, p*p*C), zeros at the masked patches
         x = x.reshape(batch, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(batch, c, h * p, w * p)  # (B, C, H, W)
 
