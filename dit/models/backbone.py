@@ -181,12 +181,17 @@ class DiTBackbone(
         backend = self._attention_backend(inputs.hidden_states.device)
 
         state = self.prepare(inputs, backend, **family_inputs)  # tokens (B, N, D), context, embedding (B, D)
-        x = self.mix_and_mask(state)  # (B, K, D)
-        state.tokens = None  # not kept alive through the blocks (the first block's residual makes a new tensor)
-        x = self.run_blocks(self.transformer_blocks, x, state.context, inputs.block_controls)  # (B, K, D)
+        # the blocks' input is handed over, not kept here: no frame holds it once the first block made a new tensor
+        x = self.run_blocks(self.transformer_blocks, self._blocks_input(state), state.context, inputs.block_controls)
         x = output_head(self, x, state.embedding)  # (B, K, p*p*C)
         output = self.unpatchify(x, state)  # (B, C, H, W)
         return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _blocks_input(self, state: ForwardState) -> torch.Tensor:
+        """The tokens the blocks run on, (B, K, D); ``state.tokens`` is released."""
+        hidden_states = self.mix_and_mask(state)  # (B, K, D)
+        state.tokens = None
+        return hidden_states
 
     def run_blocks(
         self,
