@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
@@ -44,11 +44,24 @@ def control_tensor(image: ControlImage) -> torch.Tensor:
     return (tensor.float() / 127.5 - 1.0).contiguous()
 
 
-def encode_control(vae, images: torch.Tensor) -> torch.Tensor:
+CONTROL_POSTERIORS = ("mean", "sample")
+
+
+def encode_control(
+    vae, images: torch.Tensor, posterior: str = "mean", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Control images (B, 3, H, W) in [-1, 1] -> control latents (B, C, h, w): the VAE posterior mean, shifted and
-    scaled as latents are (an identity pixel-space VAE gives the pixels themselves)."""
+    scaled as latents are (an identity pixel-space VAE gives the pixels themselves).
+
+    ``posterior="sample"`` takes a posterior sample (drawn with ``generator``) instead of the mean, as PixArt-δ's
+    original inference does (``vae.encode(hed).latent_dist.sample() * scale_factor``) and its training features
+    (mean + std * noise) are.
+    """
+    if posterior not in CONTROL_POSTERIORS:
+        raise ValueError(f"posterior must be one of {CONTROL_POSTERIORS}, got {posterior!r}.")
     config = vae.config
-    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, h, w)
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    latents = dist.mean if posterior == "mean" else dist.sample(generator)  # (B, C, h, w)
     if getattr(config, "shift_factor", None) is not None:
         latents = latents - config.shift_factor
     return latents * config.scaling_factor
@@ -86,7 +99,8 @@ class ControlNetPipeline(TextToImagePipeline):
 
     Takes everything :class:`TextToImagePipeline` takes, plus ``control_image``, ``controlnet_conditioning_scale``
     and ``control_guidance_start`` / ``control_guidance_end`` (fractions of the sampling steps, as in diffusers'
-    ControlNet pipelines). Control images are encoded by the VAE (posterior mean times its scaling factor) and enter
+    ControlNet pipelines). Control images are encoded by the VAE (posterior mean, or with ``control_posterior="sample"``
+    a posterior sample as PixArt-δ's original inference, times its scaling factor) and enter
     the transformer through its own patch embedding. A scale of 0 (or a step outside the guidance window) runs the
     base model exactly as :class:`TextToImagePipeline` does.
 
@@ -118,9 +132,12 @@ class ControlNetPipeline(TextToImagePipeline):
     def adapters(self) -> list[ControlNetAdapter]:
         return adapter_list(self.controlnet)
 
-    def encode_control(self, image: torch.Tensor) -> torch.Tensor:
-        """Control pixels (B, 3, H, W) in [-1, 1] -> control latents (B, C, H/f, W/f), as the training features."""
-        return encode_control(self.vae, image)
+    def encode_control(
+        self, image: torch.Tensor, posterior: str = "mean", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Control pixels (B, 3, H, W) in [-1, 1] -> control latents (B, C, H/f, W/f), as the training features:
+        the posterior mean, or a sample with ``posterior="sample"`` (see :func:`encode_control`)."""
+        return encode_control(self.vae, image, posterior, generator)
 
     @torch.no_grad()
     def __call__(
@@ -130,6 +147,7 @@ class ControlNetPipeline(TextToImagePipeline):
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        control_posterior: str = "mean",
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
         """Generate images for ``prompt`` that follow ``control_image``.
@@ -144,6 +162,9 @@ class ControlNetPipeline(TextToImagePipeline):
             controlnet_conditioning_scale: residual scale, one for all adapters or one per adapter.
             control_guidance_start: fraction of the steps at which each adapter starts acting.
             control_guidance_end: fraction of the steps at which each adapter stops acting.
+            control_posterior: ``mean`` encodes each control image as the VAE posterior mean; ``sample`` as a
+                posterior sample drawn with ``generator`` (its first one, if a list), as PixArt-δ's original
+                inference does (see :func:`encode_control`).
         """
         kwargs = _named_arguments(self, args, kwargs)
         prompt = kwargs.pop("prompt", None)
@@ -163,7 +184,15 @@ class ControlNetPipeline(TextToImagePipeline):
             if not 0.0 <= start < end <= 1.0:
                 raise ValueError(f"control_guidance_start={start} and _end={end} must satisfy 0 <= start < end <= 1.")
         windows = list(zip(starts, ends))
-        with self._controls_installed(images, scales, windows, kwargs.get("num_images_per_prompt", 1)):
+        if control_posterior not in CONTROL_POSTERIORS:
+            raise ValueError(f"control_posterior must be one of {CONTROL_POSTERIORS}, got {control_posterior!r}.")
+        generator = kwargs.get("generator")
+        generator = generator[0] if isinstance(generator, (list, tuple)) else generator
+
+        def encode(image: torch.Tensor) -> torch.Tensor:
+            return self.encode_control(image, control_posterior, generator)
+
+        with self._controls_installed(images, scales, windows, kwargs.get("num_images_per_prompt", 1), encode):
             return super().__call__(prompt, **kwargs)
 
     @staticmethod
@@ -181,7 +210,12 @@ class ControlNetPipeline(TextToImagePipeline):
 
     @contextlib.contextmanager
     def _controls_installed(
-        self, images: list[torch.Tensor], scales: list[float], windows: list[tuple[float, float]], per_prompt: int
+        self,
+        images: list[torch.Tensor],
+        scales: list[float],
+        windows: list[tuple[float, float]],
+        per_prompt: int,
+        encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> Iterator[None]:
         """While sampling, every transformer call gets ``block_controls`` for the adapters active at that step."""
         state = {"step": 0, "latents": {}}
@@ -193,7 +227,9 @@ class ControlNetPipeline(TextToImagePipeline):
             active = [k for k in range(len(windows)) if scales[k] != 0 and _in_window(step, total, *windows[k])]
             if not active:
                 return None
-            latents = [self._control_latents(k, images[k], hidden, per_prompt, state["latents"]) for k in active]
+            latents = [
+                self._control_latents(k, images[k], hidden, per_prompt, state["latents"], encode) for k in active
+            ]
             adapters = [self.adapters[k] for k in active]
             kwargs["block_controls"] = block_controls(module, adapters, latents, [scales[k] for k in active])
             return args, kwargs
@@ -205,14 +241,20 @@ class ControlNetPipeline(TextToImagePipeline):
             handle.remove()
 
     def _control_latents(
-        self, k: int, image: torch.Tensor, hidden: torch.Tensor, per_prompt: int, cache: dict
+        self,
+        k: int,
+        image: torch.Tensor,
+        hidden: torch.Tensor,
+        per_prompt: int,
+        cache: dict,
+        encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Adapter ``k``'s control latents for a transformer batch like ``hidden`` (encoded once per call)."""
         if k not in cache:
             size = (hidden.shape[-2] * self.vae_scale_factor, hidden.shape[-1] * self.vae_scale_factor)
             if tuple(image.shape[-2:]) != size:  # resolution binning sampled at another size
                 image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
-            cache[k] = self.encode_control(image).to(hidden.device, hidden.dtype)  # (B_c, C, h, w)
+            cache[k] = encode(image).to(hidden.device, hidden.dtype)  # (B_c, C, h, w)
         latents, batch = cache[k], hidden.shape[0]
         if latents.shape[0] == 1:
             return latents

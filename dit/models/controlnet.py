@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..checkpoint import check_keys
 from ..nn.blocks import residual
 from ..nn.context import BlockContext
 from ..nn.linear import Linear
@@ -148,6 +149,30 @@ class ControlNetAdapter(
             for name, value in transformer.transformer_blocks[p].state_dict().items():
                 state[f"controlnet_blocks.{j}.transformer_block.{name}"] = value
         return _materialise(adapter, state, next(transformer.parameters())).train(transformer.training)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        transformer: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        positions: Sequence[int] | None = None,
+        where: str = "ControlNet state dict",
+    ) -> ControlNetAdapter:
+        """An adapter for ``transformer`` holding ``state_dict`` (this class's keys, strict: missing and unexpected
+        keys are named), on the base's device and dtype. ``positions`` default to ``0..n-1`` for the ``n``
+        ``controlnet_blocks`` in ``state_dict``: PixArt-δ's layout, where the copy of block ``j`` feeds block ``j + 1``.
+        ``where`` names the source in errors."""
+        _check_backbone(transformer)
+        if positions is None:
+            blocks = {int(key.split(".")[1]) for key in state_dict if key.startswith("controlnet_blocks.")}
+            positions = range(max(blocks) + 1 if blocks else 0)
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            adapter = cls(
+                transformer_class=type(transformer).__name__, transformer_config=config, positions=list(positions)
+            )
+        check_keys(adapter.state_dict().keys(), state_dict.keys(), where=where)
+        return _materialise(adapter, dict(state_dict), next(transformer.parameters())).train(transformer.training)
 
     def select(self, positions: Sequence[int]) -> ControlNetAdapter:
         """A slimmer adapter keeping the trained blocks at ``positions`` (a subset of this adapter's).

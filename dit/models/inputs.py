@@ -92,14 +92,29 @@ def micro_conditions(
 ) -> dict[str, torch.Tensor]:
     """PixArt-α's ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1): those given in ``added_cond_kwargs``, else the
     image's from the latent size (pixels = latent x ``vae_scale_factor``), filled on the latents' device in their
-    dtype (no host-to-device copy)."""
-    given = {k: v for k, v in (added_cond_kwargs or {}).items() if v is not None}
+    dtype (no host-to-device copy). Given ones of batch 1 are broadcast over the batch, as the original PixArt's
+    ``SizeEmbedder`` repeats them (PixArt-δ's CFG batch passes one ``data_info`` for both halves)."""
+    batch = latents.shape[0]
+    given = {k: _batched(k, v, batch) for k, v in (added_cond_kwargs or {}).items() if v is not None}
     if "resolution" in given and "aspect_ratio" in given:
         return given
-    batch, height, width = latents.shape[0], latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
+    height, width = latents.shape[-2] * vae_scale_factor, latents.shape[-1] * vae_scale_factor
     like = {"dtype": latents.dtype, "device": latents.device}
     resolution = torch.cat([torch.full((batch, 1), height, **like), torch.full((batch, 1), width, **like)], dim=1)
     return {"resolution": resolution, "aspect_ratio": torch.full((batch, 1), height / width, **like), **given}
+
+
+def _batched(name: str, value, batch: int):
+    """A micro-condition (B or 1, k) with batch 1 expanded to ``batch``; any other batch is an error. Other keys and
+    values that are not 2-D tensors are passed on unchanged."""
+    if name not in ("resolution", "aspect_ratio") or not isinstance(value, torch.Tensor) or value.ndim != 2:
+        return value
+    if value.shape[0] not in (1, batch):
+        raise ValueError(
+            f"added_cond_kwargs[{name!r}] has shape {tuple(value.shape)}: give one row per sample ({batch}) or one "
+            "row for the whole batch."
+        )
+    return value.expand(batch, -1)  # (B, k)
 
 
 def guidance_condition(
