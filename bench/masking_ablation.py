@@ -1,6 +1,7 @@
 """MicroShapes ablation of micro-budget training at equal wall-clock budget (issue: micro-budget training).
 
-Arms, all from ``configs/microshapes_microdit.yaml`` (the MicroShapes model plus a 1-block patch-mixer and MoE):
+Arms, all from ``--config`` (default ``configs/microshapes_microdit.yaml``: the MicroShapes model plus a 1-block
+patch-mixer and MoE; ``configs/microshapes_microdit_original.yaml``: the same widths in the published MicroDiT network):
 
 - ``unmasked``: the same model, no masking;
 - ``naive``: 75% of the tokens masked *before* the patch-mixer, then the unmasked fine-tune;
@@ -50,7 +51,7 @@ TARGETS = (
 )
 
 
-def _trainer(recipe: Path, out: Path, overrides: list[str]):
+def _trainer(recipe: Path, out: Path, overrides: list[str], config: Path = CONFIG):
     from dit.train import Trainer, load_config
 
     paths = [
@@ -61,10 +62,10 @@ def _trainer(recipe: Path, out: Path, overrides: list[str]):
         "max_steps=100000",
         "masking.unmasked_steps=0",
     ]
-    return Trainer(load_config(CONFIG, [*paths, *overrides]))
+    return Trainer(load_config(config, [*paths, *overrides]))
 
 
-def calibrate(recipe: Path, runs: int, tmp: Path) -> dict[str, float]:
+def calibrate(recipe: Path, runs: int, tmp: Path, config: Path = CONFIG) -> dict[str, float]:
     """Median seconds per training step of every arm (masked arms: masked and unmasked steps), one thread."""
     torch.set_num_threads(1)
     variants = {}
@@ -74,7 +75,7 @@ def calibrate(recipe: Path, runs: int, tmp: Path) -> dict[str, float]:
             variants[f"{arm}_unmasked_step"] = [*overrides, "masking.ratio=0"]
     fns = {}
     for name, overrides in variants.items():
-        trainer = _trainer(recipe, tmp / name, overrides)
+        trainer = _trainer(recipe, tmp / name, overrides, config)
         batches = trainer._batches(0, 100000)
         fns[name] = lambda t=trainer, b=batches: t._optimizer_step(b, 1)
     timing = alternate(fns, "cpu", runs, warmup=2)
@@ -95,7 +96,9 @@ def plan(step_s: dict[str, float], budget_s: float, finetune_share: float) -> di
     return plans
 
 
-def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, n: int = 60) -> dict:
+def run_arm(
+    arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, n: int = 60, config: Path = CONFIG
+) -> dict:
     """Train one arm (one thread), assemble its pipeline with the recipe's encoders, evaluate it."""
     import dit
     from dit.microshapes.recipe import _load_encoders, assemble  # noqa: F401
@@ -108,7 +111,7 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
                  f"output_dir={out / 'train'}", "overwrite=true", f"max_steps={steps}",
                  f"masking.unmasked_steps={unmasked_steps}", f"checkpoint_every={steps}"]  # fmt: skip
     started = time.perf_counter()
-    trainer = Trainer(load_config(CONFIG, overrides))
+    trainer = Trainer(load_config(config, overrides))
     trainer.train()
     train_s = time.perf_counter() - started
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -116,7 +119,7 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
     assemble(out / "pipeline", tokenizer, text_encoder, vae, model, trainer.objective.sampling_scheduler(), (20, 2.5))
     pipe = TextToImagePipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.transformer, dit.MicroDiTTransformer)
+    assert type(pipe.transformer) is getattr(dit, trainer.config.model.cls)  # the config's network, reloaded
     torch.manual_seed(0)
     report = evaluate(pipeline_generator(pipe, 20, 2.5), n=n)
     params = sum(p.numel() for p in model.parameters())
@@ -127,6 +130,9 @@ def run_arm(arm: str, recipe: Path, out: Path, steps: int, unmasked_steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="runs/microshapes", help="a recipe output folder (features, encoders)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the arms' training config (default: "
+                        "configs/microshapes_microdit.yaml; configs/microshapes_microdit_original.yaml: the "
+                        "published MicroDiT network)")  # fmt: skip
     parser.add_argument("--work", default="runs/masking_ablation", help="working folder (one per arm)")
     parser.add_argument("--budget-s", type=float, default=1000.0, help="one-thread training seconds per arm")
     parser.add_argument("--finetune-share", type=float, default=0.2)
@@ -141,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe, out = Path(args.recipe), Path(args.work)
     if args.arm:
-        result = run_arm(args.arm, recipe, out / args.arm, args.steps, args.unmasked_steps, args.n)
+        result = run_arm(args.arm, recipe, out / args.arm, args.steps, args.unmasked_steps, args.n, args.config)
         (out / args.arm / "result.json").write_text(json.dumps(result, indent=2))
         return
 
@@ -151,7 +157,7 @@ def main() -> None:
         write_report(args, step_s, results)
         return
     out.mkdir(parents=True, exist_ok=True)
-    step_s = calibrate(recipe, args.calibration_runs, out / "calibration")
+    step_s = calibrate(recipe, args.calibration_runs, out / "calibration", args.config)
     (out / "step_s.json").write_text(json.dumps(step_s, indent=2))  # for --collect
     plans = plan(step_s, args.budget_s, args.finetune_share)
     print(json.dumps({"step_s": step_s, "plans": plans}, indent=2), flush=True)
@@ -171,7 +177,7 @@ def write_report(args, step_s: dict[str, float], results: dict[str, dict]) -> No
         "device": "cpu",
         "machine": machine("cpu"),
         "config": {
-            "file": str(CONFIG.relative_to(ROOT)),
+            "file": _relative(args.config),
             "budget_one_thread_s": args.budget_s,
             "finetune_share": args.finetune_share,
             "mask_ratio": 0.75,
@@ -193,6 +199,12 @@ def write_report(args, step_s: dict[str, float], results: dict[str, dict]) -> No
     write_json(args.out, payload, "masking_ablation_cpu.json")
 
 
+def _relative(path: Path) -> str:
+    """``path`` from the repository root when it is inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def launch(plans: dict[str, dict], args, out: Path) -> dict[str, dict]:
     """Run the arms as subprocesses, ``args.parallel`` at a time, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -203,7 +215,7 @@ def launch(plans: dict[str, dict], args, out: Path) -> dict[str, dict]:
             (out / arm).mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, __file__, "--arm", arm, "--recipe", str(args.recipe), "--work", str(out),
                    "--steps", str(plans[arm]["steps"]), "--unmasked-steps", str(plans[arm]["unmasked_steps"]),
-                   "--n", str(args.n)]  # fmt: skip
+                   "--n", str(args.n), "--config", str(args.config)]  # fmt: skip
             log = (out / arm / "log.txt").open("w")
             running[arm] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
         time.sleep(5)

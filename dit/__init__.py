@@ -33,11 +33,13 @@ _EXPORTS = {
     "build_preset": "dit.models",
     "FiTTransformer": "dit.models",
     "LiTTransformer": "dit.models",
+    "MicroDiTOriginalTransformer": "dit.models",
     "MicroDiTTransformer": "dit.models",
     "MultiControlNetAdapter": "dit.models",
     "PixArtTransformer": "dit.models",
     "ControlNetPipeline": "dit.pipelines",
     "TextToImagePipeline": "dit.pipelines",
+    "ClassToImagePipeline": "dit.pipelines",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,6 +1,6 @@
 """The ``dit`` command: ``dit generate "PROMPT" --model PATH -o out.png``, ``dit eval microshapes --model PATH``,
-``dit train --config ...``, ``dit extract DATA --pipeline P --out D``, ``dit controlnet-relevance --model BASE
---controlnet ADAPTER``.
+``dit train --config ...``, ``dit extract DATA --pipeline P --out D``, ``dit convert FAMILY CHECKPOINT OUT``,
+``dit controlnet-relevance --model BASE --controlnet ADAPTER``.
 
 One convention for every command: a module, listed in :data:`COMMANDS`, with
 
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from dit import __version__
 from dit import controlnet_relevance as controlnet_relevance_command
+from dit.commands import convert as convert_command
 from dit.commands import evaluate as eval_command
 from dit.commands import generate as generate_command
 from dit.errors import DEBUG_ENV, run_command, take_debug_flag
@@ -36,7 +37,9 @@ from dit.train.extract import command as extract_command
 __all__ = ["COMMANDS", "build_parser", "default_lcm", "default_model", "main"]
 
 #: The modules of the ``dit`` commands, in the order ``dit --help`` lists them.
-COMMANDS = (generate_command, eval_command, train_command, extract_command, controlnet_relevance_command)
+COMMANDS = (
+    generate_command, eval_command, train_command, extract_command, convert_command, controlnet_relevance_command,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

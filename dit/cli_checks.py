@@ -1,9 +1,11 @@
 """The checks of the ``dit`` commands' arguments, run before any model loads: prompts (``--prompt-file``, ``@FILE``),
-the sampling options, ``-o``, ``--device``, ``--model`` and report paths. A bad one raises
+class labels (``--class``) and the kind of model they go to, the sampling options, ``-o``, ``--device``, ``--model``
+and report paths. A bad one raises
 :class:`~dit.errors.UsageError` naming the option and the fix."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,8 @@ from dit.microshapes.shipped import default_model
 SETUP_ERRORS = (ValueError, KeyError, OSError)
 #: ``--dtype`` -> the torch dtype's name.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Pipeline classes (``model_index.json``'s ``_class_name``) that sample class labels (``--class``), not prompts.
+CLASS_PIPELINES = ("ClassToImagePipeline",)
 
 
 def usage_errors() -> dict[type[BaseException], int]:
@@ -34,6 +38,41 @@ def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
     if not found:
         raise UsageError("no prompt: give one or several prompts, or --prompt-file FILE (one prompt per line).")
     return found
+
+
+def read_class_labels(values: Sequence[str] | None) -> list[str]:
+    """The ``--class`` values (the option repeated, each a comma-separated list), in order: label names or ids."""
+    found = []
+    for value in values or ():
+        parts = [part.strip() for part in value.split(",")]
+        if not all(parts):
+            raise UsageError(f"--class {value!r}: an empty class; give label names or class ids, separated by commas.")
+        found += parts
+    return found
+
+
+def is_class_model(folder: Path) -> bool:
+    """Whether the pipeline folder samples class labels (its ``model_index.json`` names a class pipeline)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {folder}: cannot read model_index.json ({one_line(error)}).") from error
+    return index.get("_class_name") in CLASS_PIPELINES
+
+
+def check_conditions(folder: Path, class_model: bool, classes: list[str], prompts: Sequence[str], prompt_file) -> None:
+    """A class-conditional model takes ``--class`` and no prompt; a text model takes prompts and no ``--class``."""
+    if class_model and not classes:
+        raise UsageError(
+            f"{folder} is a class-conditional model: give --class NAME (a label name or a class id; repeat it or "
+            "separate several by commas) instead of a prompt."
+        )
+    if class_model and (prompts or prompt_file is not None):
+        raise UsageError(f"{folder} is a class-conditional model: it takes --class only, no prompt or --prompt-file.")
+    if not class_model and classes:
+        raise UsageError(
+            f"--class {','.join(classes)}: {folder} is a text-to-image model (no class labels); give a prompt instead."
+        )
 
 
 def _prompts_of(file: str, what: str) -> list[str]:
@@ -84,8 +123,8 @@ def check_report_path(path: str | None, flag: str = "--json") -> None:
 
 def check_sampling_args(args) -> None:
     """The sampling options given on the command line (``--steps``, ``--guidance``, ``--height``, ``--width``,
-    ``--num-images``), checked before the model loads; a bad one raises a ``SamplingValueError`` that names the
-    option, the value and the allowed range."""
+    ``--num-images``, ``--guidance-channels``), checked before the model loads; a bad one raises a
+    ``SamplingValueError`` that names the option, the value and the allowed range."""
     from functools import partial
 
     from dit.pipelines import checks
@@ -96,6 +135,7 @@ def check_sampling_args(args) -> None:
         "--height": (args.height, partial(checks.check_image_side, "height")),
         "--width": (args.width, partial(checks.check_image_side, "width")),
         "--num-images": (getattr(args, "num_images", None), checks.check_num_images_per_prompt),
+        "--guidance-channels": (getattr(args, "guidance_channels", None), checks.check_guidance_channels),
     }
     for flag, (value, check) in options.items():
         if value is None:

@@ -8,6 +8,7 @@ with diffusers (:mod:`dit.pipelines.registration`), so ``DiffusionPipeline.from_
 from dit.lazy import lazy_exports
 
 _EXPORTS = {
+    "ClassToImagePipeline": ".class_to_image",
     "ControlNetPipeline": ".controlnet",
     "TextToImagePipeline": ".text_to_image",
     "load_lcm": ".lcm",

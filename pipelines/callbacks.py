@@ -9,7 +9,8 @@ Two kinds, as diffusers' pipelines have them:
   returns replaces the pipeline's own for the following steps, and it may change ``pipe._guidance_scale`` or set
   ``pipe._interrupt``, as diffusers' ``SDCFGCutoffCallback`` does.
 
-The text tensors follow diffusers' convention: ``prompt_embeds`` / ``prompt_attention_mask`` are the text batch the
+A class-conditional pipeline hands out ``latents`` only (:class:`StepLatents`). The text tensors follow diffusers'
+convention: ``prompt_embeds`` / ``prompt_attention_mask`` are the text batch the
 transformer sees, the unconditional rows first when guided (so ``prompt_embeds[-1:]`` is the last conditional row);
 ``negative_prompt_embeds`` / ``negative_prompt_attention_mask`` are those unconditional rows (None unguided).
 """
@@ -47,6 +48,26 @@ def legacy_callback_due(i: int, timesteps: int, steps: int, order: int, callback
     return completed and i % callback_steps == 0
 
 
+@dataclass
+class StepCallbacks:
+    """The callbacks of one sampling call: ``on_step_end(pipe, i, t, tensors)`` with the tensors named
+    ``tensor_inputs`` after every step, and the legacy ``legacy(step, t, latents)`` every ``legacy_steps`` steps."""
+
+    on_step_end: Callable[..., dict[str, torch.Tensor]] | None
+    tensor_inputs: list[str]
+    legacy: Callable[[int, Any, torch.Tensor], None] | None = None
+    legacy_steps: int = 1
+
+    def after_step(self, pipe, state, i: int, t, timesteps: int, steps: int) -> None:
+        """Run the callbacks due after loop step ``i`` of ``timesteps`` (``steps`` sampling steps); the step-end
+        callback's tensors replace ``state``'s."""
+        if self.on_step_end is not None:
+            state.run(self.on_step_end, pipe, i, t, self.tensor_inputs)
+        order = getattr(pipe.scheduler, "order", 1)
+        if self.legacy is not None and legacy_callback_due(i, timesteps, steps, order, self.legacy_steps):
+            self.legacy(i // order, t, state.latents)
+
+
 class CallStateMixin:
     """The state of the running (or last) call, as diffusers' pipelines expose it to callbacks."""
 
@@ -59,6 +80,11 @@ class CallStateMixin:
     def do_classifier_free_guidance(self) -> bool:
         """Whether this step runs a CFG batch: ``guidance_scale > 1`` and a transformer without guidance embedding."""
         return self._guidance_scale > 1.0 and not self.guidance_embedded
+
+    @property
+    def guidance_channels(self) -> int | None:
+        """The latent channels the running (or last) call guides (the first k; None: every channel)."""
+        return getattr(self, "_guidance_channels", None)
 
     @property
     def num_timesteps(self) -> int:
@@ -74,6 +100,22 @@ class CallStateMixin:
     def cross_attention_kwargs(self) -> dict[str, Any] | None:
         """The ``cross_attention_kwargs`` of the running call (``{"scale": s}`` scales LoRA adapters)."""
         return self._cross_attention_kwargs
+
+
+@dataclass
+class StepLatents:
+    """The latents a sampling loop carries from step to step when nothing else changes (a class-conditional call):
+    a step-end callback gets and may replace ``latents`` only."""
+
+    latents: torch.Tensor
+
+    def run(self, callback: Callable, pipe, i: int, t, names: list[str]) -> None:
+        """Call ``callback(pipe, i, t, {"latents": ...})`` and take the latents it returns, if new."""
+        handed = {name: self.latents for name in names}  # names: checked to be ["latents"] or []
+        returned = callback(pipe, i, t, dict(handed)) or {}
+        latents = returned.get("latents")
+        if latents is not None and latents is not handed.get("latents"):
+            self.latents = latents
 
 
 @dataclass

@@ -50,6 +50,20 @@ def check_guidance_scale(guidance_scale) -> None:
         )
 
 
+def check_guidance_channels(guidance_channels, latent_channels: int | None = None) -> None:
+    """None (guide every latent channel) or an int in [1, ``latent_channels``]: classifier-free guidance acts on the
+    first k latent channels only and keeps the conditional prediction on the others (FiT's published models: 3)."""
+    if guidance_channels is None:
+        return
+    top = latent_channels if latent_channels is not None else math.inf
+    if not is_int(guidance_channels) or not 1 <= guidance_channels <= top:
+        upto = f" and <= {latent_channels} (the model's latent channels)" if latent_channels is not None else ""
+        raise SamplingValueError(
+            f"guidance_channels must be None (guide every latent channel) or an int >= 1{upto}, got "
+            f"{guidance_channels!r} (FiT's published models guide the first 3 of 4)."
+        )
+
+
 def check_num_inference_steps(num_inference_steps, timesteps=None, sigmas=None) -> None:
     """An int >= 1, unless explicit ``timesteps`` or ``sigmas`` set the schedule."""
     if timesteps is not None or sigmas is not None:
@@ -68,9 +82,10 @@ def check_eta(eta) -> None:
         raise SamplingValueError(f"eta must be a number in [0, 1], got {eta!r} (0: deterministic DDIM, 1: DDPM).")
 
 
-def check_num_images_per_prompt(num_images_per_prompt) -> None:
+def check_num_images_per_prompt(num_images_per_prompt, name: str = "num_images_per_prompt") -> None:
+    """Images per prompt (or per class label, ``name``): an int >= 1."""
     if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
-        raise SamplingValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
+        raise SamplingValueError(f"{name} must be an int >= 1, got {num_images_per_prompt!r}.")
 
 
 def check_callback_steps(callback_steps) -> None:

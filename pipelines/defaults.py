@@ -6,6 +6,9 @@ it samples with those values when a call passes no ``num_inference_steps`` / ``g
 (:attr:`~dit.pipelines.TextToImagePipeline.sampling_defaults`), and saving the pipeline again keeps the file.
 diffusers ignores the file, so the folder still loads with ``DiffusionPipeline.from_pretrained``. A folder without it
 gets diffusers' ``PixArtSigmaPipeline`` defaults (20 steps, guidance 4.5).
+
+A folder may also record ``guidance_channels``: the latent channels classifier-free guidance acts on (the first k;
+FiT's published models guide 3 of 4, as their ``forward_with_cfg``). Without it a call guides every channel.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import os
 from pathlib import Path
 
 from ..checkpoint import restore_default_permissions
+from .checks import check_guidance_channels
 
 SAMPLING_DEFAULTS = "sampling_defaults.json"
 PIXART_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 4.5}
+#: Defaults a folder may record that have no value when it records none (``guidance_channels``: every channel).
+OPTIONAL_DEFAULTS = ("guidance_channels",)
+RECORDABLE = (*PIXART_DEFAULTS, *OPTIONAL_DEFAULTS)
 
 
 def recorded_sampling_defaults(folder: str | Path) -> dict | None:
@@ -35,18 +42,20 @@ def recorded_sampling_defaults(folder: str | Path) -> dict | None:
 
 
 def sampling_defaults(folder: str | Path) -> dict:
-    """``{"num_inference_steps", "guidance_scale"}`` recorded in a pipeline ``folder``, else PixArt's defaults."""
+    """``{"num_inference_steps", "guidance_scale"}`` recorded in a pipeline ``folder``, else PixArt's defaults (and
+    ``guidance_channels`` where the folder records it)."""
     return {**PIXART_DEFAULTS, **(recorded_sampling_defaults(folder) or {})}
 
 
 def check_sampling_defaults(values: dict) -> dict:
-    """``values`` (one or both of ``num_inference_steps`` and ``guidance_scale``) checked and normalised to an int
-    and a float; an unknown key or a value out of range is a ``ValueError`` naming it."""
+    """``values`` (any of ``num_inference_steps``, ``guidance_scale`` and ``guidance_channels``) checked and
+    normalised to an int, a float and an int (a ``guidance_channels`` of None is left out: every channel); an unknown
+    key or a value out of range is a ``ValueError`` naming it."""
     if not isinstance(values, dict):
-        raise ValueError(f"Sampling defaults are a dict of {sorted(PIXART_DEFAULTS)}, got {values!r}.")
-    unknown = set(values) - set(PIXART_DEFAULTS)
+        raise ValueError(f"Sampling defaults are a dict of {sorted(RECORDABLE)}, got {values!r}.")
+    unknown = set(values) - set(RECORDABLE)
     if unknown:
-        raise ValueError(f"Unknown sampling defaults {sorted(unknown)}; expected {sorted(PIXART_DEFAULTS)}.")
+        raise ValueError(f"Unknown sampling defaults {sorted(unknown)}; expected {sorted(RECORDABLE)}.")
     checked = {}
     if "num_inference_steps" in values:
         steps = values["num_inference_steps"]
@@ -59,12 +68,19 @@ def check_sampling_defaults(values: dict) -> dict:
         if not real or not math.isfinite(guidance) or guidance < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance!r}.")
         checked["guidance_scale"] = float(guidance)
+    if values.get("guidance_channels") is not None:
+        check_guidance_channels(values["guidance_channels"])
+        checked["guidance_channels"] = int(values["guidance_channels"])
     return checked
 
 
-def save_sampling_defaults(folder: str | Path, num_inference_steps: int, guidance_scale: float) -> Path:
-    """Record the sampling defaults of the pipeline in ``folder``; returns the file written."""
-    values = check_sampling_defaults({"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale})
+def save_sampling_defaults(
+    folder: str | Path, num_inference_steps: int, guidance_scale: float, guidance_channels: int | None = None
+) -> Path:
+    """Record the sampling defaults of the pipeline in ``folder`` (``guidance_channels`` only when given); returns
+    the file written."""
+    values = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    values = check_sampling_defaults({**values, "guidance_channels": guidance_channels})
     path = Path(folder) / SAMPLING_DEFAULTS
     path.write_text(json.dumps(values, indent=2) + "\n")
     return path
@@ -80,8 +96,9 @@ class SamplingDefaultsMixin:
     def sampling_defaults(self) -> dict:
         """The ``num_inference_steps`` and ``guidance_scale`` of a call that passes none: those recorded in the
         folder the pipeline was loaded from (``sampling_defaults.json``) or set here (``load_lcm`` sets its
-        student's), else diffusers' ``PixArtSigmaPipeline`` defaults (20 steps, 4.5). Set a dict with one or both
-        keys to change them, None to drop them."""
+        student's), else diffusers' ``PixArtSigmaPipeline`` defaults (20 steps, 4.5); plus ``guidance_channels``
+        where one is recorded (a call without it then guides that many latent channels). Set a dict with any of
+        these keys to change them, None to drop them."""
         return {**PIXART_DEFAULTS, **(self._recorded() or {})}
 
     @sampling_defaults.setter

@@ -15,7 +15,7 @@ So ``import dit`` (which any import of ``dit.*`` runs first) adds :data:`PIPELIN
 module resolves (:func:`register_when_imported`: at once when diffusers is already imported, else right after its
 import, so that ``import dit`` itself imports neither diffusers nor torch): after it,
 ``DiffusionPipeline.from_pretrained(folder)`` returns a :class:`TextToImagePipeline` (or
-:class:`ControlNetPipeline`), and ``diffusers.TextToImagePipeline`` is our class. Nothing diffusers defines is
+:class:`ControlNetPipeline`, :class:`ClassToImagePipeline`), and ``diffusers.TextToImagePipeline`` is our class. Nothing diffusers defines is
 changed or shadowed (a name diffusers already has is left to diffusers), and the pipeline modules are imported on
 the first lookup only (``import dit`` stays as light as before): diffusers' package is a lazy module whose extra
 objects (``_objects``, where it keeps ``__version__``) are consulted before it raises ``AttributeError``, and the
@@ -40,6 +40,7 @@ from importlib import import_module
 PIPELINES = {
     "TextToImagePipeline": "dit.pipelines.text_to_image",
     "ControlNetPipeline": "dit.pipelines.controlnet",
+    "ClassToImagePipeline": "dit.pipelines.class_to_image",
 }
 
 logger = logging.getLogger(__name__)

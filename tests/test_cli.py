@@ -176,7 +176,7 @@ print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modul
 """
 
 
-COMMAND_NAMES = ["generate", "eval", "train", "extract", "controlnet-relevance"]
+COMMAND_NAMES = ["generate", "eval", "train", "extract", "convert", "controlnet-relevance"]
 
 
 @pytest.mark.parametrize("command", [["--help"], *([name, "--help"] for name in COMMAND_NAMES)], ids=" ".join)

@@ -134,7 +134,47 @@ def _microshapes_features(cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=300)
 
 
+def _original_checkpoints(cwd: Path) -> None:
+    """Tiny stand-ins under the published names: FiTv2_XL/model_ema.safetensors with its whlzy/FiT YAML
+    config_fitv2_xl.yaml, MicroDiT's dit_4_channel_37M_real_and_synthetic_data.pt (a pickled plain state dict) with
+    microdit_tiny.yaml, and two base pipeline folders: DiT-XL-2-256 (VAE, scheduler, ImageNet-style id2label) and
+    microdit-base (tokenizer, CLIP text encoder, VAE)."""
+    import torch
+    import yaml
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dit.models.presets import build_preset
+    from dit.pipelines import TextToImagePipeline
+    from dit.tiny import WORDS, tiny_tokenizer, tiny_vae
+    from tests.tiny import (
+        FIT_V2,
+        class_pipeline,
+        fit_original_state,
+        microdit_original_config,
+        microdit_original_state,
+        randomize_,
+    )
+
+    (cwd / "FiTv2_XL").mkdir()
+    save_file(fit_original_state(FIT_V2), cwd / "FiTv2_XL" / "model_ema.safetensors")
+    (cwd / "config_fitv2_xl.yaml").write_text(yaml.safe_dump({"diffusion": {"network_config": {"params": FIT_V2}}}))
+    labels = {0: "tench", 1: "goldfish", 2: "golden retriever", 3: "tabby cat", 4: "pizza"}
+    class_pipeline(scheduler=DDIMScheduler(), id2label=labels).save_pretrained(cwd / "DiT-XL-2-256")
+    torch.manual_seed(0)
+    microdit = randomize_(build_preset("tiny-microdit-original"), std=0.1)
+    torch.save(microdit_original_state(microdit), cwd / "dit_4_channel_37M_real_and_synthetic_data.pt")
+    (cwd / "microdit_tiny.yaml").write_text(yaml.safe_dump(microdit_original_config(microdit)))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))  # fmt: skip
+    base = TextToImagePipeline(tokenizer=tiny_tokenizer(), text_encoder=clip, vae=tiny_vae(), transformer=microdit,
+                               scheduler=DDIMScheduler())  # fmt: skip
+    base.save_pretrained(cwd / "microdit-base")
+
+
 FIXTURES = {
+    "original_checkpoints": _original_checkpoints,
     "my_images": _my_images,
     "repo_files": _repo_files,
     "style_lora": _style_lora,

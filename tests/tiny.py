@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,11 @@ from diffusers import PixArtTransformer2DModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from dit import FiTTransformer, LiTTransformer, MicroDiTTransformer, PixArtTransformer
+from dit import FiTTransformer, LiTTransformer, MicroDiTOriginalTransformer, MicroDiTTransformer, PixArtTransformer
+from dit.convert.fit_original import ORIGINAL_DEFAULTS
 from dit.models.presets import preset, preset_config
 from dit.models.registry import backbone_class
-from dit.pipelines import TextToImagePipeline
+from dit.pipelines import ClassToImagePipeline, TextToImagePipeline
 from dit.tiny import tiny_t5, tiny_tokenizer, tiny_vae  # noqa: F401  (re-exported for the tests)
 from dit.train.objectives.losses import Objective
 
@@ -46,6 +48,23 @@ SIGMA = preset_config("tiny-pixart")
 CONFIGS = {"alpha": ALPHA, "sigma": SIGMA}
 # FiT: 4x4-patch training grid (sample_size 8, patch 2), up to 48 tokens per image (e.g. a 12x16 latent)
 FIT = preset_config("tiny-fit")
+# FiT class-conditional as on ImageNet (no text): 10 classes plus the null class (id 10)
+FIT_CLASS = preset_config("tiny-fit", caption_channels=None, num_classes=10)
+#: id2label of FIT_CLASS: synonyms, capitals, and one name two classes share ("crane": 3 and 4), as in ImageNet
+CLASS_NAMES = {
+    0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "great white shark", 3: "crane", 4: "crane, bird",
+    5: "tabby cat", 6: "German shepherd", 7: "sports car", 8: "school bus", 9: "oak tree",
+}  # fmt: skip
+
+
+def class_pipeline(scheduler=None, seed: int = 0, id2label=CLASS_NAMES, **overrides) -> ClassToImagePipeline:
+    """A tiny class-conditional FiT pipeline (VAE factor 2, patch 2: sizes in multiples of 4 px), random weights;
+    ``scheduler=None``: the transformer's own (flow matching unless ``prediction_type`` says otherwise)."""
+    torch.manual_seed(seed)
+    transformer = randomize_(FiTTransformer(**{**FIT_CLASS, **overrides}), std=0.05).eval()
+    pipe = ClassToImagePipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler, id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
@@ -93,7 +112,7 @@ def tiny_backbone(name: str, **overrides) -> tuple[type, dict]:
 
 
 #: One tiny config of every backbone class, by name: (class, config).
-BACKBONES = {name: tiny_backbone(f"tiny-{name}") for name in ("pixart", "lit", "microdit", "fit")}
+BACKBONES = {name: tiny_backbone(f"tiny-{name}") for name in ("pixart", "lit", "microdit", "fit", "microdit-original")}
 
 
 # ----- one forward of every backbone variant, for compile, sync and placement checks ------------------------------
@@ -353,3 +372,109 @@ def photo_folder(root: Path) -> tuple[Path, int]:
     rows[3:3] = [json.dumps({"file_name": "corrupt.jpg", "text": "a corrupt file"}), '{"file_name": "photo1.png",']
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return root, len(PHOTO_SIZES)
+
+
+# ----- checkpoints in the original repositories' layouts (FiT / FiTv2, MicroDiT) ----------------------------------
+FIT_V2 = dict(
+    context_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+    learn_sigma=False, use_sit=True, use_swiglu=True, q_norm="layernorm", k_norm="layernorm", adaln_type="lora",
+    adaln_lora_dim=8, class_dropout_prob=0.1,
+)  # fmt: skip
+FIT_V1 = dict(
+    context_size=16, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+    learn_sigma=True, use_swiglu=True, use_swiglu_large=True,
+)  # fmt: skip
+FIT_ORIGINALS = {"v1": FIT_V1, "v2": FIT_V2}
+
+
+def fit_original_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """FiT / FiTv2: random weights in the original's keys and shapes (cases.json ``state_keys``) for FiT's arguments ``config``."""
+    args = {**ORIGINAL_DEFAULTS, **config}
+    width, p, channels = args["hidden_size"], args["patch_size"], args["in_channels"]
+    out = p * p * channels * (2 if args["learn_sigma"] else 1)
+    hidden = int(width * args["mlp_ratio"]) if args["use_swiglu_large"] else int(width * args["mlp_ratio"]) * 2 // 3
+    rank = args["adaln_lora_dim"]
+    shapes = {
+        "x_embedder.proj": (width, p * p * channels), "t_embedder.mlp.0": (width, 256), "t_embedder.mlp.2": (width, width),
+        "final_layer.linear": (out, width), "final_layer.adaLN_modulation.1": (2 * width, width),
+    }  # fmt: skip
+    if args["adaln_type"] == "lora":
+        shapes["global_adaLN_modulation.1"] = (6 * width, width)
+    for i in range(args["depth"]):
+        block = {"attn.qkv": (3 * width, width), "attn.proj": (width, width), "mlp.fc1_g": (hidden, width),
+                 "mlp.fc1_x": (hidden, width), "mlp.fc2": (width, hidden)}  # fmt: skip
+        if args["adaln_type"] == "lora":
+            block.update({"adaLN_modulation.1": (rank, width), "adaLN_modulation.2": (6 * width, rank)})
+        else:
+            block["adaLN_modulation.1"] = (6 * width, width)
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    gen = torch.Generator().manual_seed(seed)
+    state = {"y_embedder.embedding_table.weight": torch.randn(args["num_classes"] + 1, width, generator=gen)}
+    for name, (rows, cols) in shapes.items():
+        state[f"{name}.weight"] = torch.randn(rows, cols, generator=gen) * cols**-0.5
+        state[f"{name}.bias"] = torch.randn(rows, generator=gen) * 0.1
+    return state
+
+
+#: our module -> the original's (cases.json conventions.keys), top level and inside a block
+_MICRODIT_TOP = {"pos_embed.proj": "x_embedder.proj", "timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "timestep_embedder.linear_2": "t_embedder.mlp.2", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+        "caption_projection.norm": "y_embedder.y_proj.norm", "caption_projection.linear_2": "y_embedder.y_proj.fc2",
+        "pooled_caption_projection.linear_1": "pooled_y_emb_process.fc1",
+        "pooled_caption_projection.norm": "pooled_y_emb_process.norm",
+        "pooled_caption_projection.linear_2": "pooled_y_emb_process.fc2", "proj_out": "final_layer.linear",
+        "norm_out.linear": "final_layer.adaLN_modulation.1", "norm_out.norm": "final_layer.norm_final",
+        "patch_mixer_proj_in.norm": "patch_mixer_map_xin.0", "patch_mixer_proj_in.linear": "patch_mixer_map_xin.1",
+        "patch_mixer_proj_out.norm": "patch_mixer_map_xout.0", "patch_mixer_proj_out.linear": "patch_mixer_map_xout.1",
+        "patch_mixer_proj_text.norm": "patch_mixer_map_y.0", "patch_mixer_proj_text.linear": "patch_mixer_map_y.1"}  # fmt: skip
+_MICRODIT_IN_BLOCK = {"attn1.to_out.0": "attn.proj", "attn2.to_q": "cross_attn.q_linear", "attn2.to_out.0": "cross_attn.proj",
+             "adaln_modulation": "adaLN_modulation.1", "ff.net.2": "mlp.w3", "ff.gate": "mlp.gate", "norm1": "norm1",
+             "norm2": "norm2", "norm3": "norm3"}  # fmt: skip
+_MICRODIT_FUSED = {"attn1.to_q": ("attn.qkv", 0), "attn1.to_k": ("attn.qkv", 1), "attn1.to_v": ("attn.qkv", 2),
+          "attn2.to_k": ("cross_attn.kv_linear", 0), "attn2.to_v": ("cross_attn.kv_linear", 1)}  # fmt: skip
+_MICRODIT_BLOCKS = re.compile(r"(transformer_blocks\.\d+|patch_mixer\.\d+|caption_refiner)\.(.+)$")
+
+
+def microdit_original_state(model: MicroDiTOriginalTransformer) -> dict[str, torch.Tensor]:
+    """A MicroDiTOriginalTransformer's state dict written out in the original MicroDiT layout (fused projections, SwiGLU w1 / w2 / w3, ...)."""
+    grid = model.config.sample_size // model.config.patch_size
+    out = {
+        "pos_embed": model.pos_embed.position_table(grid, grid, torch.device("cpu")),
+        "mask_token": model.mask_token,
+    }
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in model.state_dict().items():
+        stem, _, kind = key.rpartition(".")
+        if stem in _MICRODIT_TOP:
+            out[f"{_MICRODIT_TOP[stem]}.{kind}"] = tensor
+        elif (match := _MICRODIT_BLOCKS.match(key)) is not None:
+            block, rest = match.groups()
+            prefix = block.replace("transformer_blocks", "blocks").replace("caption_refiner", "y_emb_preprocess")
+            name, _, kind = rest.rpartition(".")
+            if rest in ("ff.w1", "ff.w2"):
+                out[f"{prefix}.mlp.{rest[3:]}"] = tensor
+            elif name == "ff.net.0.proj":
+                value, gate = tensor.chunk(2)
+                out[f"{prefix}.mlp.w1.{kind}"], out[f"{prefix}.mlp.w2.{kind}"] = gate, value
+            elif name in _MICRODIT_FUSED:
+                target, index = _MICRODIT_FUSED[name]
+                fused.setdefault(f"{prefix}.{target}.{kind}", {})[index] = tensor
+            else:
+                out[f"{prefix}.{_MICRODIT_IN_BLOCK[name]}.{kind}"] = tensor
+        elif key != "mask_token":
+            raise KeyError(key)
+    out.update({key: torch.cat([parts[i] for i in sorted(parts)]) for key, parts in fused.items()})
+    return out
+
+
+def microdit_original_config(model: MicroDiTOriginalTransformer) -> dict:
+    """The original ``DiT`` constructor's arguments of ``model`` (the inverse of ``config_from_original``)."""
+    from dit.convert.microdit_original import _RENAMED
+
+    config = model.config
+    original = {name: config[ours] for name, ours in _RENAMED.items() if ours in config}
+    original["dim"] = config.num_attention_heads * config.attention_head_dim
+    original["patch_mixer_depth"] = config.patch_mixer_layers
+    if config.patch_mixer_dim is None:
+        original["patch_mixer_dim"] = original["dim"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in original.items()}

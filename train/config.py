@@ -98,6 +98,25 @@ class FlowConfig:
 
 
 @dataclass
+class EDMConfig:
+    """``objective.edm``: EDM (Karras et al. 2022), the network ``F`` preconditioned outside it (sigma_data ``sd``):
+    ``D(x_t) = c_skip x_t + c_out F(c_in x_t, ln(sigma) / 4)``, trained at log-normal sigmas with EDM's weighting.
+
+    The defaults are MicroDiT's (micro_diffusion's ``LatentDiffusion``): ``sigma_data`` 0.9 (VAE-scaled latents of
+    about unit spread; EDM's paper uses 0.5 for pixels in [-1, 1]: set it to your data's standard deviation),
+    ``ln(sigma) ~ N(-0.6, 1.2^2)``, and EDM's sampling range 0.002..80 with ``rho`` 7.
+    """
+
+    sigma_data: float = 0.9  # the data's standard deviation in the preconditioning (MicroDiT: 0.9)
+    p_mean: float = -0.6  # training sigmas: ln(sigma) ~ N(p_mean, p_std^2), unclamped (MicroDiT: -0.6, 1.2)
+    p_std: float = 1.2
+    sigma_min: float = 0.002  # the samplers' Karras schedule: sigma_max -> sigma_min with exponent rho, then 0
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sampler: str = "dpmsolver"  # diffusers' EDMDPMSolverMultistepScheduler ("dpmsolver") or EDMEulerScheduler
+
+
+@dataclass
 class HybridConfig:
     """``objective.hybrid``: LiT's hybrid distillation (``objective.distill: hybrid``) from ``objective.teacher``."""
 
@@ -126,16 +145,18 @@ class LCMConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The loss ``name`` (``ddpm_eps``, ``v``, ``x0``, ``flow``), optionally distilled from a frozen ``teacher`` by
-    the method ``distill`` (``hybrid``, ``lcm``). Each loss and each method reads its own section
-    (:data:`OBJECTIVE_SECTIONS`; a distillation's is named after it); :func:`validate_objective` checks them all."""
+    """The loss ``name`` (``ddpm_eps``, ``v``, ``x0``, ``flow``, ``edm``), optionally distilled from a frozen
+    ``teacher`` by the method ``distill`` (``hybrid``, ``lcm``; not ``lcm`` for ``edm``). Each loss and each method
+    reads its own section (:data:`OBJECTIVE_SECTIONS`; a distillation's is named after it); :func:`validate_objective`
+    checks them all."""
 
     name: str = "ddpm_eps"
-    num_train_timesteps: int = 1000  # every loss: the discrete schedule's length, or flow's model-time scale
+    num_train_timesteps: int = 1000  # the discrete schedule's length, or flow's model-time scale (edm: unused)
     discrete: DiscreteConfig = field(default_factory=DiscreteConfig)
     ddpm_eps: EpsilonConfig = field(default_factory=EpsilonConfig)
     x0: SampleConfig = field(default_factory=SampleConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
     distill: str | None = None  # a name of DISTILLATIONS; None: "hybrid" when a teacher is set, else no distillation
     teacher: str | None = None  # a distillation's frozen teacher: a transformer or pipeline folder of any backbone
     hybrid: HybridConfig = field(default_factory=HybridConfig)
@@ -153,6 +174,7 @@ OBJECTIVE_SECTIONS: dict[str, tuple[str, ...]] = {
     "v": ("discrete",),
     "x0": ("discrete", "x0"),
     "flow": ("flow",),
+    "edm": ("edm",),
 }
 
 #: The distillations, the one place their names live: ``objective.distill`` name -> ``module:Class``, imported when a
@@ -300,6 +322,8 @@ OBJECTIVE_RANGES: dict[str, Range] = {
     "flow.logit_normal_std": POSITIVE, "hybrid.eps_weight": NON_NEGATIVE, "hybrid.var_weight": NON_NEGATIVE,
     "lcm.guidance_scale": NON_NEGATIVE, "lcm.guidance_range": Range(1), "lcm.num_ddim_timesteps": AT_LEAST_1,
     "lcm.timestep_scaling": POSITIVE, "lcm.huber_c": POSITIVE, "lcm.target_ema": DECAY,
+    "edm.sigma_data": POSITIVE, "edm.p_mean": Range(-10, 10), "edm.p_std": POSITIVE, "edm.sigma_min": POSITIVE,
+    "edm.sigma_max": POSITIVE, "edm.rho": POSITIVE,
 }  # fmt: skip
 
 #: The allowed values of the ``objective`` section's string keys (``distill``: :data:`DISTILLATIONS`).
@@ -307,6 +331,7 @@ OBJECTIVE_CHOICES: dict[str, tuple] = {
     "name": tuple(OBJECTIVE_SECTIONS),
     "x0.weighting": ("v", "uniform"),
     "lcm.loss": ("huber", "l2"),
+    "edm.sampler": ("dpmsolver", "euler"),
 }
 
 
@@ -335,7 +360,23 @@ def validate_objective(objective: ObjectiveConfig) -> ObjectiveConfig:
         raise ConfigError(f"config.objective.distill={method!r} needs objective.teacher (the teacher's folder).")
     _check_unused_sections(objective, {*OBJECTIVE_SECTIONS[objective.name], method})
     _check_lcm(objective)
+    _check_edm(objective)
     return objective
+
+
+def _check_edm(objective: ObjectiveConfig) -> None:
+    """``objective.edm``'s sampling range, and the distillations an EDM model can have."""
+    edm = objective.edm
+    if edm.sigma_min >= edm.sigma_max:
+        raise ConfigError(
+            f"config.objective.edm.sigma_min={edm.sigma_min} must be below objective.edm.sigma_max={edm.sigma_max}."
+        )
+    if objective.name == "edm" and objective.distillation == "lcm":
+        raise ConfigError(
+            "config.objective.distill=lcm with objective.name=edm: latent consistency distillation has no EDM solver "
+            "grid or boundary scalings; distil an EDM teacher with objective.distill=hybrid, or consistency-distil "
+            "a ddpm_eps, v, x0 or flow model."
+        )
 
 
 def _check_lcm(objective: ObjectiveConfig) -> None:

@@ -154,6 +154,10 @@ class Trainer(RunFolder, RunOutputs):
         # the text of every batch is trimmed to a few fixed lengths, never below what a substituted caption keeps
         masks = [c[1] for c in (null_caption, *substituted.values()) if c is not None and c[1] is not None]
         self.min_text_length = max((trimmed_text_length(m[None]) for m in masks), default=0)
+        # a backbone that reads every text token without a mask (the original MicroDiT) gets them all, unmasked
+        self.reads_text_mask = bool(capability(self.backbone, "uses_text_mask"))
+        if not self.reads_text_mask:
+            self.min_text_length = sys.maxsize
         self.null_caption = _to_device(null_caption, device)
         self.substituted = {name: _to_device(c, device) for name, c in substituted.items()}
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -237,6 +241,8 @@ class Trainer(RunFolder, RunOutputs):
         captions = {False: (text, mask)}
         if self.uncond_caption is not None:
             captions[True] = _with_caption(text, mask, self.uncond_caption, where=torch.ones_like(draws["coin"]) > 0)
+        if not self.reads_text_mask:
+            return {uncond: (text, None) for uncond, (text, _) in captions.items()}
         return captions
 
     def _loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dit.models.registry import backbone_class
-from dit.pipelines.schedulers import prediction_of
+from dit.pipelines.schedulers import prediction_of, scheduler_prediction
 
 from .config import ConfigError, TrainConfig
 from .features.base import Feature
@@ -21,7 +21,7 @@ from .features.mixed_sizes import MixedSizes
 from .objectives.losses import Objective
 
 #: What each objective's sampler predicts -> the objective that trains it (for messages about a base model).
-OBJECTIVE_OF = {"epsilon": "ddpm_eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
+OBJECTIVE_OF = {"epsilon": "ddpm_eps", "v_prediction": "v", "sample": "x0", "flow": "flow", "edm": "edm"}
 
 
 #: The features a run may turn on besides its objective, in the order they are checked and applied.
@@ -123,8 +123,7 @@ def recorded_prediction(pretrained: str) -> tuple[str, Path] | None:
     record = transformer.parent / "scheduler" / "scheduler_config.json"
     if (transformer.parent / "model_index.json").is_file() and record.is_file():
         config = json.loads(record.read_text())
-        flow = "FlowMatch" in config.get("_class_name", "")
-        return ("flow" if flow else config.get("prediction_type") or "epsilon"), record
+        return scheduler_prediction(config.get("_class_name", ""), config), record
     record = transformer / "config.json"
     recorded = json.loads(record.read_text()).get("prediction_type") if record.is_file() else None
     return (recorded, record) if recorded else None

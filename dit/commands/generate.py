@@ -1,5 +1,7 @@
 """``dit generate "PROMPT" [--model PATH] -o out.png``: images from prompts with a pipeline folder (the shipped
-MicroShapes model by default, ``--lcm`` for its few-step student). A ``dit`` command (:mod:`dit.cli`'s convention)."""
+MicroShapes model by default, ``--lcm`` for its few-step student); ``dit generate --class NAME --model PATH``: images
+of class labels with a class-conditional folder (a ``ClassToImagePipeline``: FiT on ImageNet). A ``dit`` command
+(:mod:`dit.cli`'s convention)."""
 
 from __future__ import annotations
 
@@ -9,24 +11,30 @@ from pathlib import Path
 from dit.cli_checks import (
     DTYPES,
     SETUP_ERRORS,
+    check_conditions,
     check_output,
     check_sampling_args,
+    is_class_model,
     model_folder,
+    read_class_labels,
     read_prompts,
     resolve_device,
     usage_errors,
 )
-from dit.errors import as_usage_error
+from dit.errors import UsageError, as_usage_error
 from dit.microshapes.shipped import default_lcm
 
 
 def add_parser(commands) -> None:
     """The ``dit generate`` subcommand of ``commands`` (argparse sub-parsers)."""
-    gen = commands.add_parser("generate", help="generate an image from a prompt")
+    gen = commands.add_parser("generate", help="generate an image from a prompt (or a class label)")
     gen.add_argument("prompt", nargs="*", help="one or several prompts; @FILE reads the prompts of FILE (as "
                      "--prompt-file FILE)")  # fmt: skip
     gen.add_argument("--prompt-file", metavar="FILE", help="one prompt per non-empty line ('-': stdin), drawn after "
                      "the prompts given as arguments")  # fmt: skip
+    gen.add_argument("--class", dest="class_labels", action="append", metavar="NAME", help="a class label name or "
+                     "class id, for a class-conditional model (ClassToImagePipeline, e.g. FiT on ImageNet) instead of "
+                     "a prompt; repeat it or separate several by commas ('goldfish,207')")  # fmt: skip
     gen.add_argument("--model", type=Path, help="diffusers-format pipeline folder, or a training run folder (its "
                      "pipeline/) (default: the shipped MicroShapes model)")  # fmt: skip
     gen.add_argument("-o", "--output", default="out.png", help="output PNG path (default: out.png); several images "
@@ -37,6 +45,8 @@ def add_parser(commands) -> None:
                      "student's, 4)")  # fmt: skip
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the model's sampling_defaults.json, "
                      "else 4.5; with --lcm the student's)")  # fmt: skip
+    gen.add_argument("--guidance-channels", type=int, metavar="K", help="guide the first K latent channels only "
+                     "(FiT's published models: 3; default: the model's sampling_defaults.json, else all)")  # fmt: skip
     gen.add_argument("--lcm", action="store_true", help="few-step sampling with the LCM student shipped beside the "
                      "default model (or the one given by --lcm-folder)")  # fmt: skip
     gen.add_argument("--lcm-folder", type=Path, help="an LCM folder written by the trainer (implies --lcm)")
@@ -55,25 +65,53 @@ def run(args: argparse.Namespace) -> int:
     from dit.pipelines.checks import SamplingValueError
 
     with as_usage_error(*SETUP_ERRORS):
-        prompts = read_prompts(args.prompt, args.prompt_file)
+        classes = read_class_labels(args.class_labels)
         check_sampling_args(args)
         check_output(args.output)
         device = resolve_device(args.device)
         folder = model_folder(args.model)
-        lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
-        if lcm is not None:
-            _check_lcm_folder(lcm)
-        pipe = _load_pipeline(folder, lcm, args.dtype, device)
-        if lcm is not None:
-            _check_lcm_guidance(pipe, args.guidance)
+        class_model = is_class_model(folder)
+        check_conditions(folder, class_model, classes, args.prompt, args.prompt_file)
+        setup = _class_setup if class_model else _text_setup
+        pipe, conditions, names = setup(folder, args, device, classes)
     if args.compile:
         pipe.compile_transformer()
-    paths = output_paths(args.output, len(prompts) * args.num_images)
-    images = _draw(pipe, prompts, args, paths, SamplingValueError)
-    for path, image, prompt in zip(paths, images, [p for p in prompts for _ in range(args.num_images)]):
+    paths = output_paths(args.output, len(conditions) * args.num_images)
+    images = _draw(pipe, conditions, args, paths, SamplingValueError, class_model)
+    for path, image, name in zip(paths, images, [n for n in names for _ in range(args.num_images)]):
         image.save(path)
-        print(f"saved {path} ({image.width}x{image.height}): {prompt}")
+        print(f"saved {path} ({image.width}x{image.height}): {name}")
     return 0
+
+
+def _text_setup(folder: Path, args: argparse.Namespace, device: str, classes: list[str]) -> tuple:
+    """The text pipeline of ``folder`` (with ``--lcm``'s student), the prompts and their names (themselves)."""
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
+    if lcm is not None:
+        _check_lcm_folder(lcm)
+    pipe = _load_pipeline(folder, lcm, args.dtype, device)
+    if lcm is not None:
+        _check_lcm_guidance(pipe, args.guidance)
+    return pipe, prompts, prompts
+
+
+def _class_setup(folder: Path, args: argparse.Namespace, device: str, classes: list[str]) -> tuple:
+    """The class pipeline of ``folder``, the class ids of ``classes`` (names or ids, resolved from the folder's
+    ``id2label`` before the model loads) and a name for each (``class 1 (goldfish)``)."""
+    import torch
+
+    from dit.pipelines import ClassToImagePipeline
+    from dit.pipelines.labels import ClassLabels
+
+    text_options = {"--lcm": args.lcm, "--lcm-folder": args.lcm_folder, "--negative-prompt": args.negative_prompt}
+    given = [flag for flag, value in text_options.items() if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: {folder} is a class-conditional model; these apply to text models.")
+    labels = ClassLabels.from_folder(folder)
+    ids = labels.ids([labels.parse(value) for value in classes])
+    pipe = ClassToImagePipeline.from_pretrained(folder, dtype=getattr(torch, DTYPES[args.dtype]))
+    return pipe.to(device), ids, [labels.describe(i) for i in ids]
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:
@@ -122,19 +160,26 @@ def _check_lcm_guidance(pipe, guidance: float | None) -> None:
     )
 
 
-def _draw(pipe, prompts: list[str], args: argparse.Namespace, paths: list[Path], value_error: type) -> list:
+def _draw(pipe, conditions: list, args: argparse.Namespace, paths: list[Path], value_error: type, classes: bool):
+    """Every image: ``args.num_images`` of each prompt (or class id), image k drawn with seed ``args.seed + k``."""
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for k in range(len(paths))]
+    common = dict(
+        num_inference_steps=args.steps,  # None: the pipeline's sampling defaults (its folder's, or the LCM's)
+        guidance_scale=args.guidance,
+        guidance_channels=args.guidance_channels,
+        height=args.height,
+        width=args.width,
+        generator=generators,
+    )
     with as_usage_error(value_error):
+        if classes:
+            return pipe(conditions, num_images_per_label=args.num_images, **common).images
         return pipe(
-            prompts,
+            conditions,
             negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,  # None: the pipeline's sampling defaults (its folder's, or the LCM's)
-            guidance_scale=args.guidance,
             num_images_per_prompt=args.num_images,
-            height=args.height,
-            width=args.width,
-            generator=generators,
             clean_caption=False,  # captions as the trainer encodes them: lower-cased and stripped
+            **common,
         ).images

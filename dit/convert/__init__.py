@@ -1,5 +1,7 @@
 """Checkpoint converters from original repositories to the toolkit's (diffusers') keys."""
 
+from .fit_original import convert_fit_original_state_dict, fit_config, load_original_fit, read_fit_config
+from .microdit_original import convert_microdit_original_state_dict, load_original_microdit
 from .pixart_controlnet import (
     convert_pixart_controlnet_original_state_dict,
     convert_pixart_controlnet_research_state_dict,

@@ -107,7 +107,8 @@ class DiTBackbone(
       ``transformer_class``, a folder's ``_class_name``, a distillation teacher) when it is defined, and its module
       gets the name ``ModelMixin`` diffusers' pipeline loader looks up there.
     - modules: ``transformer_blocks`` (an ``nn.ModuleList`` of ``block_class``), the output head of
-      :func:`~dit.nn.normalization.add_output_head` (``norm_out``, ``scale_shift_table``, ``proj_out``), and
+      :func:`~dit.nn.normalization.add_output_head` (``norm_out`` with ``scale_shift_table`` or its own ``linear``,
+      then ``proj_out``), and
       ``self.gradient_checkpointing = False`` set in ``__init__``.
     - config fields (``@register_to_config`` on ``__init__``): :data:`REQUIRED_CONFIG`; ``cross_attention_dim``
       when text enters without a caption projection.

@@ -13,6 +13,7 @@ FOREIGN_DEFAULTS = {
     "prediction_type": None,  # whatever the scheduler records
     "use_additional_conditions": False,  # diffusers' PixArt sets it per instance, as ours
     "has_null_caption": False,
+    "uses_text_mask": True,  # False: the model attends to every caption token, without a mask (MicroDiT)
     "embeds_guidance": False,  # classifier-free guidance with a CFG batch
     "supports_block_controls": False,
     "supports_token_masking": False,

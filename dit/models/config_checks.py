@@ -44,7 +44,7 @@ def _is_index(value, size: int) -> bool:
 
 
 #: What a backbone's ``prediction_type`` config field may record (None: unknown, PixArt's ε default).
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")
 
 
 def check_prediction_record(prediction_type, noise_shift) -> None:

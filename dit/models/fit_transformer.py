@@ -23,14 +23,36 @@ from ..nn.blocks import FiTBlock
 from ..nn.context import BlockContext
 from ..nn.embeddings import CaptionProjection, TimestepEmbedding, fractional_sincos, timestep_sinusoid
 from ..nn.linear import Linear
-from ..nn.normalization import add_output_head
+from ..nn.normalization import AdaLNOutputNorm, add_output_head
 from ..nn.packing import TokenLayout, pack, patchify, token_layout, unpack, unpatchify
 from .backbone import DiTBackbone, ForwardInputs, ForwardState
 from .config_checks import check_positive_ints, check_prediction_record, is_positive_int
 from .inputs import check_control_size, check_guidance, text_tokens
 from .mixins import RecordedPrediction
 
-__all__ = ["FiTBlock", "FiTTransformer", "ModelMixin"]  # FiTBlock lives in dit.nn.blocks
+# FiTBlock is re-exported from dit.nn.blocks
+__all__ = ["OUTPUT_HEADS", "TIMESTEP_CONVENTIONS", "FiTBlock", "FiTTransformer", "ModelMixin"]
+
+
+def diffusers_time(timestep: torch.Tensor) -> torch.Tensor:
+    """The timestep as given (diffusers' scale: ``1000 * sigma`` for flow matching, the DDPM step)."""
+    return timestep
+
+
+def sit_time(timestep: torch.Tensor) -> torch.Tensor:
+    """SiT's time ``1 - timestep / 1000`` in [0, 1], 1 = data, from diffusers' flow timestep ``1000 * sigma``."""
+    return 1 - timestep / 1000
+
+
+def fit_v1_time(timestep: torch.Tensor) -> torch.Tensor:
+    """``min(timestep, 1)``: the released FiT v1 forward clamps its DDPM timestep (0..999) to at most 1."""
+    return timestep.clamp(max=1.0)
+
+
+#: ``timestep_convention`` -> the time the timestep embedding sees, from the (B,) timesteps the model is given.
+TIMESTEP_CONVENTIONS = {"diffusers": diffusers_time, "sit": sit_time, "fit_v1": fit_v1_time}
+#: ``output_head`` -> the ``modulation`` of :func:`~dit.nn.normalization.add_output_head` (None: PixArt's table).
+OUTPUT_HEADS = {"table": None, "silu": "silu"}
 
 
 @dataclass
@@ -52,7 +74,8 @@ class FiTTransformer(DiTBackbone):
     Blocks (:class:`FiTBlock`): QK-norm + 2D-RoPE self-attention, cross-attention to text, SwiGLU, AdaLN-LoRA. Beyond
     the training grid, RoPE extrapolates training-free (``rope_extrapolation``, :mod:`dit.nn.attention.rope`), changeable
     at inference with :meth:`set_extrapolation`. Timesteps are in diffusers' scale (``t * num_train_timesteps``
-    for rectified flow), as the flow-matching schedulers feed them.
+    for rectified flow), as the flow-matching schedulers feed them; ``timestep_convention`` says what the timestep
+    embedding makes of them (the published FiT checkpoints embed SiT's time, :func:`dit.convert.load_original_fit`).
 
     Args:
         num_attention_heads: heads per attention layer.
@@ -76,13 +99,21 @@ class FiTTransformer(DiTBackbone):
         dropout: dropout in attention and feed-forward.
         norm_eps: LayerNorm epsilon.
         rope_theta: RoPE base.
-        rope_extrapolation: ``none``, ``pi``, ``ntk``, ``vision_ntk``, ``yarn`` or ``vision_yarn``.
+        rope_extrapolation: a name of :data:`~dit.nn.attention.rope.EXTRAPOLATIONS`: ``none``, ``pi``, ``ntk``,
+            ``ntk_by_parts``, ``yarn``, ``ntk_pro1``, ``ntk_pro2``, each also as ``vision_<name>`` (one scale per axis).
         attention_logit_scale: multiply logits by ``max(1, log(tokens) / log(train tokens))`` per sample.
         absolute_position: ``none`` (FiT: RoPE is the only position signal) or ``fractional``: add to each token the
             2D sin-cos of its place as a fraction of its own image, on the ``train_grid`` scale
             (:func:`dit.nn.embeddings.fractional_sincos`, PixArt's interpolated table per axis). Not in FiT; for
             captions that place things ("on the left"), which relative RoPE alone cannot anchor. Parameter-free,
             defined at every size, so it needs no extrapolation.
+        output_head: ``table`` (PixArt's: ``scale_shift_table`` (2, D) plus the condition embedding) or ``silu``
+            (DiT's and FiT's: ``norm_out.linear`` of SiLU(condition) -> shift, scale; keys ``norm_out.linear``,
+            ``proj_out``).
+        timestep_convention: what the timestep embedding sees of ``timestep`` (:data:`TIMESTEP_CONVENTIONS`):
+            ``diffusers`` the timestep as given; ``sit`` SiT's time ``1 - timestep / 1000`` (1 = data), for FiTv2
+            checkpoints run with diffusers' flow timesteps ``1000 * sigma``; ``fit_v1`` ``min(timestep, 1)``, what
+            the released FiT v1 forward embeds of its DDPM timesteps (its clamp: every timestep >= 1 embeds as 1).
         prediction_type: what the model predicts (default ``flow``): ``epsilon``, ``v_prediction``, ``sample``
             (x0) or ``flow`` (a rectified-flow velocity); the trainer records it, and a pipeline given
             ``scheduler=None`` samples with the matching scheduler (:func:`dit.pipelines.schedulers.default_scheduler`).
@@ -124,6 +155,8 @@ class FiTTransformer(DiTBackbone):
         rope_extrapolation: str = "none",
         attention_logit_scale: bool = False,
         absolute_position: str = "none",
+        output_head: str = "table",
+        timestep_convention: str = "diffusers",
         prediction_type: str | None = "flow",
         noise_shift: float | None = None,
     ):
@@ -142,6 +175,8 @@ class FiTTransformer(DiTBackbone):
         _validate_config(attention_head_dim, caption_channels, cross_attention_dim, inner_dim, rope_extrapolation)
         if absolute_position not in ("none", "fractional"):
             raise ValueError(f"absolute_position must be 'none' or 'fractional', got {absolute_position!r}.")
+        _check_choice("output_head", output_head, OUTPUT_HEADS)
+        _check_choice("timestep_convention", timestep_convention, TIMESTEP_CONVENTIONS)
         self.inner_dim = inner_dim
         self.out_channels = in_channels if out_channels is None else out_channels
         side = sample_size // patch_size
@@ -172,13 +207,14 @@ class FiTTransformer(DiTBackbone):
                 for _ in range(num_layers)
             ]
         )
-        add_output_head(self, inner_dim, patch_size * patch_size * self.out_channels)
+        add_output_head(self, inner_dim, patch_size * patch_size * self.out_channels, OUTPUT_HEADS[output_head])
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """DiT/FiT init: Xavier-uniform linears with zero bias, N(0, 0.02) embeddings, and zero last layers (shared
-        modulation, every block's ``adaln_lora.linear_2``, ``proj_out``), so every block starts as the identity."""
+        modulation, every block's ``adaln_lora.linear_2``, ``proj_out`` and the ``silu`` head's modulation), so every
+        block starts as the identity."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -189,6 +225,8 @@ class FiTTransformer(DiTBackbone):
         if self.class_embedder is not None:
             nn.init.normal_(self.class_embedder.weight, std=0.02)
         zeroed = [self.adaln_shared, self.proj_out] + [block.adaln_lora.linear_2 for block in self.transformer_blocks]
+        if isinstance(self.norm_out, AdaLNOutputNorm):
+            zeroed.append(self.norm_out.linear)
         for module in zeroed:
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
@@ -201,8 +239,9 @@ class FiTTransformer(DiTBackbone):
     def set_extrapolation(self, method: str = "none", logit_scale: bool | None = None) -> None:
         """Choose the training-free RoPE extrapolation (and, if given, the attention logit scale) for later forwards.
 
-        Recorded in the config, so a saved model keeps it. ``method``: ``none``, ``pi``, ``ntk``, ``vision_ntk``,
-        ``yarn`` or ``vision_yarn``. Inside the training grid every method equals ``none``.
+        Recorded in the config, so a saved model keeps it. ``method``: a name of
+        :data:`~dit.nn.attention.rope.EXTRAPOLATIONS`. Inside the training grid every method equals ``none``, except
+        FiT's ``ntk_pro1`` / ``ntk_pro2`` temperatures, which scale the logits there too (as FiT's code).
         """
         get_extrapolation(method)  # unknown names fail here
         logit_scale = self.config.attention_logit_scale if logit_scale is None else bool(logit_scale)
@@ -229,7 +268,8 @@ class FiTTransformer(DiTBackbone):
             hidden_states: latents (B, in_channels, H, W); with ``image_sizes``, each sample zero-padded at the
                 bottom/right of the H x W canvas.
             encoder_hidden_states: text features (B, L, caption_channels or cross_attention_dim).
-            timestep: (B,) or a scalar, in diffusers' scale (0..num_train_timesteps).
+            timestep: (B,) or a scalar, in diffusers' scale (0..num_train_timesteps), embedded as the config's
+                ``timestep_convention`` says.
             added_cond_kwargs: accepted for pipeline compatibility (PixArt's micro-conditions); not read.
             cross_attention_kwargs: ``{"scale": s}`` scales the loaded PEFT LoRA layers for this call (diffusers'
                 ``apply_lora_scale``); other keys are ignored with diffusers' warning.
@@ -333,9 +373,12 @@ class FiTTransformer(DiTBackbone):
         return self._embed(controlnet_cond, self._layout(controlnet_cond, None))  # (B, N, D)
 
     def _condition(self, timestep, class_labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """Timestep embedding plus the class embedding (null class when no labels are given): (B, D)."""
+        """Timestep embedding (of the ``timestep_convention``'s time) plus the class embedding (null class when no
+        labels are given): (B, D)."""
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)  # (B,)
-        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))  # (B, D)
+        timestep = timestep if timestep.dtype == torch.float64 else timestep.float()  # no fp16 / int arithmetic
+        time = TIMESTEP_CONVENTIONS[self.config.timestep_convention](timestep)  # (B,)
+        emb = self.timestep_embedder(timestep_sinusoid(time).to(dtype))  # (B, D)
         if self.class_embedder is None:
             if class_labels is not None:
                 raise ValueError("class_labels were given, but this model has no num_classes.")
@@ -397,6 +440,11 @@ def _as_sizes(image_sizes, batch: int) -> torch.Tensor:
     if sizes.shape != (batch, 2):
         raise ValueError(f"image_sizes must be (batch={batch}, 2) latent (height, width), got {tuple(sizes.shape)}.")
     return sizes.long()
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}.")
 
 
 def _check_train_grid(train_grid) -> None:

@@ -7,7 +7,6 @@ import inspect
 import numbers
 from dataclasses import replace
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..nn.blocks import FeedForward, PixArtBlock
 from ..nn.masking import gather_tokens
-from ..nn.moe import ExpertChoiceFeedForward
+from ..nn.moe import ExpertChoiceFeedForward, moe_routing_stats
 from .attention_config import self_attention_spec
 from .config_checks import check_positive_ints
 from .pixart_transformer import PixArtState, PixArtTransformer
@@ -108,11 +107,7 @@ class MicroDiTTransformer(PixArtTransformer):
     def routing_stats(self) -> dict[str, float]:
         """Expert utilisation of the last forward, averaged over the MoE layers: ``token_coverage`` (share of tokens
         taken by at least one expert), ``experts_per_token`` and ``max_experts_per_token``; {} without experts."""
-        stats = [m.routing_stats() for m in self.modules() if isinstance(m, ExpertChoiceFeedForward)]
-        stats = [s for s in stats if s]
-        if not stats:
-            return {}
-        return {key: float(np.mean([s[key] for s in stats])) for key in stats[0]}
+        return moe_routing_stats(self)
 
 
 def _linear_at(bounds, index: int, depth: int) -> float:

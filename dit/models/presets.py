@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 from torch import nn
 
 from .registry import backbone_class
@@ -60,7 +61,7 @@ _PIXART_SIGMA_1024 = dict(_PIXART_XL, sample_size=128, interpolation_scale=2, us
 #: FiTv2-XL/2 (configs/fitv2/config_fitv2_xl.yaml): 36 blocks of 16 x 72, ImageNet classes, a 16x16 grid at 256 px.
 _FITV2_XL = dict(
     num_attention_heads=16, attention_head_dim=72, in_channels=4, num_layers=36, patch_size=2, sample_size=32,
-    num_classes=1000, mlp_ratio=4.0, adaln_lora_dim=288, qk_norm=True,
+    num_classes=1000, mlp_ratio=4.0, adaln_lora_dim=288, qk_norm=True, output_head="silu", timestep_convention="sit",
 )  # fmt: skip
 #: MicroDiT_XL_2 (micro_diffusion dit.py) at 512 px: 28 blocks of 16 x 64, a 6-block mixer, 8 experts, layer-wise
 #: scaling, DFN5B-CLIP captions (1024 wide).
@@ -69,6 +70,15 @@ _MICRODIT_XL = dict(
     cross_attention_dim=1024, sample_size=64, patch_size=2, caption_channels=1024, use_additional_conditions=False,
     interpolation_scale=2, patch_mixer_layers=6, num_experts=8, expert_capacity=2.0, experts_every_n=2,
     attention_multipliers=(0.5, 1.0), ffn_multipliers=(0.5, 4.0),
+)  # fmt: skip
+#: MicroDiT_XL_2 as published (MicroDiTOriginalTransformer, the released checkpoints' network) at 512 px: 1024 wide,
+#: 28 blocks, self-attention / FFN widths linspace(0.5, 1) / linspace(0.5, 4) x 1024, a 6-block 768-wide mixer.
+_MICRODIT_XL_ORIGINAL = dict(
+    num_attention_heads=16, attention_head_dim=64, in_channels=4, out_channels=4, num_layers=28, sample_size=64,
+    patch_size=2, caption_channels=1024, interpolation_scale=2.0, norm_eps=1e-6, attention_bias=False, multiple_of=256,
+    qkv_multipliers=np.linspace(0.5, 1.0, 28).tolist(), ffn_multipliers=np.linspace(0.5, 4.0, 28).tolist(),
+    patch_mixer_layers=6, patch_mixer_dim=768, patch_mixer_qkv_ratio=1.0, patch_mixer_mlp_ratio=4.0, num_experts=8,
+    expert_capacity=2.0, experts_every_n=2, use_text_mask=False, prediction_type="edm",
 )  # fmt: skip
 _PIXART_PARAMS = dict(params=600_000_000, params_tolerance=0.03)  # the papers' "0.6B"
 
@@ -95,8 +105,8 @@ _PUBLISHED = {
     ),
     "FiTv2-XL-2": Preset(
         "FiTTransformer", _FITV2_XL,
-        "FiTv2-XL/2 (arXiv 2410.13925): q/k LayerNorm, AdaLN-LoRA rank 288, SwiGLU; 671M (this class's output head "
-        "is PixArt's table, FiT's is Linear(D, 2D))",
+        "FiTv2-XL/2 (arXiv 2410.13925) as published (load_original_fit loads its checkpoint into it): q/k LayerNorm, "
+        "AdaLN-LoRA rank 288, SwiGLU, FiT's Linear(SiLU(c)) output head, SiT time embedded as 1 - sigma; 671M",
         params=671_000_000, params_tolerance=0.01,
     ),
     "MicroDiT-XL-2": Preset(
@@ -104,6 +114,12 @@ _PUBLISHED = {
         "MicroDiT_XL_2 (arXiv 2407.15811): 1.16B in the original, which has per-block adaLN, SwiGLU and a 768-wide "
         "mixer where this class has adaLN-single, GELU MLPs and a full-width mixer (fixtures/microdit_original)",
         params=1_160_000_000, params_tolerance=0.15,
+    ),
+    "MicroDiT-XL-2-original": Preset(
+        "MicroDiTOriginalTransformer", _MICRODIT_XL_ORIGINAL,
+        "MicroDiT_XL_2 as published (Sony's micro_diffusion DiT at 512 px, the released checkpoints' network, "
+        "dit.convert.load_original_microdit): 1.16B",
+        params=1_160_000_000, params_tolerance=0.01,
     ),
 }  # fmt: skip
 
@@ -132,6 +148,13 @@ _TINY_PRESETS = {
         "tiny MicroDiT: tiny-pixart with a 1-block patch mixer and 2 experts",
     ),
     "tiny-fit": Preset("FiTTransformer", _TINY_FIT, "tiny FiT: up to 48 tokens of 2x2 patches, 32-wide captions"),
+    "tiny-microdit-original": Preset(
+        "MicroDiTOriginalTransformer",
+        dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, num_layers=3, sample_size=8, patch_size=2,
+             caption_channels=32, multiple_of=16, attention_bias=False, qkv_multipliers=[0.5, 0.75, 1.0],
+             ffn_multipliers=[1.0, 2.0, 4.0], patch_mixer_layers=2, patch_mixer_dim=16, num_experts=2),
+        "tiny MicroDiT as published: layer-wise scaling, a 2-block 16-wide mixer, 2 experts in block 1 of each",
+    ),
 }  # fmt: skip
 
 # ----- MicroShapes: the shipped models' sizes (configs/microshapes*.yaml) ------------------------------------------
@@ -158,6 +181,13 @@ _MICROSHAPES_PRESETS = {
     ),
     "microshapes-fit": Preset(
         "FiTTransformer", _MICROSHAPES_FIT, "MicroShapes at flexible sizes (configs/microshapes_fit.yaml)"
+    ),
+    "microshapes-microdit-original": Preset(
+        "MicroDiTOriginalTransformer",
+        dict(num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, num_layers=6, sample_size=32,
+             patch_size=4, caption_channels=64, interpolation_scale=1.0, attention_bias=False, multiple_of=32,
+             patch_mixer_layers=1, num_experts=4, expert_capacity=2.0, use_text_mask=True),
+        "MicroShapes with MicroDiT as published (configs/microshapes_microdit_original.yaml)",
     ),
 }  # fmt: skip
 

@@ -132,12 +132,15 @@ def modulated_sublayers(
     hidden_states: torch.Tensor,
     modulation: torch.Tensor,
     context: BlockContext,
+    normed_cross_attention: bool = False,
     **self_attention_kwargs,
 ) -> torch.Tensor:
     """The body shared by PixArt-style blocks: adaLN-modulated, gated self-attention (``block.attn1``, given
     ``self_attention_kwargs`` such as ``grid`` or ``rotary``), un-gated cross-attention (``block.attn2``, if any) and
     a gated feed-forward (``block.ff``); ``modulation`` (B, 6, D) holds shift/scale/gate of both gated sublayers,
-    ``context`` the text tokens and masks."""
+    ``context`` the text tokens and masks. The feed-forward's input is ``block.norm2``'s, and the cross-attention's
+    the raw hidden states (PixArt); with ``normed_cross_attention`` (MicroDiT, diffusers' ``BasicTransformerBlock``
+    order) the cross-attention reads ``block.norm2`` and the feed-forward ``block.norm3``."""
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, 1, D)
 
     # Inputs built inline, so no local name keeps them alive while the sublayer allocates its own buffers.
@@ -152,11 +155,13 @@ def modulated_sublayers(
     del attn_out
 
     if block.attn2 is not None:
-        cross_out = block.attn2(hidden_states, context.encoder_hidden_states, context.encoder_attention_mask)
+        query = block.norm2(hidden_states) if normed_cross_attention else hidden_states  # (B, N, D)
+        cross_out = block.attn2(query, context.encoder_hidden_states, context.encoder_attention_mask)
         hidden_states = residual(hidden_states, cross_out)  # (B, N, D)
-        del cross_out
+        del cross_out, query
 
-    ff_out = block.ff(modulate(block.norm2(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
+    ff_norm = block.norm3 if normed_cross_attention else block.norm2
+    ff_out = block.ff(modulate(ff_norm(hidden_states), shift_mlp, scale_mlp))  # (B, N, D)
     return residual(hidden_states, ff_out, gate_mlp)
 
 
@@ -174,11 +179,13 @@ class SwiGLUProjection(nn.Module):
 
 
 class SwiGLUFeedForward(nn.Module):
-    """``net.0.proj`` -> SwiGLU -> dropout -> ``net.2``: diffusers' ``FeedForward(activation_fn="swiglu")`` keys."""
+    """``net.0.proj`` -> SwiGLU -> dropout -> ``net.2``: diffusers' ``FeedForward(activation_fn="swiglu")`` keys
+    (``bias``: on both projections)."""
 
-    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, inner_dim: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        self.net = nn.ModuleList([SwiGLUProjection(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim)])
+        layers = [SwiGLUProjection(dim, inner_dim, bias=bias), nn.Dropout(dropout), Linear(inner_dim, dim, bias=bias)]
+        self.net = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:

@@ -28,8 +28,8 @@ class BlockContext:
         shared_modulation: the six modulation vectors (B, 6D) every block offsets by its own: PixArt's adaLN-single
             output (each block adds its ``scale_shift_table``), FiT's AdaLN-LoRA shared part (each block adds its
             low-rank ``adaln_lora`` of ``condition``).
-        condition: the SiLU-activated condition (B, D), input of each block's low-rank modulation (FiT); None for
-            the PixArt family.
+        condition: the activated condition (B, D), input of each block's modulation: FiT's SiLU(c) (its low-rank
+            ``adaln_lora``), MicroDiT's GELU_tanh(c) (its per-block adaLN); None for the PixArt family.
         grid: (h, w) token grid of the hidden states, in patches (FiT: the padded canvas); None once token masking
             dropped tokens.
         rotary: rotary tables (B, N, 1, Dh) and logit scale of the N tokens (FiT); None for PixArt.

@@ -155,22 +155,33 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     return nn.functional.pad(embedding, (0, dim % 2))  # (N, dim)
 
 
+#: Activations of the embedding MLPs, by the name a config gives.
+EMBEDDING_ACTIVATIONS = {"silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in EMBEDDING_ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(EMBEDDING_ACTIVATIONS)}.")
+    return EMBEDDING_ACTIVATIONS[name]()
+
+
 class TimestepEmbedding(nn.Module):
-    """Two-layer SiLU MLP over a sinusoidal embedding (keys ``linear_1``, ``linear_2``).
+    """Two-layer MLP over a sinusoidal embedding (keys ``linear_1``, ``linear_2``), SiLU between them (diffusers';
+    ``act_fn="gelu_tanh"``: MicroDiT's GELU(tanh)).
 
     With ``cond_proj_dim``, a bias-free ``cond_proj`` adds a condition (an LCM guidance embedding) to the
     sinusoid, as diffusers' ``TimestepEmbedding(cond_proj_dim=...)``; it starts at zero, so a model that gains it
     computes exactly what it did before.
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, cond_proj_dim: int | None = None):
+    def __init__(self, in_channels: int, embed_dim: int, cond_proj_dim: int | None = None, act_fn: str = "silu"):
         super().__init__()
         self.cond_proj = None
         if cond_proj_dim is not None:
             self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
             nn.init.zeros_(self.cond_proj.weight)
         self.linear_1 = Linear(in_channels, embed_dim)
-        self.act = nn.SiLU()
+        self.act = _activation(act_fn)
         self.linear_2 = Linear(embed_dim, embed_dim)
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,13 +234,21 @@ class CombinedTimestepSizeEmbeddings(nn.Module):
 
 
 class CaptionProjection(nn.Module):
-    """Caption features -> token width: ``linear_1``, GELU(tanh), ``linear_2``."""
+    """Caption features -> token width: ``linear_1``, GELU(tanh), ``linear_2``.
 
-    def __init__(self, in_features: int, hidden_size: int):
+    With ``norm_eps``, a bias-free affine LayerNorm ``norm`` (weight only) sits between the activation and
+    ``linear_2`` (MicroDiT's caption MLP and pooled-caption MLP).
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, norm_eps: float | None = None):
         super().__init__()
         self.linear_1 = Linear(in_features, hidden_size)
         self.act_1 = nn.GELU(approximate="tanh")
+        self.norm = None if norm_eps is None else nn.LayerNorm(hidden_size, eps=norm_eps, bias=False)
         self.linear_2 = Linear(hidden_size, hidden_size)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(caption)))
+        hidden = self.act_1(self.linear_1(caption))  # (..., D)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return self.linear_2(hidden)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,16 +30,25 @@ class ExpertChoiceFeedForward(nn.Module):
         capacity_factor: average experts per token (``k * E / T``); MicroDiT uses 2.
         inner_dim: hidden width of each expert MLP (default ``4 * dim``).
         bias: biases in the expert MLPs.
+        approximate: the experts' GELU, ``tanh`` (the default) or ``none`` (exact, as MicroDiT's ``nn.GELU()``).
     """
 
     def __init__(
-        self, dim: int, num_experts: int, capacity_factor: float = 2.0, inner_dim: int | None = None, bias: bool = True
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: float = 2.0,
+        inner_dim: int | None = None,
+        bias: bool = True,
+        approximate: str = "tanh",
     ):
         super().__init__()
         if num_experts < 1 or capacity_factor <= 0:
             raise ValueError(f"Need num_experts >= 1 and capacity_factor > 0, got {num_experts}, {capacity_factor}.")
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none' (exact GELU), got {approximate!r}.")
         inner = inner_dim or 4 * dim
-        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.num_experts, self.capacity_factor, self.approximate = num_experts, capacity_factor, approximate
         self.gate = Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.randn(num_experts, dim, inner) * dim**-0.5)  # (E, D, F)
         self.w2 = nn.Parameter(torch.randn(num_experts, inner, dim) * inner**-0.5)  # (E, F, D)
@@ -58,7 +68,7 @@ class ExpertChoiceFeedForward(nn.Module):
         hidden = torch.bmm(picked, self.w1.to(picked.dtype))  # (E, B*k, F)
         if self.b1 is not None:
             hidden = hidden + self.b1.to(hidden.dtype)
-        out = torch.bmm(F.gelu(hidden, approximate="tanh"), self.w2.to(picked.dtype))  # (E, B*k, D)
+        out = torch.bmm(F.gelu(hidden, approximate=self.approximate), self.w2.to(picked.dtype))  # (E, B*k, D)
         if self.b2 is not None:
             out = out + self.b2.to(out.dtype)
         out = out.view(self.num_experts, batch, k, dim).transpose(0, 1)  # (B, E, k, D)
@@ -80,3 +90,13 @@ class ExpertChoiceFeedForward(nn.Module):
     def routing_stats(self) -> dict[str, float]:
         """The last forward's routing: share of tokens taken by >= 1 expert, mean and max experts per token."""
         return {name: float(value) for name, value in self._stats.items()}
+
+
+def moe_routing_stats(model: nn.Module) -> dict[str, float]:
+    """Expert utilisation of ``model``'s last forward, averaged over its :class:`ExpertChoiceFeedForward` layers
+    (their :meth:`~ExpertChoiceFeedForward.routing_stats`); {} without experts or before a forward."""
+    stats = [m.routing_stats() for m in model.modules() if isinstance(m, ExpertChoiceFeedForward)]
+    stats = [s for s in stats if s]
+    if not stats:
+        return {}
+    return {key: float(np.mean([s[key] for s in stats])) for key in stats[0]}

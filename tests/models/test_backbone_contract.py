@@ -17,7 +17,13 @@ from dit.models.registry import BACKBONES, backbone_class
 from dit.nn.attention import AttentionSpec, DiTAttention
 
 MODELS = Path(__file__).resolve().parents[2] / "dit" / "models"
-BUILTIN = ["PixArtTransformer", "LiTTransformer", "MicroDiTTransformer", "FiTTransformer"]
+BUILTIN = [
+    "PixArtTransformer",
+    "LiTTransformer",
+    "MicroDiTTransformer",
+    "MicroDiTOriginalTransformer",
+    "FiTTransformer",
+]
 
 
 @pytest.mark.parametrize("name", BUILTIN)

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dit import FiTTransformer
+from dit.models.fit_transformer import TIMESTEP_CONVENTIONS
 from dit.nn.attention.rope import EXTRAPOLATIONS
-from dit.nn.embeddings import sincos_2d
+from dit.nn.embeddings import sincos_2d, timestep_sinusoid
 from tests.tiny import FIT, randomize_
 
 
@@ -98,14 +100,21 @@ def test_math_backend_matches_sdpa_with_padding():
 
 
 # ----- extrapolation -----------------------------------------------------------------------------------------
+#: FiT's ntk-aware-pro methods scale the logits inside the training grid too, as FiT's code does.
+PRO = [name for name in sorted(EXTRAPOLATIONS) if "_pro" in name]
+
+
 def test_every_extrapolation_is_plain_rope_inside_the_training_grid():
     model = _model()
     latents, sizes = _canvas([(8, 8), (4, 8)])  # 4x4 and 2x4 patches: inside the 4x4 training grid
     with torch.no_grad():
         plain = _run(model, latents, sizes)
-        for method in sorted(EXTRAPOLATIONS):
+        for method in sorted(set(EXTRAPOLATIONS) - set(PRO)):
             model.set_extrapolation(method, logit_scale=True)
             torch.testing.assert_close(_run(model, latents, sizes), plain, atol=1e-6, rtol=1e-6, msg=method)
+        for method in PRO:  # the same frequencies, but FiT's proportion on the logits: sqrt(log 32 / log 16) here
+            model.set_extrapolation(method, logit_scale=False)
+            assert not torch.allclose(_run(model, latents, sizes), plain, atol=1e-4), method
 
 
 def test_beyond_the_training_grid_the_methods_differ():
@@ -113,11 +122,14 @@ def test_beyond_the_training_grid_the_methods_differ():
     latents = torch.randn(1, 4, 4, 16)  # 2x8 patches: 16 tokens but twice the training width
     with torch.no_grad():
         outputs = {}
-        for method in ("none", "pi", "ntk", "vision_ntk", "yarn"):
+        for method in ("none", "pi", "vision_pi", "ntk", "vision_ntk", "ntk_by_parts", "yarn", "ntk_pro1", "ntk_pro2"):
             model.set_extrapolation(method, logit_scale=False)
             outputs[method] = _run(model, latents)
-    # plain NTK also rescales the height (by the width's factor 2); VisionNTK leaves the fitting height alone
-    for a, b in [("none", "pi"), ("pi", "ntk"), ("none", "vision_ntk"), ("ntk", "vision_ntk"), ("ntk", "yarn")]:
+    # plain NTK also rescales the height (by the width's factor 2); VisionNTK leaves the fitting height alone. With
+    # 2 frequencies per axis NTK-by-parts keeps the first and interpolates the second, as NTK does here (not PI).
+    pairs = [("none", "pi"), ("pi", "vision_pi"), ("pi", "ntk"), ("none", "vision_ntk"), ("ntk", "vision_ntk"),
+             ("ntk", "yarn"), ("pi", "ntk_by_parts"), ("ntk", "ntk_pro1"), ("ntk_pro1", "ntk_pro2")]  # fmt: skip
+    for a, b in pairs:
         assert not torch.allclose(outputs[a], outputs[b]), (a, b)
 
 
@@ -222,12 +234,72 @@ def test_block_controls_see_every_block():
     assert not torch.allclose(out, plain)
 
 
+# ----- output head and timestep convention -------------------------------------------------------------------
+@pytest.mark.parametrize("head", ["table", "silu"])
+def test_output_head_keys_and_zero_start(head):
+    model = FiTTransformer(**FIT, output_head=head).eval()
+    keys = set(model.state_dict())
+    assert ("scale_shift_table" in keys) == (head == "table")
+    assert ({"norm_out.linear.weight", "norm_out.linear.bias"} <= keys) == (head == "silu")
+    with torch.no_grad():
+        assert torch.count_nonzero(_run(model, torch.randn(2, 4, 8, 8))) == 0
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (8, 8)], [(8, 12), (4, 6)]], ids=["full", "padded"])
+def test_silu_head_is_dits_final_layer(sizes):
+    """``proj_out(LayerNorm(x) * (1 + scale) + shift)`` with ``shift, scale = norm_out.linear(SiLU(emb))`` and
+    ``emb`` the timestep plus class embedding (DiT's and FiT's FinalLayer)."""
+    model = _model(output_head="silu", caption_channels=None, num_classes=5)
+    seen = {}
+    model.norm_out.register_forward_hook(lambda module, args, out: seen.update(x=args[0], emb=args[1]))
+    model.proj_out.register_forward_hook(lambda module, args, out: seen.update(out=out))
+    latents, image_sizes = _canvas(sizes)
+    t, labels = torch.tensor([250.0, 600.0]), torch.tensor([1, 5])
+    with torch.no_grad():
+        model(latents, timestep=t, class_labels=labels, image_sizes=image_sizes)
+        emb = model.timestep_embedder(timestep_sinusoid(t)) + model.class_embedder(labels)  # (B, D)
+        shift, scale = model.norm_out.linear(F.silu(emb))[:, None].chunk(2, dim=-1)
+        normed = F.layer_norm(seen["x"], (16,), eps=1e-6)
+        torch.testing.assert_close(seen["emb"], emb)
+        torch.testing.assert_close(seen["out"], model.proj_out(normed * (1 + scale) + shift), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("convention", "given", "embedded"),
+    [("diffusers", [0.25, 700.0], [0.25, 700.0]), ("sit", [750.0, 100.0], [0.25, 0.9]),
+     ("fit_v1", [999.0, 0.5], [1.0, 0.5]), ("fit_v1", [1.0, 321.0], [1.0, 1.0])],
+)  # fmt: skip
+def test_timestep_convention_is_what_the_embedding_sees(convention, given, embedded):
+    """The same weights with another convention: ``model(t)`` equals the ``diffusers`` model at the time it embeds
+    (``sit``: 1 - t / 1000; ``fit_v1``: min(t, 1), the released FiT v1 forward's clamp)."""
+    latents, sizes = _canvas([(8, 8), (6, 4)])
+    with torch.no_grad():
+        out = _run(_model(timestep_convention=convention), latents, sizes, t=torch.tensor(given))
+        reference = _run(_model(), latents, sizes, t=torch.tensor(embedded))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert TIMESTEP_CONVENTIONS[convention](torch.tensor(given)).tolist() == pytest.approx(embedded)
+
+
+def test_unknown_head_and_convention_are_named():
+    with pytest.raises(ValueError, match=r"output_head must be one of \['silu', 'table'\], got 'gelu'"):
+        FiTTransformer(**FIT, output_head="gelu")
+    with pytest.raises(ValueError, match=r"timestep_convention must be one of .*'sit'.*got 'edm'"):
+        FiTTransformer(**FIT, timestep_convention="edm")
+
+
 # ----- I/O and training --------------------------------------------------------------------------------------
-def test_save_load_round_trip(tmp_path):
-    model = _model(rope_extrapolation="vision_yarn", train_grid=[4, 6])
+@pytest.mark.parametrize(
+    "options",
+    [dict(rope_extrapolation="vision_yarn", train_grid=[4, 6]),
+     dict(rope_extrapolation="vision_ntk_pro2", output_head="silu", timestep_convention="sit")],
+    ids=["yarn", "fit-options"],
+)  # fmt: skip
+def test_save_load_round_trip(tmp_path, options):
+    model = _model(**options)
     model.save_pretrained(tmp_path)
     loaded = FiTTransformer.from_pretrained(tmp_path).eval()
-    assert loaded.config.rope_extrapolation == "vision_yarn" and loaded.train_grid == (4, 6)
+    assert all(loaded.config[key] == value for key, value in options.items())
+    assert loaded.train_grid == model.train_grid
     latents, sizes = _canvas([(12, 16), (6, 4)])
     with torch.no_grad():
         assert torch.equal(_run(loaded, latents, sizes), _run(model, latents, sizes))

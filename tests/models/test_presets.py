@@ -22,6 +22,7 @@ MICROSHAPES_CONFIGS = {
     "microshapes": "microshapes.yaml",
     "microshapes-microdit": "microshapes_microdit.yaml",
     "microshapes-fit": "microshapes_fit.yaml",
+    "microshapes-microdit-original": "microshapes_microdit_original.yaml",
 }
 
 

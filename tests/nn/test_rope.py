@@ -14,6 +14,7 @@ from dit.nn.attention.rope import (
     attention_logit_scale,
     axis_frequencies,
     extrapolated_frequencies,
+    fit_proportion,
     ntk_theta,
     rotary_embedding,
     rotary_tables,
@@ -23,6 +24,8 @@ from dit.nn.attention.rope import (
 )
 
 THETA = 10000.0
+#: FiT's ntk-aware-pro methods scale the logits inside the training grid too (as FiT's code); the others do not.
+PRO = [name for name in sorted(EXTRAPOLATIONS) if "_pro" in name]
 
 
 def _sizes(*hw):
@@ -86,7 +89,38 @@ def test_yarn_frequencies_and_temperature():
     assert yarn_mscale(torch.tensor([0.5, 1.0, 4.0])).tolist() == pytest.approx([1.0, 1.0, 0.1 * math.log(4) + 1])
 
 
-@pytest.mark.parametrize("method", ["ntk", "yarn"])
+def test_vision_pi_divides_each_axis_by_its_own_scale():
+    # FiT's decoupled PI at 10x14 against 8x8: s_h = 1.25, s_w = 1.75 (fixtures' fitv2_pi: freqs_h[0] = 0.8)
+    freqs_h, freqs_w, mscale = extrapolated_frequencies(_sizes([10, 14]), 16, (8, 8), "vision_pi")
+    base = axis_frequencies(8)
+    torch.testing.assert_close(freqs_h[0], base / 1.25)
+    torch.testing.assert_close(freqs_w[0], base / 1.75)
+    assert mscale is None
+
+
+def test_ntk_by_parts_by_hand():
+    """dim 16 per axis, L_train 64, s = 2. corr(r) = 16 ln(64 / (2 pi r)) / (2 ln 1e4): corr(1.25) = 1.82 -> low 1,
+    corr(0.75) = 2.27 -> high 3, so g1 = [1, 1, 0.5, 0, ...] (1: NTK, 0: PI); corr(16) = -0.39 -> low 0, corr(2) =
+    1.41 -> high 2, so g2 = [1, 0.5, 0, ...] (1: kept). Frequency 0 is kept, 1 is half NTK half kept, 2 is half PI
+    half NTK, the rest PI."""
+    assert yarn_correction_dim(1.25, 16, THETA, 64) == pytest.approx(1.822, abs=1e-3)
+    assert yarn_correction_dim(0.75, 16, THETA, 64) == pytest.approx(2.266, abs=1e-3)
+    assert yarn_correction_dim(2, 16, THETA, 64) == pytest.approx(1.414, abs=1e-3)
+    freqs_h, freqs_w, mscale = extrapolated_frequencies(_sizes([128, 64]), 32, (64, 64), "vision_ntk_by_parts")
+    base = axis_frequencies(16)
+    pi, ntk = base / 2, 1 / (10000 * 2 ** (16 / 14)) ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    expected = pi.clone()
+    expected[0] = base[0]
+    expected[1] = 0.5 * ntk[1] + 0.5 * base[1]
+    expected[2] = 0.5 * pi[2] + 0.5 * ntk[2]
+    torch.testing.assert_close(freqs_h[0], expected)
+    torch.testing.assert_close(freqs_w[0], base)  # the width fits: s_w = 1
+    assert mscale is None
+    shared_h, shared_w, _ = extrapolated_frequencies(_sizes([128, 64]), 32, (64, 64), "ntk_by_parts")
+    torch.testing.assert_close(shared_w, shared_h)
+
+
+@pytest.mark.parametrize("method", ["pi", "ntk", "ntk_by_parts", "yarn", "ntk_pro1"])
 def test_vision_variants_scale_height_and_width_separately(method):
     sizes = _sizes([8, 4], [4, 12])  # s = (2, 1) and (1, 3) against a 4x4 grid
     plain_h, plain_w, _ = extrapolated_frequencies(sizes, 16, (4, 4), method)
@@ -106,7 +140,35 @@ def test_every_method_is_plain_rope_inside_the_training_grid(method):
     freqs_h, freqs_w, mscale = extrapolated_frequencies(sizes, 16, (4, 4), method)
     torch.testing.assert_close(freqs_h, axis_frequencies(8).expand(3, -1))
     torch.testing.assert_close(freqs_w, axis_frequencies(8).expand(3, -1))
-    assert mscale is None or (mscale == 1).all()
+    if method not in PRO:
+        assert mscale is None or (mscale == 1).all()
+
+
+def test_fit_proportion_by_hand():
+    # fixtures' fitv2_ntkpro2: 10x10 against 8x8 -> sqrt(log 200 / log 64) = 1.1287055 (cases.json)
+    assert fit_proportion(torch.tensor([100]), 64).item() == pytest.approx(1.1287055, rel=1e-6)
+    # 2 L <= L_train: 1; the factor 2 makes 8x8 (64 tokens) against 64 already sqrt(log 128 / log 64)
+    assert fit_proportion(torch.tensor([32, 64]), 64).tolist() == pytest.approx([1.0, math.sqrt(7 / 6)])
+    with pytest.raises(ValueError, match="training length >= 2"):
+        fit_proportion(torch.tensor([4]), 1)
+
+
+@pytest.mark.parametrize("method", PRO)
+def test_pro_temperatures_by_hand(method):
+    """pro1: the longer side against the training side; pro2: tokens against training tokens; both axes count,
+    decoupled or not. Frequencies: NTK-aware (decoupled in ``vision_*``)."""
+    sizes = _sizes([10, 6], [3, 4], [8, 8])  # against 8x8
+    freqs_h, _, mscale = extrapolated_frequencies(sizes, 16, (8, 8), method)
+    ntk_h, _, _ = extrapolated_frequencies(sizes, 16, (8, 8), method.replace("_pro1", "").replace("_pro2", ""))
+    torch.testing.assert_close(freqs_h, ntk_h)
+    if "pro1" in method:  # L = 10, 4, 8 against 8: 2 L = 20, 8 (<= 8: 1), 16
+        expected = [math.sqrt(math.log(20) / math.log(8)), 1.0, math.sqrt(math.log(16) / math.log(8))]
+    else:  # L = 60, 12, 64 against 64: 2 L = 120, 24 (<= 64: 1), 128
+        expected = [math.sqrt(math.log(120) / math.log(64)), 1.0, math.sqrt(math.log(128) / math.log(64))]
+    assert mscale.tolist() == pytest.approx(expected, rel=1e-12)
+    rotary = rotary_embedding(torch.zeros(3, 1, 2), sizes, 16, (8, 8), method, logit_scale=True)
+    logit = [m**2 * max(1.0, math.log(h * w) / math.log(64)) for m, (h, w) in zip(expected, sizes.tolist())]
+    assert rotary.logit_scale.flatten().tolist() == pytest.approx(logit, rel=1e-6)
 
 
 def test_attention_logit_scale_by_hand():
@@ -151,7 +213,7 @@ def test_matches_complex_number_reference():
     torch.testing.assert_close(ours, torch.view_as_real(turned).flatten(-2), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["none", "pi", "ntk", "vision_ntk", "yarn", "vision_yarn"])
+@pytest.mark.parametrize("method", sorted(EXTRAPOLATIONS))
 def test_rotation_preserves_norms(method):
     positions = torch.randint(0, 12, (2, 10, 2))
     x = torch.randn(2, 10, 3, 16)

@@ -34,3 +34,18 @@ def test_bad_values_are_refused(tmp_path, steps, guidance, word):
     with pytest.raises(ValueError, match=word):
         save_sampling_defaults(tmp_path, steps, guidance)
     assert not (tmp_path / SAMPLING_DEFAULTS).exists()
+
+
+def test_guidance_channels_are_recorded_only_when_given(tmp_path):
+    save_sampling_defaults(tmp_path, 20, 1.5, guidance_channels=3)
+    assert json.loads((tmp_path / SAMPLING_DEFAULTS).read_text())["guidance_channels"] == 3
+    assert sampling_defaults(tmp_path) == {"num_inference_steps": 20, "guidance_scale": 1.5, "guidance_channels": 3}
+    save_sampling_defaults(tmp_path, 20, 1.5)
+    assert "guidance_channels" not in json.loads((tmp_path / SAMPLING_DEFAULTS).read_text())
+
+
+@pytest.mark.parametrize("channels", [0, -1, 2.5, True, "3"])
+def test_bad_guidance_channels_are_refused(tmp_path, channels):
+    (tmp_path / SAMPLING_DEFAULTS).write_text(json.dumps({"guidance_channels": channels}))
+    with pytest.raises(ValueError, match=r"sampling_defaults.json: guidance_channels must be None .* int >= 1"):
+        sampling_defaults(tmp_path)

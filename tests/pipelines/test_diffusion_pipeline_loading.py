@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
 from dit import ControlNetAdapter, PixArtTransformer
 from dit.microshapes.shipped import default_lcm, default_model
-from dit.pipelines import ControlNetPipeline, TextToImagePipeline, load_lcm
+from dit.pipelines import ClassToImagePipeline, ControlNetPipeline, TextToImagePipeline, load_lcm
 from dit.pipelines.assemble import assemble
 from dit.pipelines.registration import PIPELINES, register_pipelines
 from tests.tiny import SIGMA, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
@@ -67,6 +67,7 @@ def test_controlnet_pipeline_folder(tmp_path):
 def test_registration_resolves_our_classes_and_leaves_diffusers_own_alone():
     assert diffusers.TextToImagePipeline is TextToImagePipeline
     assert diffusers.ControlNetPipeline is ControlNetPipeline
+    assert diffusers.ClassToImagePipeline is ClassToImagePipeline
     assert register_pipelines() == sorted(PIPELINES)  # idempotent
     sigma = diffusers.PixArtSigmaPipeline
     assert register_pipelines(pipelines={"PixArtSigmaPipeline": "dit.pipelines.text_to_image"}) == []

@@ -59,6 +59,8 @@ BAD_VALUES = {
     "eta-negative": (dict(eta=-0.1), r"eta must be a number in \[0, 1\], got -0.1"),
     "eta-large": (dict(eta=1.5), r"eta must be a number in \[0, 1\], got 1.5"),
     "eta-nan": (dict(eta=NAN), r"eta must be a number in \[0, 1\], got nan"),
+    "guidance-channels-zero": (dict(guidance_channels=0), r"guidance_channels must be None .* int >= 1 .* got 0"),
+    "guidance-channels-many": (dict(guidance_channels=5), r"guidance_channels .* <= 4 \(the model's latent channels"),
     "prompt-empty-list": (dict(prompt=[]), r"prompt must be a string or a non-empty list of strings, got \[\]"),
     "prompt-int": (dict(prompt=5), r"prompt must be a string or a non-empty list of strings, got 5"),
     "prompt-mixed": (dict(prompt=["a cat", 3]), r"prompt must be .* got a list holding 3"),
@@ -120,7 +122,11 @@ def test_one_control_image_per_prompt_is_still_taken(control_pipe):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(height=0), r"height must be an int between 1"), (dict(guidance_scale=NAN), r"guidance_scale")],
+    [
+        (dict(height=0), r"height must be an int between 1"),
+        (dict(guidance_scale=NAN), r"guidance_scale"),
+        (dict(guidance_channels=0), r"guidance_channels must be None"),
+    ],
 )
 def test_controlnet_call_checks_the_sampling_values_too(control_pipe, no_work, kwargs, message):
     with pytest.raises(ValueError, match=message):

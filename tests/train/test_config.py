@@ -46,7 +46,7 @@ REFUSED = {
                                 r"objective.distill=hybrid"),
     "distill-without-teacher": (["objective.distill=hybrid"], r"needs objective.teacher"),
     "unknown-distillation": (["objective.distill=ddim", "objective.teacher=t"], r"unknown distillation 'ddim'"),
-    "unknown-loss": (["objective.name=edm"], r"config.objective.name: 'edm' is not one of"),
+    "unknown-loss": (["objective.name=score"], r"config.objective.name: 'score' is not one of"),
     "weighting": (["objective.name=x0", "objective.x0.weighting=snr"], r"objective.x0.weighting: 'snr' is not one"),
     "range": (["objective.discrete.beta_end=2"], r"objective.discrete.beta_end: 2.0 is out of range"),
     "guidance-range": (["objective.distill=lcm", "objective.teacher=t", "objective.lcm.guidance_range=[0.5, 2]"],

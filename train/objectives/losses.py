@@ -1,5 +1,5 @@
 """Training losses: small classes that turn (clean latents, noise, a uniform draw per sample) into a loss, each
-holding the :class:`~dit.train.objectives.parametrisation.Parametrisation` it trains (ε, v, x0 or flow).
+holding the :class:`~dit.train.objectives.parametrisation.Parametrisation` it trains (ε, v, x0, flow or EDM).
 
 The loop owns all randomness (per-sample generators), so an objective is a pure function of its inputs: the
 same sample gets the same noise and timestep whichever process or batch position it lands in. Distillation
@@ -19,6 +19,7 @@ from diffusers import SchedulerMixin
 
 from ..config import ObjectiveConfig
 from .parametrisation import (
+    EDMParametrisation,
     EpsilonParametrisation,
     FlowParametrisation,
     Parametrisation,
@@ -259,9 +260,29 @@ class RectifiedFlow(Objective):
         return mse, {"mse": mse}
 
 
+class EDMDenoising(Objective):
+    """EDM's loss, as MicroDiT's ``edm_loss``: ``lambda(sigma) |D(x_t) - x0|^2`` with ``D = c_skip x_t + c_out F`` the
+    preconditioned network (fed ``c_in x_t`` and ``c_noise``) and ``lambda = (sigma^2 + sd^2) / (sigma sd)^2``, at
+    log-normal sigmas (see :class:`~dit.train.objectives.parametrisation.EDMParametrisation`). Since
+    ``lambda = 1 / c_out^2`` this is the unweighted squared error of ``F`` against ``(x0 - c_skip x_t) / c_out``.
+    Logs ``mse``, the unweighted error of ``D``.
+    """
+
+    parametrisation_class = EDMParametrisation
+
+    def loss(self, model_fn, latents, noise, uniform, loss_mask=None):
+        p = self.parametrisation
+        sigma = p.timesteps(uniform).to(latents.device)  # (B,)
+        noisy = p.add_noise(latents, noise, sigma)  # (B, C, H, W)
+        pred = model_fn(p.model_input(noisy, sigma), p.model_time(sigma))[:, : latents.shape[1]]  # F
+        mse = mean_per_sample((p.denoised(pred, noisy, sigma) - latents.float()) ** 2, loss_mask)  # (B,)
+        return p.loss_weight(sigma) * mse, {"mse": mse}
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "ddpm_eps": DDPMEpsilon,
     "v": VPrediction,
     "x0": SamplePrediction,
     "flow": RectifiedFlow,
+    "edm": EDMDenoising,
 }

@@ -5,7 +5,8 @@ trained that way.
 A loss (:mod:`dit.train.objectives.losses`) holds one of these; distillation
 (:mod:`~dit.train.objectives.distillation`, :mod:`~dit.train.objectives.consistency`) uses nothing else of the
 objective it wraps, so ε-, v-, x0- and flow-trained models distil alike. Times ``t`` are in the parametrisation's own units (integer steps for the discrete schedule, sigma in
-[0, 1] for flow); :meth:`Parametrisation.model_time` is what the model is fed.
+[0, 1] for flow, EDM's sigma); :meth:`Parametrisation.model_time` is what the model is fed, and
+:meth:`Parametrisation.model_input` the noisy sample as the model takes it (EDM scales it by ``c_in``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from diffusers import (
     SchedulerMixin,
 )
 
-from dit.pipelines.schedulers import shifted_betas
+from dit.pipelines.schedulers import edm_scheduler, shifted_betas
 
 from ..config import ObjectiveConfig
 
@@ -75,6 +76,10 @@ class Parametrisation:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the model is fed as ``timestep`` for time ``t``."""
         return t
+
+    def model_input(self, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model is fed as ``hidden_states`` for the noisy sample at time ``t`` (the sample itself)."""
+        return noisy
 
     def solver_grid(self, num_steps: int) -> torch.Tensor:
         """``num_steps`` ascending times, evenly spaced, ending at the noisiest (a DDIM solver's grid)."""
@@ -239,8 +244,72 @@ class FlowParametrisation(Parametrisation):
         return FlowMatchLCMScheduler(num_train_timesteps=self.config.num_train_timesteps)
 
 
+class EDMParametrisation(Parametrisation):
+    """EDM (Karras et al. 2022) as MicroDiT trains it: ``x_t = x0 + sigma eps``, and a network ``F`` preconditioned
+    outside it (``objective.edm``, sigma_data ``sd``): fed ``c_in x_t`` and ``c_noise = ln(sigma) / 4``, it stands for
+    the denoised sample ``D = c_skip x_t + c_out F``, with
+
+    - ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+      ``c_in = 1 / sqrt(sigma^2 + sd^2)``.
+
+    Times ``t`` are sigmas; training draws ``ln(sigma) ~ N(p_mean, p_std^2)`` (unclamped, as MicroDiT's
+    ``edm_loss``). diffusers' EDM schedulers sample it with ``prediction_type="epsilon"``: their ``c_out`` for it is
+    this one, so ``F`` is what they take (:func:`~dit.pipelines.schedulers.edm_scheduler`).
+    """
+
+    prediction_type = "edm"
+
+    def timesteps(self, uniform: torch.Tensor) -> torch.Tensor:
+        """Log-normal sigmas (B,), float32: ``exp(p_mean + p_std z)`` with ``z`` the normal quantile of ``uniform``."""
+        edm = self.config.edm
+        z = torch.special.ndtri(uniform.double().clamp(1e-6, 1 - 1e-6))
+        return torch.exp(edm.p_mean + edm.p_std * z).float()
+
+    def scalings(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(c_skip, c_out, c_in)`` at sigmas ``t`` (B,), float32, shaped (B, 1, ..., 1) to broadcast on ``like``."""
+        sd = self.config.edm.sigma_data
+        sigma = t.float().to(like.device).view((-1,) + (1,) * (like.ndim - 1))  # (B, 1, 1, 1)
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        return c_skip, c_out, c_in
+
+    def add_noise(self, x0, eps, t):
+        return x0 + broadcast(t, x0) * eps
+
+    def model_input(self, noisy, t):
+        _, _, c_in = self.scalings(t, noisy)
+        return (c_in * noisy.float()).to(noisy.dtype)
+
+    def model_time(self, t):
+        return t.float().log() / 4  # EDM's c_noise
+
+    def denoised(self, pred: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """EDM's ``D = c_skip x_t + c_out F`` for the network output ``pred`` (F) at ``(noisy, t)``, float32."""
+        c_skip, c_out, _ = self.scalings(t, noisy)
+        return c_skip * noisy.float() + c_out * pred.float()
+
+    def x0_and_eps(self, pred, noisy, t):
+        x0 = self.denoised(pred, noisy, t)
+        return x0, (noisy.float() - x0) / broadcast(t.float(), x0)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2`` (B,), float32: weighting the
+        denoised error by it is the plain squared error of ``F`` against ``(x0 - c_skip x_t) / c_out``."""
+        sd, sigma = self.config.edm.sigma_data, t.float()
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+    def sampling_scheduler(self) -> SchedulerMixin:
+        edm = self.config.edm
+        return edm_scheduler(
+            edm.sampler, sigma_data=edm.sigma_data, sigma_min=edm.sigma_min, sigma_max=edm.sigma_max, rho=edm.rho
+        )
+
+
 #: Each parametrisation by the ``prediction_type`` it trains.
 PARAMETRISATIONS: dict[str, type[Parametrisation]] = {
     cls.prediction_type: cls
-    for cls in (EpsilonParametrisation, VParametrisation, SampleParametrisation, FlowParametrisation)
-}
+    for cls in (
+        EpsilonParametrisation, VParametrisation, SampleParametrisation, FlowParametrisation, EDMParametrisation,
+    )
+}  # fmt: skip

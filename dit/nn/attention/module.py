@@ -34,7 +34,8 @@ class DiTAttention(Attention, AttentionModuleMixin):
       (FiTv2), before any rotary embedding; it has no parameters, so the state dict is unchanged.
       ``"layer_norm_across_heads"`` (diffusers' name) is PixArt-Σ's: an affine LayerNorm over the full width
       (eps 1e-5, keys ``norm_q`` / ``norm_k``) on queries and keys before the heads are split and before KV
-      compression.
+      compression. ``qk_norm_affine`` / ``qk_norm_eps`` change either kind's affine parameters and epsilon
+      (MicroDiT: across heads, non-affine, eps 1e-6).
     - rotary position embedding (FiT's 2D RoPE, :mod:`dit.nn.attention.rope`): ``rotary=RotaryEmbedding(...)`` in
       ``forward`` rotates queries and keys of self-attention and applies its logit scale to the queries.
 
@@ -94,13 +95,8 @@ class DiTAttention(Attention, AttentionModuleMixin):
             self.dwc = nn.Conv2d(inner_dim, inner_dim, size, padding=size // 2, groups=inner_dim)
             nn.init.zeros_(self.dwc.weight)
             nn.init.zeros_(self.dwc.bias)
-        self.norm_q = self.norm_k = None
         self.qk_norm = spec.qk_norm
-        if self.qk_norm == "layer_norm":
-            self.norm_q = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
-            self.norm_k = nn.LayerNorm(dim_head, eps=1e-6, elementwise_affine=False, bias=False)
-        elif self.qk_norm == "layer_norm_across_heads":
-            self.norm_q, self.norm_k = nn.LayerNorm(inner_dim, eps=1e-5), nn.LayerNorm(inner_dim, eps=1e-5)
+        self.norm_q, self.norm_k = _qk_norms(spec, dim_head, inner_dim)
         self.backend: AttentionBackend = get_backend("sdpa")
         _set_diffusers_attributes(self, query_dim, dim_head, inner_dim, cross_attention_dim, bias, dropout)
         self.processor = DiTAttnProcessor()
@@ -176,6 +172,22 @@ class DiTAttention(Attention, AttentionModuleMixin):
         if not self.fused_projections or not all(isinstance(m, nn.Linear) for m in (self.to_q, self.to_k, self.to_v)):
             return None
         return getattr(self, _fused_name(self))
+
+
+#: QK-norm kind -> (width it normalises, default affine, default eps)
+_QK_NORM_DEFAULTS = {"layer_norm": ("head", False, 1e-6), "layer_norm_across_heads": ("inner", True, 1e-5)}
+
+
+def _qk_norms(spec: AttentionSpec, dim_head: int, inner_dim: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """``norm_q`` and ``norm_k`` of ``spec``'s QK-norm (None, None without one): LayerNorms over one head or the full
+    width, affine (weight and bias) and with the epsilon of the kind unless ``spec`` sets them."""
+    if spec.qk_norm is None:
+        return None, None
+    width, affine, eps = _QK_NORM_DEFAULTS[spec.qk_norm]
+    affine = affine if spec.qk_norm_affine is None else spec.qk_norm_affine
+    eps = eps if spec.qk_norm_eps is None else spec.qk_norm_eps
+    size = dim_head if width == "head" else inner_dim
+    return tuple(nn.LayerNorm(size, eps=eps, elementwise_affine=affine, bias=affine) for _ in range(2))
 
 
 def _set_diffusers_attributes(

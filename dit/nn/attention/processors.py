@@ -66,6 +66,9 @@ class AttentionSpec:
         conv_kernel_size: side of the depthwise value convolution (LiT: 5); None: off.
         qk_norm: None; ``layer_norm`` (per head, no parameters; ``True`` is accepted for it); or
             ``layer_norm_across_heads`` (PixArt-Σ: full width, affine).
+        qk_norm_affine: whether the QK-norm has a weight and a bias; None: its kind's (per head: no, PixArt-Σ's
+            across heads: yes). MicroDiT's is ``layer_norm_across_heads`` with ``qk_norm_affine=False``.
+        qk_norm_eps: the QK-norm's epsilon; None: its kind's (per head 1e-6, across heads 1e-5).
     """
 
     kernel: str = "softmax"
@@ -75,6 +78,8 @@ class AttentionSpec:
     kv_compress_padding: str = "replicate"
     conv_kernel_size: int | None = None
     qk_norm: str | bool | None = None
+    qk_norm_affine: bool | None = None
+    qk_norm_eps: float | None = None
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -85,6 +90,7 @@ class AttentionSpec:
                 "'layer_norm_across_heads'."
             )
         object.__setattr__(self, "qk_norm", QK_NORMS[self.qk_norm])
+        _check_qk_norm_options(self.qk_norm, self.qk_norm_affine, self.qk_norm_eps)
         _check_optional_int("heads", self.heads, 1)
         _check_optional_int("kv_compress_ratio", self.kv_compress_ratio, 2)
         _check_optional_int("conv_kernel_size", self.conv_kernel_size, 1)
@@ -99,6 +105,15 @@ class AttentionSpec:
     def needs_grid(self) -> bool:
         """Whether the attention reads the token grid (KV compression or the value convolution)."""
         return self.kv_compress_ratio is not None or self.conv_kernel_size is not None
+
+
+def _check_qk_norm_options(qk_norm: str | None, affine, eps) -> None:
+    if (affine is not None or eps is not None) and qk_norm is None:
+        raise ValueError("qk_norm_affine and qk_norm_eps are options of a QK-norm: set qk_norm too.")
+    if affine is not None and not isinstance(affine, bool):
+        raise ValueError(f"qk_norm_affine must be None or a bool, got {affine!r}.")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0):
+        raise ValueError(f"qk_norm_eps must be None or a number > 0, got {eps!r}.")
 
 
 def _check_optional_int(name: str, value, low: int) -> None:

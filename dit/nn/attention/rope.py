@@ -6,17 +6,25 @@ of channels ``(x[2i], x[2i+1])`` (lucidrains' ``rotate_half``, as FiT). Position
 indices, so padded variable-length sequences (and any aspect ratio) work.
 
 Extrapolation beyond the training grid is chosen by name (:data:`EXTRAPOLATIONS`); every method is a function of
-one axis ``(dim, theta, scale, train_len) -> frequencies`` with a per-sample ``scale = L_test / L_train >= 1``:
+one axis ``(dim, theta, scale, train_len) -> frequencies`` with a per-sample ``scale = L_test / L_train >= 1``, and
+optionally a temperature, a factor on q and k (logits times its square):
 
 - ``none``: the training frequencies.
-- ``pi``: position interpolation, ``theta_i / s``.
+- ``pi`` / ``vision_pi``: position interpolation, ``theta_i / s``.
 - ``ntk`` / ``vision_ntk``: NTK-aware base change ``b' = b * s^(d / (d - 2))`` (``d`` = channels of one axis).
+- ``ntk_by_parts`` / ``vision_ntk_by_parts``: FiT's NTK-by-parts (YaRN's ``scaled_rope`` with its LLaMA constants):
+  PI and NTK blended by the ramp between 1.25 and 0.75 rotations over the training length, then that and the
+  training frequencies blended by the ramp between 16 and 2 rotations (:func:`ntk_by_parts_frequencies`).
 - ``yarn`` / ``vision_yarn``: YaRN, ``theta_i' = (1 - g_i) theta_i / s + g_i theta_i`` with the ramp ``g`` between
   ``beta_fast = 32`` and ``beta_slow = 1`` rotations over the training length, plus the attention temperature
   ``mscale = 0.1 ln s + 1`` on q and k (logits times ``mscale^2``).
+- ``ntk_pro1`` / ``ntk_pro2`` (and ``vision_*``): FiT's ``ntk-aware-pro1`` / ``-pro2``, NTK-aware frequencies with
+  the temperature :func:`fit_proportion` of the longer side (pro1) or of the token count (pro2). Unlike the others
+  it is not 1 inside the training grid: FiT's code doubles the length, so it exceeds 1 from half the training one.
 
 Plain methods use one scale for both axes, ``max(h / h_train, w / w_train)``; ``vision_*`` scale height and width
-separately (FiTv2's VisionNTK / VisionYaRN). YaRN's temperature uses the larger axis scale in both cases, as FiT.
+separately (FiTv2's VisionNTK / VisionYaRN, FiT's ``decouple=True``). The temperatures depend on both sides, decoupled
+or not, as FiT's.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import torch
 
 #: YaRN's correction range, in rotations over the training length (FiT and the YaRN paper: 32 and 1).
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+#: NTK-by-parts' two correction ranges in rotations (FiT's, from YaRN's scaled_rope): PI vs NTK, then vs none.
+NTK_BY_PARTS_BETA, NTK_BY_PARTS_GAMMA = (1.25, 0.75), (16.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -92,12 +102,23 @@ def yarn_mscale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale <= 1, torch.ones_like(scale), 0.1 * scale.log() + 1)
 
 
+def fit_proportion(test_len: torch.Tensor, train_len: int) -> torch.Tensor:
+    """FiT's ``ntk-aware-pro`` factor on cos and sin: ``sqrt(log(2 L) / log(L_train))`` where ``2 L > L_train``, else 1
+    (``L``: the longer side (pro1) or the token count (pro2) of each sample, (B,); note the factor 2, FiT's)."""
+    if train_len < 2:
+        raise ValueError(f"FiT's proportion needs a training length >= 2 (its log is the divisor), got {train_len}.")
+    doubled = 2 * test_len.double()  # (B,)
+    ratio = (doubled.log() / math.log(train_len)).sqrt()
+    return torch.where(doubled <= train_len, torch.ones_like(ratio), ratio)
+
+
 def attention_logit_scale(test_tokens: torch.Tensor, train_tokens: int) -> torch.Tensor:
     """FiTv2's resolution-aware logit factor ``max(1, log(test_tokens) / log(train_tokens))`` (paper Eq. 15).
 
     The FiT code (``ntk-aware-pro2``) instead scales cos and sin by ``sqrt(log(2 h w) / log(train_tokens))``, i.e.
     logits by ``log(2 h w) / log(train_tokens)`` (an extra x2 inside the log: 1.206 instead of 1.081 at 20x20 for a
-    16x16 training grid); this is the paper's formula.
+    16x16 training grid); this is the paper's formula, FiT's code's is the ``ntk_pro2`` method
+    (:func:`fit_proportion`).
     """
     ratio = test_tokens.double().log() / math.log(train_tokens)
     return ratio.clamp(min=1.0)
@@ -123,6 +144,33 @@ def _yarn(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.
     return (1 - keep) * base / scale.double()[:, None] + keep * base  # (B, dim/2)
 
 
+def ntk_by_parts_frequencies(dim: int, theta: float, scale: torch.Tensor, train_len: int) -> torch.Tensor:
+    """FiT's ``ntk-by-parts`` frequencies of one axis, (B, dim/2) for per-sample scales (B,).
+
+    ``mixed = (1 - g1) * PI + g1 * NTK`` with ``g1`` the :func:`yarn_ramp` between 1.25 and 0.75 rotations, then
+    ``(1 - g2) * mixed + g2 * theta_i`` with ``g2`` the ramp between 16 and 2 rotations over ``train_len``: the
+    fastest frequencies are kept, the middle ones take NTK's base change, the slowest are interpolated.
+    """
+    base = axis_frequencies(dim, theta, scale.device)[None]  # (1, dim/2)
+    to_ntk = yarn_ramp(dim, theta, train_len, *NTK_BY_PARTS_BETA, device=scale.device)[None]  # (1, dim/2)
+    keep = yarn_ramp(dim, theta, train_len, *NTK_BY_PARTS_GAMMA, device=scale.device)[None]  # (1, dim/2)
+    mixed = (1 - to_ntk) * _pi(dim, theta, scale, train_len) + to_ntk * _ntk(dim, theta, scale, train_len)
+    return (1 - keep) * mixed + keep * base  # (B, dim/2)
+
+
+# ----- temperatures: sizes (B, 2) and the training grid -> factor on q and k (B,) ---------------------------------
+def _yarn_temperature(sizes: torch.Tensor, train_grid: tuple[int, int]) -> torch.Tensor:
+    return yarn_mscale(axis_scales(sizes, train_grid, decoupled=False)[0])  # the larger axis scale
+
+
+def _pro1_temperature(sizes: torch.Tensor, train_grid: tuple[int, int]) -> torch.Tensor:
+    return fit_proportion(sizes.max(dim=1).values, max(train_grid))  # longer side against the training side
+
+
+def _pro2_temperature(sizes: torch.Tensor, train_grid: tuple[int, int]) -> torch.Tensor:
+    return fit_proportion(sizes[:, 0] * sizes[:, 1], train_grid[0] * train_grid[1])  # tokens against training tokens
+
+
 @dataclass(frozen=True)
 class Extrapolation:
     """A named extrapolation method.
@@ -130,22 +178,32 @@ class Extrapolation:
     Args:
         axis_fn: ``(dim, theta, scale (B,), train_len) -> frequencies (B, dim/2)`` of one axis.
         decoupled: height and width get their own scale (``vision_*``), else both the larger one.
-        temperature: ``scale (B,) -> q/k magnitude factor (B,)`` (YaRN's mscale), or None.
+        temperature: ``(sizes (B, 2), train_grid) -> q/k magnitude factor (B,)`` (YaRN's mscale, FiT's
+            proportion), or None.
     """
 
     axis_fn: Callable[[int, float, torch.Tensor, int], torch.Tensor]
     decoupled: bool = False
-    temperature: Callable[[torch.Tensor], torch.Tensor] | None = None
+    temperature: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None
+
+
+def _both(name: str, axis_fn, temperature=None) -> dict[str, Extrapolation]:
+    """``name`` (one scale for both axes) and ``vision_<name>`` (one per axis)."""
+    return {
+        name: Extrapolation(axis_fn, temperature=temperature),
+        f"vision_{name}": Extrapolation(axis_fn, decoupled=True, temperature=temperature),
+    }
 
 
 #: ``rope_extrapolation`` config value -> method.
 EXTRAPOLATIONS: dict[str, Extrapolation] = {
     "none": Extrapolation(_none),
-    "pi": Extrapolation(_pi),
-    "ntk": Extrapolation(_ntk),
-    "vision_ntk": Extrapolation(_ntk, decoupled=True),
-    "yarn": Extrapolation(_yarn, temperature=yarn_mscale),
-    "vision_yarn": Extrapolation(_yarn, decoupled=True, temperature=yarn_mscale),
+    **_both("pi", _pi),
+    **_both("ntk", _ntk),
+    **_both("ntk_by_parts", ntk_by_parts_frequencies),
+    **_both("yarn", _yarn, _yarn_temperature),
+    **_both("ntk_pro1", _ntk, _pro1_temperature),
+    **_both("ntk_pro2", _ntk, _pro2_temperature),
 }
 
 
@@ -173,7 +231,7 @@ def extrapolated_frequencies(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-sample frequencies of the two axes, (B, D/4) each, and the q/k temperature (B,) or None.
 
-    The temperature (YaRN) uses the larger of the two axis scales, decoupled or not, as FiT does.
+    The temperature (YaRN's, FiT's proportion) depends on both sides, decoupled or not, as FiT's does.
     """
     if head_dim % 4:
         raise ValueError(f"2D rotary embedding needs a head width divisible by 4, got {head_dim}.")
@@ -181,7 +239,7 @@ def extrapolated_frequencies(
     s_h, s_w = axis_scales(sizes, train_grid, method_.decoupled)
     freqs_h = method_.axis_fn(dim, theta, s_h, train_grid[0])  # (B, D/4)
     freqs_w = method_.axis_fn(dim, theta, s_w, train_grid[1])  # (B, D/4)
-    mscale = None if method_.temperature is None else method_.temperature(torch.maximum(s_h, s_w))  # (B,)
+    mscale = None if method_.temperature is None else method_.temperature(sizes, train_grid)  # (B,)
     return freqs_h, freqs_w, mscale
 
 
@@ -222,9 +280,10 @@ def rotary_embedding(
     """Everything attention needs for tokens at ``positions`` (B, N, 2) of images ``sizes`` (B, 2) (h, w, patches).
 
     ``logit_scale`` switches on :func:`attention_logit_scale` with ``train_tokens = h_train * w_train``; it
-    multiplies with YaRN's temperature ``mscale^2``. Angles are computed in fp64 and the tables stored in ``dtype``
-    (the model's, so no block casts them again); the logit scale is None when it is 1 for every sample by
-    construction (no YaRN, no attention scale). Everything is computed on ``positions``' device, with no host read.
+    multiplies with the method's temperature squared (YaRN's ``mscale^2``, FiT's proportion squared). Angles are
+    computed in fp64 and the tables stored in ``dtype`` (the model's, so no block casts them again); the logit scale
+    is None when it is 1 for every sample by construction (no temperature, no attention scale). Everything is
+    computed on ``positions``' device, with no host read.
     """
     sizes = sizes.to(positions.device, non_blocking=True)  # (B, 2)
     freqs_h, freqs_w, mscale = extrapolated_frequencies(sizes, head_dim, train_grid, method, theta)

@@ -15,6 +15,7 @@ from torch import nn
 
 from dit import MicroDiTTransformer, PixArtTransformer
 from dit.nn.masking import patch_loss_mask
+from dit.pipelines.schedulers import prediction_of
 from dit.train import Trainer, load_config
 from dit.train.config import DISTILLATIONS, ConfigError, LCMConfig, MaskingConfig, ObjectiveConfig
 from dit.train.data.dataset import padding_mask
@@ -305,6 +306,9 @@ def _oracle(parametrisation: Parametrisation, x0, noise, t) -> torch.Tensor:
     kind = parametrisation.prediction_type
     if kind == "flow":
         return noise - x0
+    if kind == "edm":  # EDM's F
+        c_skip, c_out, _ = parametrisation.scalings(t, x0)
+        return (x0 - c_skip * parametrisation.add_noise(x0, noise, t)) / c_out
     a, s = parametrisation.coefficients(t, x0)
     return {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[kind]
 
@@ -331,13 +335,17 @@ def test_every_loss_works_with_its_parametrisation(name):
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 @pytest.mark.parametrize("distill", [None, "hybrid", "lcm"])
 def test_sampling_scheduler_is_the_parametrisations(name, distill):
-    objective = build_objective(ObjectiveConfig(name=name, distill=distill, teacher="t" if distill else None))
+    config = ObjectiveConfig(name=name, distill=distill, teacher="t" if distill else None)
+    if (name, distill) == ("edm", "lcm"):
+        with pytest.raises(ConfigError, match="objective.distill=lcm with objective.name=edm"):
+            build_objective(config)
+        return
+    objective = build_objective(config)
     p = objective.parametrisation
     scheduler = objective.sampling_scheduler()
     expected = p.consistency_scheduler(50, 10.0) if distill == "lcm" else p.sampling_scheduler()
     assert type(scheduler) is type(expected) and dict(scheduler.config) == dict(expected.config)
-    predicted = "flow" if "FlowMatch" in type(scheduler).__name__ else scheduler.config.prediction_type
-    assert predicted == p.prediction_type
+    assert prediction_of(scheduler) == p.prediction_type
     if distill:
         assert objective.base.parametrisation is p  # the wrapped loss's parametrisation, shared
     assert isinstance(objective, HybridDistillation) == (distill == "hybrid")

@@ -100,8 +100,8 @@ def test_logit_normal_timesteps():
 
 
 def test_unknown_objective_is_named():
-    with pytest.raises(ConfigError, match="'edm'"):
-        build_objective(ObjectiveConfig(name="edm"))
+    with pytest.raises(ConfigError, match="'score'"):
+        build_objective(ObjectiveConfig(name="score"))
 
 
 @pytest.mark.parametrize("sigma", [False, True], ids=["eps_only", "learned_sigma"])

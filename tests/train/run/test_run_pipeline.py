@@ -121,11 +121,11 @@ def test_mixed_size_features_record_their_encoders(source, tmp_path):
     assert encoders_source(config) == source.resolve()
 
 
-@pytest.mark.parametrize("objective", ["ddpm_eps", "v", "x0", "flow"])
+@pytest.mark.parametrize("objective", ["ddpm_eps", "v", "x0", "flow", "edm"])
 def test_every_objective_ends_with_a_complete_pipeline(objective, features, tmp_path):
     """The folder lists every component, its transformer records what the objective trains it to predict, and
     ``scheduler=None`` on that transformer samples as the folder's own scheduler does."""
-    shift = [] if objective == "flow" else ["objective.discrete.noise_shift=2.0"]  # the discrete objectives' schedule
+    shift = [] if objective in ("flow", "edm") else ["objective.discrete.noise_shift=2.0"]  # the discrete schedule
     trainer = _train(features, tmp_path / "run", f"objective.name={objective}", "ema_decay=null", "max_steps=1",
                      "checkpoint_every=1", *shift)  # fmt: skip
     folder = tmp_path / "run" / "pipeline"

@@ -1,0 +1,102 @@
+"""`dit generate --class`: class-conditional folders draw class labels (names or ids, repeated or comma lists); a
+class given to a text model, a prompt given to a class model and an unknown label are one error line before loading."""
+
+import pytest
+from PIL import Image
+
+from dit.cli import main as cli_main
+from dit.pipelines import ClassToImagePipeline, TextToImagePipeline
+from dit.tiny import tiny_pipeline
+from tests.tiny import class_pipeline
+
+PROMPT = "a large red circle on the left, on a white background"
+
+
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("class-model")
+    class_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text-model")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad value was refused")
+
+    for cls in (ClassToImagePipeline, TextToImagePipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+
+
+def _generate(model, out, *argv):
+    return cli_main(["generate", "--model", str(model), "-o", str(out), "--steps", "1", *argv])
+
+
+def test_classes_by_name_and_id_write_one_png_each(class_model, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    argv = ["--class", "goldfish", "--class", "7, great white shark", "--height", "16", "--width", "24"]
+    assert _generate(class_model, out, *argv) == 0
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == ["out-0.png", "out-1.png", "out-2.png"]
+    assert all(Image.open(tmp_path / name).size == (24, 16) for name in written)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("class 1 (goldfish, Carassius auratus)") and printed[1].endswith("class 7 (sports car)")
+    assert _generate(class_model, tmp_path / "by_id.png", "--class", "1", "--height", "16", "--width", "24") == 0
+    assert Image.open(tmp_path / "by_id.png").tobytes() == Image.open(tmp_path / "out-0.png").tobytes()
+
+
+def test_images_per_class_and_guidance_channels(class_model, tmp_path):
+    argv = ["--class", "1,2", "--num-images", "2", "--guidance-channels", "3", "--guidance", "4"]
+    assert _generate(class_model, tmp_path / "o.png", *argv) == 0
+    assert len(list(tmp_path.glob("o-*.png"))) == 4
+    assert _generate(class_model, tmp_path / "all.png", "--class", "1", "--guidance", "4") == 0
+    assert Image.open(tmp_path / "all.png").tobytes() != Image.open(tmp_path / "o-0.png").tobytes()
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: "), line
+    return line.removeprefix("error: ")
+
+
+BAD_CLASS = {
+    "unknown": (
+        ["--class", "goldfsh"],
+        "class label 'goldfsh' is not a label of this model (close matches: 'goldfish')",
+    ),
+    "shared": (["--class", "crane"], "'crane' names several classes: 3 (crane), 4 (crane, bird); pass the class id"),
+    "id-high": (["--class", "10"], "class id 10 is outside 0..9"),
+    "empty": (["--class", "goldfish,"], "--class 'goldfish,': an empty class"),
+    "no-class": ([], "is a class-conditional model: give --class NAME"),
+    "prompt": ([PROMPT, "--class", "1"], "takes --class only, no prompt or --prompt-file"),
+    "negative": (["--class", "1", "--negative-prompt", "blurry"], "--negative-prompt: "),
+    "lcm": (["--class", "1", "--lcm"], "--lcm: "),
+    "channels": (["--class", "1", "--guidance-channels", "0"], "--guidance-channels: guidance_channels must be None"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_CLASS.values(), ids=BAD_CLASS.keys())
+def test_bad_class_requests_are_one_line_before_loading(class_model, no_loading, tmp_path, capsys, argv, message):
+    assert _generate(class_model, tmp_path / "o.png", *argv) == 2
+    assert message in _error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_class_for_a_text_model_is_refused_before_loading(text_model, no_loading, tmp_path, capsys):
+    assert _generate(text_model, tmp_path / "o.png", "--class", "goldfish") == 2
+    assert "--class goldfish: " in (line := _error(capsys)) and "text-to-image model" in line
+
+
+def test_guidance_channels_reach_a_text_model(text_model, tmp_path):
+    assert _generate(text_model, tmp_path / "o.png", PROMPT, "--guidance-channels", "3") == 0
+    assert _generate(text_model, tmp_path / "all.png", PROMPT) == 0
+    assert Image.open(tmp_path / "o.png").tobytes() != Image.open(tmp_path / "all.png").tobytes()
