@@ -1,10 +1,13 @@
-"""Reading weights safely: safetensors by default, pickle only on explicit opt-in, strict key checks."""
+"""Reading weights safely: safetensors, or pickle read weights-only (full unpickling only on explicit opt-in),
+strict key checks."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -36,11 +39,35 @@ def check_keys(expected: Iterable[str], found: Iterable[str], where: str = "chec
         raise CheckpointKeyError(expected - found, found - expected, where)
 
 
-def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a ``.safetensors`` file, or a pickle checkpoint when ``allow_pickle=True``.
+def read_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
+    """What the pickle file at ``path`` holds, read as diffusers reads ``.bin`` weights: ``torch.load(...,
+    weights_only=True)``, which builds tensors and plain containers only and cannot run code.
 
-    Pickle files can run code when loaded; even with the opt-in they are read with ``weights_only=True``.
-    A pickle checkpoint that wraps its weights in ``{"state_dict": ...}`` (as PixArt's do) is unwrapped.
+    A file that needs more (a pickled class or function: original training checkpoints, some of which store their
+    config or optimizer objects) is refused, naming ``allow_pickle``; with ``allow_pickle=True`` it is unpickled in
+    full, which can execute code: only for files from a trusted source.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not allow_pickle:
+            lines = [line.strip() for line in str(error).splitlines() if "WeightsUnpickler error:" in line]
+            reason = lines[0].split(":", 1)[1].split(" was not", 1)[0].strip() if lines else type(error).__name__
+            raise ValueError(
+                f"{path!r} holds more than weights: torch.load(weights_only=True) cannot read it ({reason}). "
+                "Reading it in full can execute code: pass allow_pickle=True (--allow-pickle) if you trust its "
+                "source, or convert it to safetensors."
+            ) from error
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file or a pickle checkpoint (``.bin``, ``.pth``, ...).
+
+    Pickle files are read with ``weights_only=True``, as diffusers reads them; one that needs code to load is
+    refused unless ``allow_pickle=True`` (:func:`read_pickle`). A pickle checkpoint that wraps its weights in
+    ``{"state_dict": ...}`` (as PixArt's do) is unwrapped.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -49,12 +76,7 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
         return load_file(path)
     if not path.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"Unknown checkpoint format for {path!r}: expected .safetensors or one of {PICKLE_SUFFIXES}.")
-    if not allow_pickle:
-        raise ValueError(
-            f"{path!r} is a pickle checkpoint, which can execute code when loaded. Convert it to safetensors, "
-            "or pass allow_pickle=True (--allow-pickle) if you trust its source."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_pickle(path, allow_pickle=allow_pickle)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     return dict(state)

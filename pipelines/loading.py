@@ -14,7 +14,9 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.utils import logging
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
@@ -31,6 +33,9 @@ FLOW_PREDICTION_SCHEDULERS = {
 FLOW_MATCH_PREDICTIONS = ("flow", "flow_prediction")
 #: Keyword arguments of ``from_pretrained`` handed to each component loaded here (as diffusers hands them).
 COMPONENT_KWARGS = ("variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
+#: diffusers' pipeline loader logs "Loaded {name} as {class} ..." here for each component it loads (its tests capture
+#: this logger); the components loaded here are logged to it in the same words.
+pipeline_logger = logging.get_logger("diffusers.pipelines.pipeline_utils")
 #: Keyword arguments of ``from_pretrained`` that locate a hub pipeline (``DiffusionPipeline.download``).
 DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant",
                    "use_safetensors")  # fmt: skip
@@ -55,6 +60,8 @@ def pipeline_folder(path: str | os.PathLike) -> Path:
 def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
     """The weighted components of the pipeline in ``folder`` that diffusers would load leniently, each loaded with
     its loading report; a missing or unexpected key is a :class:`~dit.checkpoint.CheckpointKeyError` listing them.
+    Each is logged as diffusers logs the components it loads ("Loaded vae as AutoencoderKL from `vae` subfolder of
+    ...", at INFO).
 
     Components given in ``kwargs`` (``vae=...``) are left out; ``kwargs`` are the pipeline's ``from_pretrained``
     keyword arguments (``torch_dtype``, ``variant``, ...)."""
@@ -67,6 +74,7 @@ def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
         cls = _lenient_model_class(*spec)
         if cls is not None and (folder / name).is_dir():
             loaded[name] = load_component(cls, folder / name, name, kwargs)
+            pipeline_logger.info(f"Loaded {name} as {spec[1]} from `{name}` subfolder of {folder}.")
     return loaded
 
 
@@ -77,7 +85,7 @@ def load_component(cls: type, folder: Path, name: str, kwargs: dict):
         refuse_variant_only_folder(folder)
     if "variant" in options and not variant_files(os.listdir(folder), options["variant"]):
         del options["variant"]  # as diffusers: a component without files of the variant loads its main weights
-    dtype = _component_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")), name)
+    dtype = component_dtype(kwargs, name)
     if _is_transformers_model(cls):  # transformers has no diffusers-only options
         options = {key: value for key, value in options.items() if key in ("variant", "use_safetensors")}
     options["dtype"] = dtype  # diffusers >= 0.42 and transformers name it dtype (torch_dtype is deprecated)
@@ -106,13 +114,19 @@ def _is_transformers_model(cls: type) -> bool:
     return issubclass(cls, PreTrainedModel)
 
 
-def _component_dtype(torch_dtype, name: str):
-    """The dtype diffusers gives component ``name``: ``torch_dtype``, or its entry when it is a per-component dict."""
-    if isinstance(torch_dtype, dict):
-        import torch
-
-        return torch_dtype.get(name, torch_dtype.get("default", torch.float32))
-    return torch_dtype
+def component_dtype(kwargs: dict, name: str) -> torch.dtype | None:
+    """The dtype diffusers' ``DiffusionPipeline.from_pretrained`` gives component ``name``, from its keyword
+    arguments ``kwargs``: ``dtype`` or its older name ``torch_dtype`` (whichever is not None), or its entry when it
+    is a per-component dict (``{"transformer": torch.bfloat16, "default": torch.float16}``; float32 without a
+    ``"default"``). Any other value is float32, as diffusers makes it (with its warning), so that every component
+    gets the same dtype; None leaves each class's default."""
+    dtype = kwargs.get("dtype")
+    dtype = kwargs.get("torch_dtype") if dtype is None else dtype
+    if isinstance(dtype, dict):
+        dtype = dtype.get(name, dtype.get("default", torch.float32))
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        return torch.float32  # diffusers: "Passed `dtype` ... is not a `torch.dtype`. Defaulting to `torch.float32`."
+    return dtype
 
 
 def local_folder(pretrained_model_name_or_path, kwargs: dict) -> str:

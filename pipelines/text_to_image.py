@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -144,9 +145,8 @@ class TextToImagePipeline(
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
-            return prompt_embeds, prompt_attention_mask, None, None
-
-        if negative_prompt_embeds is None:
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        elif negative_prompt_embeds is None:
             negative_prompt_embeds, negative_prompt_attention_mask = self._unconditional_text(
                 negative_prompt, prompt_embeds, prompt_attention_mask[::num_images_per_prompt], batch,
                 use_null_caption, clean_caption,
@@ -155,8 +155,12 @@ class TextToImagePipeline(
             negative_prompt_attention_mask = torch.ones(
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
             )
-        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        negative_prompt_attention_mask = negative_prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            negative_prompt_attention_mask = negative_prompt_attention_mask.repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
+        # one return statement, as diffusers' (its encode_prompt test reads the output names from it)
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     def _unconditional_text(
@@ -347,11 +351,22 @@ def _warn_once_without_cleaning() -> None:
                    "used as given (lower-cased and stripped).")  # fmt: skip
 
 
+#: diffusers' words for PixArt-α's deprecated ``mask_feature`` argument (``PixArtAlphaPipeline``, a FutureWarning).
+MASK_FEATURE_DEPRECATION = (
+    "The use of `mask_feature` is deprecated. It is no longer used in any computation and that doesn't affect the end "
+    "results. It will be removed in a future version."
+)
+
+
 def warn_ignored(kwargs: dict[str, Any], where: str) -> None:
-    """Keyword arguments a method takes only for diffusers' signature: ignored, as diffusers ignores them, but said."""
-    if kwargs:
+    """Keyword arguments a method takes only for diffusers' signature: ignored, as diffusers ignores them, but said;
+    PixArt-α's ``mask_feature`` with diffusers' FutureWarning."""
+    if "mask_feature" in kwargs:
+        warnings.warn(MASK_FEATURE_DEPRECATION, FutureWarning, stacklevel=3)
+    others = sorted(key for key in kwargs if key != "mask_feature")
+    if others:
         logger.warning("%s ignores the keyword arguments %s (diffusers' PixArtSigmaPipeline ignores them too).",
-                       where, sorted(kwargs))  # fmt: skip
+                       where, others)  # fmt: skip
 
 
 def _step_text(embeds: torch.Tensor, mask: torch.Tensor, batch: int, guided: bool):

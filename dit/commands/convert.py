@@ -59,7 +59,7 @@ def add_parser(commands) -> None:
                       "FiTTransformer config field (e.g. rope_extrapolation=vision_ntk); microdit: an original DiT "
                       "argument (e.g. in_channels=16 for the 16-channel release); repeatable")  # fmt: skip
     conv.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
-    conv.add_argument("--allow-pickle", action="store_true", help="unpickle a .pth/.pt/.bin that weights-only "
+    conv.add_argument("--allow-pickle", action="store_true", help="unpickle in full a .pth/.pt/.bin that weights-only "
                       "loading cannot read (this runs code from the file: only for files you trust)")  # fmt: skip
     conv.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default: fp32)")
     conv.set_defaults(func=run, user_errors=usage_errors)

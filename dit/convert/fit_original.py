@@ -311,10 +311,10 @@ def load_original_fit(
     converted model computes them per sample, the same at that grid.
 
     Args:
-        checkpoint: ``.safetensors``, a pickle (``.bin`` / ``.pt``) with ``allow_pickle=True``, or the state dict.
+        checkpoint: ``.safetensors``, a pickle (``.bin`` / ``.pt``, read weights-only), or the state dict.
         original_config: the original model's constructor arguments: a dict or a YAML path; the whole YAML (its
             ``diffusion.network_config.params``), the network config (``{target, params}``) or the arguments.
-        allow_pickle: opt in to reading a pickle checkpoint (weights-only).
+        allow_pickle: unpickle in full a checkpoint that weights-only loading cannot read (it runs code from the file).
         torch_dtype: cast the weights to this dtype.
         overrides: :class:`~dit.FiTTransformer` config fields over the converted ones, e.g. ``rope_extrapolation``
             (sample beyond the training grid), ``max_tokens``, ``timestep_convention``.

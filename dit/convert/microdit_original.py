@@ -244,12 +244,12 @@ def load_original_microdit(
     checkpoint, strictly (every key converted and used, shapes checked).
 
     Args:
-        checkpoint: a ``.safetensors`` file, a ``.pt`` with ``allow_pickle=True`` (the released files), or the loaded
+        checkpoint: a ``.safetensors`` file, a ``.pt`` (the released files, read weights-only), or the loaded
             dict: a plain ``DiT`` state dict, a ``LatentDiffusion`` one (``dit.`` keys), ``{"state_dict": ...}``, or a
             Composer training checkpoint's dict (``{"state": {"model": ...}}``).
         original_config: the original ``DiT`` constructor's keyword arguments (a dict or a YAML file), or a published
             size by name: ``"MicroDiT_XL_2"`` (:data:`ORIGINAL_CONFIGS`).
-        allow_pickle: opt in to reading a pickle checkpoint (read with ``weights_only=True``).
+        allow_pickle: unpickle in full a checkpoint that weights-only loading cannot read (it runs code from the file).
         torch_dtype: cast the weights to this dtype.
         overrides: original constructor arguments replacing ``original_config``'s, e.g. ``in_channels=16`` for the
             released 16-channel model (``dit_16_channel_37M_real_and_synthetic_data.pt``).

@@ -157,7 +157,7 @@ def load_original_pixart_controlnet(
     control latent of batch 1 and micro-conditions of batch 1 are broadcast over the batch, as in the original.
 
     Args:
-        checkpoint: an original checkpoint (``.safetensors``, ``.pth`` with ``allow_pickle=True``, or the loaded
+        checkpoint: an original checkpoint (``.safetensors``, ``.pth`` read weights-only, or the loaded
             dict, ``{"state_dict": ...}`` or the state dict itself), whose base is converted as
             :func:`~dit.convert.load_original_pixart` does; or a diffusers research-project
             ``PixArtControlNetAdapterModel`` (its folder, weights file or state dict), which needs ``transformer``.
@@ -166,7 +166,7 @@ def load_original_pixart_controlnet(
         sample_size, attention_head_dim, interpolation_scale, use_ema: as for
             :func:`~dit.convert.load_original_pixart` (512 model: ``sample_size=64``; 1024: 128); original
             checkpoints only.
-        allow_pickle: opt in to reading a pickle checkpoint.
+        allow_pickle: unpickle in full a checkpoint that weights-only loading cannot read (it runs code from the file).
         torch_dtype: cast the weights to this dtype (a research adapter's ``transformer`` module is cast in place).
         kv_compress: as for :func:`~dit.convert.load_original_pixart`, but ``False`` (none) by default: PixArt-δ's
             base is PixArt-α, which has no KV compression. Original checkpoints only.

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..checkpoint import PICKLE_SUFFIXES, check_keys, load_state_dict_file
+from ..checkpoint import PICKLE_SUFFIXES, check_keys, load_state_dict_file, read_pickle
 from ..models.pixart_transformer import PixArtTransformer
 from ..nn.embeddings import sincos_2d
 
@@ -177,13 +177,13 @@ def read_original_checkpoint(
     """The original-key state dict of a checkpoint: a file path, a state dict, or a training checkpoint's dict.
 
     Released checkpoints hold ``{"state_dict": ...}``; training ones (``save_checkpoint``) also
-    ``"state_dict_ema"``, which ``use_ema=True`` takes. A pickle file needs ``allow_pickle=True`` and is read with
-    ``weights_only=True``.
+    ``"state_dict_ema"``, which ``use_ema=True`` takes. A pickle file is read with ``weights_only=True``; one that
+    needs code to load (a pickled class or function) needs ``allow_pickle=True`` (:func:`~dit.checkpoint.read_pickle`).
     """
     if isinstance(checkpoint, Mapping):
         state = checkpoint
-    elif os.fspath(checkpoint).endswith(PICKLE_SUFFIXES) and allow_pickle:
-        state = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+    elif os.fspath(checkpoint).endswith(PICKLE_SUFFIXES):
+        state = read_pickle(checkpoint, allow_pickle=allow_pickle)
     else:
         state = load_state_dict_file(checkpoint, allow_pickle=allow_pickle)
     key = "state_dict_ema" if use_ema else "state_dict"
@@ -224,13 +224,13 @@ def load_original_pixart(
     """Build a :class:`~dit.PixArtTransformer` from an original PixArt checkpoint (strict).
 
     Args:
-        checkpoint: ``.safetensors`` file, ``.pth`` with ``allow_pickle=True``, or the loaded dict (a state dict, or
+        checkpoint: ``.safetensors`` file, ``.pth`` (read weights-only), or the loaded dict (a state dict, or
             ``{"state_dict": ..., "state_dict_ema": ...}``).
         sample_size: latent side of the checkpoint's resolution (image side / 8).
         attention_head_dim: 72 for every released PixArt model.
         interpolation_scale: position scale; None reads it from the checkpoint's ``pos_embed`` table, else
             PixArt's for ``sample_size``.
-        allow_pickle: opt in to reading a pickle checkpoint.
+        allow_pickle: opt in to unpickling in full a ``.pth`` that weights-only loading cannot read (it can run code).
         torch_dtype: cast the weights to this dtype.
         kv_compress: the original model's ``kv_compress_config`` (``{"sampling": "conv" | "ave" | "uniform",
             "scale_factor": r, "kv_compress_layer": [...]}``), which ``ave`` and ``uniform`` need since they leave no

@@ -12,6 +12,7 @@ from diffusers.utils import logging
 
 from ..nn.attention import DiTAttention, DiTAttnProcessor, resolve_backend
 from ..nn.attention.backends import AttentionBackend, get_backend
+from ..nn.attention.processors import FusedDiTAttnProcessor
 from ..nn.context import BlockContext
 
 logger = logging.get_logger(__name__)
@@ -77,6 +78,24 @@ class AttentionProcessorMixin(AttentionMixin):
     def set_default_attn_processor(self) -> None:
         """Every attention module back to :class:`~dit.nn.attention.DiTAttnProcessor`."""
         self.set_attn_processor(DiTAttnProcessor())
+
+    def fuse_qkv_projections(self) -> None:
+        """diffusers' QKV fusion; the default processors become ``FusedDiTAttnProcessor`` (the same computation,
+        named for the state as diffusers' fused processors are), the others stay. ``original_attn_processors`` keeps
+        the processors from before, as in diffusers."""
+        self.original_attn_processors = self.attn_processors
+        super().fuse_qkv_projections()
+        fused = FusedDiTAttnProcessor()
+        processors = self.original_attn_processors.items()
+        self.set_attn_processor({name: fused if type(p) is DiTAttnProcessor else p for name, p in processors})
+
+    def unfuse_qkv_projections(self) -> None:
+        """diffusers' unfusing; each ``FusedDiTAttnProcessor`` becomes a :class:`~dit.nn.attention.DiTAttnProcessor`
+        again, the other processors stay (one set while fused included)."""
+        super().unfuse_qkv_projections()
+        plain = DiTAttnProcessor()
+        processors = self.attn_processors.items()
+        self.set_attn_processor({name: plain if type(p) is FusedDiTAttnProcessor else p for name, p in processors})
 
     def _ignore_attention_kwargs(self, cross_attention_kwargs: dict[str, Any] | None) -> None:
         """Keys of ``cross_attention_kwargs`` besides the LoRA ``scale`` (taken by ``apply_lora_scale``) are not read;

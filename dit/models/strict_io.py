@@ -1,5 +1,6 @@
 """Strict, safetensors-first I/O for every model class of the toolkit: unknown config fields and missing or
-unexpected weights are errors that name them; variants, shards and (opted-in) pickle as diffusers has them."""
+unexpected weights are errors that name them; variants, shards and pickle (``.bin``, read weights-only) as diffusers
+has them."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from collections.abc import Callable
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, _add_variant
 from safetensors import safe_open
 
-from ..checkpoint import PICKLE_SUFFIXES, CheckpointKeyError, check_keys, restore_default_permissions
+from ..checkpoint import CheckpointKeyError, check_keys, restore_default_permissions
 
 
 class StrictIOMixin:
     """diffusers' config and weight I/O, strict: unknown config fields and missing or unexpected weight keys are
-    errors naming them. Safetensors is read and written by default; pickle only on an explicit opt-in
-    (``allow_pickle=True`` to read, ``safe_serialization=False`` to write). Variants and shards work as in
-    diffusers, also through ``DiffusionPipeline.save_pretrained`` / ``from_pretrained``."""
+    errors naming them. Safetensors is read and written by default; pickle (``.bin``) is written on request
+    (``safe_serialization=False``) and read as diffusers reads it, with ``torch.load(weights_only=True)``, which
+    cannot run code. Variants and shards work as in diffusers, also through ``DiffusionPipeline.save_pretrained`` /
+    ``from_pretrained``."""
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -49,22 +51,22 @@ class StrictIOMixin:
         its shards) as diffusers does; a shard that lacks a key its index lists is an error too (diffusers checks
         the index only, and would leave that weight uninitialised).
 
-        Only safetensors weights are read unless ``allow_pickle=True``: a folder whose weights (of the ``variant``
-        asked for) are pickle only is refused, naming its files, and so is ``use_safetensors=False`` without the
-        opt-in.
+        Safetensors weights are preferred; pickle weights (``.bin``, e.g. ``save_pretrained(...,
+        safe_serialization=False)``) are read as diffusers reads them, with ``torch.load(weights_only=True)``: tensors
+        only, no code runs. ``allow_pickle`` is not needed for them (it is accepted, with a warning, for callers of
+        the former opt-in).
         """
         path = os.fspath(pretrained_model_name_or_path)
+        if allow_pickle:
+            warnings.warn(
+                "from_pretrained(allow_pickle=True) is no longer needed: pickle weights are read weights-only "
+                "(torch.load(weights_only=True), as diffusers reads them), which runs no code.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
         if kwargs.get("variant") is None:
-            subfolder = kwargs.get("subfolder")
-            refuse_variant_only_folder(os.path.join(path, subfolder) if subfolder else path)
-        if not allow_pickle:
-            if kwargs.get("use_safetensors") is False:
-                raise ValueError(
-                    "use_safetensors=False reads pickle weights, which can execute code when loaded; pass "
-                    "allow_pickle=True as well if you trust their source."
-                )
-            _refuse_pickle_only_folder(path, kwargs.get("subfolder"), kwargs.get("variant"))
-            kwargs["use_safetensors"] = True  # diffusers passes None, which would fall back to pickle
+            refuse_variant_only_folder(folder)
         if strict:
             check_shards(path, kwargs.get("subfolder"), kwargs.get("variant"))
         want_info = kwargs.pop("output_loading_info", False)
@@ -89,14 +91,15 @@ class StrictIOMixin:
         forwards it: ``variant="fp16"`` writes ``diffusion_pytorch_model.fp16.safetensors`` beside the main weights,
         ``max_shard_size`` splits the weights into shards with an index.
 
-        Safetensors by default; ``safe_serialization=False`` writes pickle (``.bin``), which can execute code when
-        loaded, with a warning saying so (reading it back needs ``allow_pickle=True``).
+        Safetensors by default; ``safe_serialization=False`` writes pickle (``.bin``), with a warning: from_pretrained
+        reads it back weights-only (as diffusers does), but other readers may unpickle it in full, which can execute
+        code.
         """
         if not safe_serialization:
             warnings.warn(
                 f"{type(self).__name__}.save_pretrained(safe_serialization=False) writes pickle weights (.bin) to "
-                f"{os.fspath(save_directory)!r}: they can execute code when loaded, and reading them back needs "
-                "from_pretrained(..., allow_pickle=True). Leave safe_serialization=True for safetensors.",
+                f"{os.fspath(save_directory)!r}: from_pretrained reads them weights-only, but a reader that unpickles "
+                "them in full can be made to execute code. Leave safe_serialization=True for safetensors.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -123,38 +126,26 @@ def variant_files(files: list[str], variant: str | None) -> list[str]:
     return [f for f in files if f".{variant}." in f or f".{variant}-" in f]
 
 
-_WEIGHTS = re.compile(r"^[^.]+(?:\.(?P<variant>[\w-]+?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
-_INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index(?:\.(?P<variant>[\w-]+))?\.json$")
+_WEIGHTS = re.compile(r"^(?P<stem>[^.]+?)(?:\.(?P<variant>[\w-]+?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+_INDEX = re.compile(r"^(?P<stem>[^.]+)\.(?:safetensors|bin)\.index(?:\.(?P<variant>[\w-]+))?\.json$")
 
 
 def refuse_variant_only_folder(folder: str | os.PathLike) -> None:
     """Raise when a local ``folder`` holds weights of variants only (``save_pretrained(..., variant="fp16")``
-    writes no main weights): as in diffusers, such a folder loads with ``variant=`` only; the error names it."""
+    writes no main weights): as in diffusers, such a folder loads with ``variant=`` only. The error starts with
+    diffusers' own ("Error no file named diffusion_pytorch_model.bin found in directory ...") and names the
+    variants."""
     if not os.path.isdir(folder):
         return
     matches = [m for f in os.listdir(folder) if (m := _WEIGHTS.match(f) or _INDEX.match(f))]
     variants = sorted({m["variant"] for m in matches if m["variant"]})
     if variants and all(m["variant"] for m in matches):
+        stem = matches[0]["stem"]  # diffusion_pytorch_model (diffusers), model (transformers)
         raise FileNotFoundError(
-            f"{os.fspath(folder)!r} holds only weights of variant {' / '.join(map(repr, variants))} and no main "
-            f"weights: load it with from_pretrained(..., variant={variants[0]!r}), as diffusers does for a folder "
-            "saved with save_pretrained(..., variant=...) alone."
-        )
-
-
-def _refuse_pickle_only_folder(path: str, subfolder: str | None, variant: str | None = None) -> None:
-    folder = os.path.join(path, subfolder) if subfolder else path
-    if not os.path.isdir(folder):
-        return  # a hub id: diffusers resolves it, and use_safetensors=True refuses pickle there
-    files = variant_files(os.listdir(folder), variant)
-    if any(".safetensors" in f for f in files):
-        return
-    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES) or ".bin.index" in f]
-    if pickles:
-        which = f" of variant {variant!r}" if variant is not None else ""
-        raise ValueError(
-            f"{folder!r} holds only pickle weights{which} ({', '.join(sorted(pickles))}), which can execute code when "
-            "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust their source."
+            f"Error no file named {stem}.bin found in directory {os.fspath(folder)}. {os.fspath(folder)!r} holds "
+            f"only weights of variant {' / '.join(map(repr, variants))} and no main weights: load it with "
+            f"from_pretrained(..., variant={variants[0]!r}), as diffusers does for a folder saved with "
+            "save_pretrained(..., variant=...) alone."
         )
 
 

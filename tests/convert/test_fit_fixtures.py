@@ -97,9 +97,7 @@ def test_fixture_from_published_yaml_and_pickle(tmp_path):
     network = {"target": "fit.model.fit_model.FiT", "params": spec["constructor_kwargs"]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"diffusion": {"network_config": network}}))
     torch.save(load_file(FIXTURES / spec["files"]["state"]), tmp_path / "model_ema.bin")
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_original_fit(tmp_path / "model_ema.bin", tmp_path / "config.yaml")
-    model = load_original_fit(tmp_path / "model_ema.bin", tmp_path / "config.yaml", allow_pickle=True)
+    model = load_original_fit(tmp_path / "model_ema.bin", tmp_path / "config.yaml")  # weights only: no opt-in
     io = load_file(FIXTURES / spec["files"]["io"])
     assert_fp32_close(_run(model, io, "grid10x16"), io["out_latent__grid10x16"])
 

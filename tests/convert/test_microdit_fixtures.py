@@ -114,7 +114,7 @@ def _check_block(block, expected: dict) -> None:
 @pytest.mark.parametrize("form", ["state_dict", "latent_diffusion", "composer", "pt", "safetensors", "yaml_config"])
 def test_checkpoint_formats(form, tmp_path):
     """A released-style ``{"state_dict": ...}``, a LatentDiffusion state dict (``dit.`` keys beside the VAE's), a
-    Composer checkpoint's dict, a ``.pt`` file (with ``allow_pickle``), a safetensors file, and the config as a YAML
+    Composer checkpoint's dict, a ``.pt`` file (read weights-only), a safetensors file, and the config as a YAML
     file all load the same network."""
     import yaml
 
@@ -128,9 +128,7 @@ def test_checkpoint_formats(form, tmp_path):
         checkpoint = {"state": {"model": {f"dit.{k}": v for k, v in state.items()}, "optimizers": {}}, "rng": []}
     elif form == "pt":  # the released files: a plain DiT state dict saved by torch.save
         torch.save(state, tmp_path / "dit.pt")
-        with pytest.raises(ValueError, match="is a pickle checkpoint"):
-            load_original_microdit(tmp_path / "dit.pt", config)
-        checkpoint, allow_pickle = tmp_path / "dit.pt", True
+        checkpoint = tmp_path / "dit.pt"  # weights only: read with weights_only=True, no allow_pickle opt-in
     elif form == "safetensors":
         save_file(state, tmp_path / "dit.safetensors")
         checkpoint = tmp_path / "dit.safetensors"

@@ -93,16 +93,13 @@ def test_fixture_matches_original(pairs, case, variant):
 
 
 @needs_fixtures
-def test_original_pth_needs_allow_pickle(tmp_path):
-    """A released ``.pth`` (``{"state_dict": ...}``) loads only with ``allow_pickle=True``, as PixArt's do."""
+def test_original_pth_loads_weights_only(tmp_path):
+    """A released ``.pth`` (``{"state_dict": ...}``) holds weights only: it reads with ``weights_only=True``, no
+    ``allow_pickle`` opt-in."""
     spec = CASES["alpha_512_control"]
     path = tmp_path / "PixArt-XL-2-512-ControlNet.pth"
     torch.save({"state_dict": load_file(FIXTURES / spec["files"]["state"])}, path)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_original_pixart_controlnet(path, sample_size=16, attention_head_dim=12)
-    transformer, adapter = load_original_pixart_controlnet(
-        path, sample_size=16, attention_head_dim=12, allow_pickle=True
-    )
+    transformer, adapter = load_original_pixart_controlnet(path, sample_size=16, attention_head_dim=12)
     assert adapter.positions == [0] and transformer.config.num_layers == 3
     io = load_file(FIXTURES / spec["files"]["io"])
     assert_fp32_close(_run(transformer.eval(), adapter.eval(), io, "grid8x8"), io["out__grid8x8"])

@@ -1,5 +1,7 @@
 """Original PixArt checkpoints: built here from a diffusers model by the documented key table, then converted."""
 
+import argparse
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -52,13 +54,19 @@ def test_null_caption_is_the_learned_embedding(tmp_path):
         model.null_caption(1, 20)
 
 
-def test_pickle_original_needs_opt_in(tmp_path):
+def test_pickle_original_of_weights_loads_and_one_that_needs_code_needs_the_opt_in(tmp_path):
+    """A released .pth ({"state_dict": ...}) reads weights-only, no opt-in; a training checkpoint that pickles a
+    class (here its argparse Namespace) is refused without allow_pickle=True, and read in full with it."""
     reference, _ = diffusers_and_ours(CONFIGS["sigma"])
-    path = tmp_path / "PixArt.pth"
-    torch.save({"state_dict": original_state_dict(reference)}, path)
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        load_original_pixart(path, sample_size=8, attention_head_dim=12)
-    assert load_original_pixart(path, sample_size=8, attention_head_dim=12, allow_pickle=True).config.num_layers == 2
+    state = original_state_dict(reference)
+    released, training = tmp_path / "PixArt.pth", tmp_path / "epoch_1.pth"
+    torch.save({"state_dict": state}, released)
+    assert load_original_pixart(released, sample_size=8, attention_head_dim=12).config.num_layers == 2
+    torch.save({"state_dict": state, "state_dict_ema": state, "args": argparse.Namespace(lr=1e-4)}, training)
+    with pytest.raises(ValueError, match="argparse.Namespace.*allow_pickle=True"):
+        load_original_pixart(training, sample_size=8, attention_head_dim=12)
+    model = load_original_pixart(training, sample_size=8, attention_head_dim=12, allow_pickle=True, use_ema=True)
+    assert model.config.num_layers == 2
 
 
 def test_unknown_key_is_named():

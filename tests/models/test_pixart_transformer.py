@@ -1,5 +1,6 @@
 """PixArtTransformer beyond parity: bad input, strict loading, position cache, checkpointing, LoRA, backends."""
 
+import argparse
 import warnings
 
 import pytest
@@ -69,24 +70,27 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     assert "unexpected key(s): transformer_blocks.0.extra.weight" in message
 
 
-def test_pickle_folder_needs_opt_in(tmp_path):
+def test_pickle_only_folder_loads_weights_only_as_diffusers(tmp_path):
+    """A folder with .bin weights only loads as diffusers loads it: torch.load(weights_only=True), no opt-in."""
     model = _model()
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
     (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
-    with pytest.raises(ValueError, match="only pickle weights .*allow_pickle=True"):
-        PixArtTransformer.from_pretrained(tmp_path)
-    loaded = PixArtTransformer.from_pretrained(tmp_path, allow_pickle=True)
-    assert torch.equal(loaded.proj_out.weight, model.proj_out.weight)
+    loaded = PixArtTransformer.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(FutureWarning, match="allow_pickle=True.*no longer needed"):
+        PixArtTransformer.from_pretrained(tmp_path, allow_pickle=True)
 
 
-def test_pickle_file_needs_opt_in(tmp_path):
-    path = tmp_path / "model.pth"
-    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
-    with pytest.raises(ValueError, match="pickle checkpoint.*allow_pickle=True"):
-        load_state_dict_file(path)
-    assert torch.equal(load_state_dict_file(path, allow_pickle=True)["w"], torch.ones(2))
+def test_pickle_file_of_weights_loads_and_one_that_needs_code_needs_the_opt_in(tmp_path):
+    weights, training = tmp_path / "model.pth", tmp_path / "training.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, weights)
+    assert torch.equal(load_state_dict_file(weights)["w"], torch.ones(2))  # weights only: no opt-in
+    torch.save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-4)}, training)
+    with pytest.raises(ValueError, match="argparse.Namespace.*allow_pickle=True"):
+        load_state_dict_file(training)  # a pickled class: weights_only cannot read it
+    assert torch.equal(load_state_dict_file(training, allow_pickle=True)["w"], torch.ones(2))
 
 
 def test_pickle_written_only_on_explicit_opt_in_with_a_warning(tmp_path):

@@ -1,5 +1,6 @@
 """save_pretrained's options on every model class (variant, max_shard_size, safe_serialization) and from_pretrained
-reading them back: variants beside the main weights, sharded folders, pickle only on an explicit opt-in."""
+reading them back: variants beside the main weights, sharded folders, pickle read weights-only as diffusers
+reads it."""
 
 import inspect
 import json
@@ -67,20 +68,20 @@ def test_variant_shards_and_pickle_round_trip(tmp_path, name):
 
     _assert_same_weights(cls.from_pretrained(tmp_path), main.float())
     _assert_same_weights(cls.from_pretrained(tmp_path, variant="bf16", torch_dtype=torch.bfloat16), other)
-    with pytest.raises(ValueError, match="only pickle weights of variant 'pkl'.*allow_pickle=True"):
-        cls.from_pretrained(tmp_path, variant="pkl")
-    _assert_same_weights(cls.from_pretrained(tmp_path, variant="pkl", allow_pickle=True, torch_dtype=torch.bfloat16),
-                         other)  # fmt: skip
+    # pickle weights read back weights-only, as diffusers reads them: no opt-in
+    _assert_same_weights(cls.from_pretrained(tmp_path, variant="pkl", torch_dtype=torch.bfloat16), other)
 
 
-def test_use_safetensors_false_needs_the_pickle_opt_in(tmp_path):
-    model = _backbone("pixart")
+def test_use_safetensors_false_reads_the_pickle_weights_weights_only(tmp_path):
+    model, other = _backbone("pixart", seed=0), _backbone("pixart", seed=1)
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="pickle"):
-        model.save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises(ValueError, match="use_safetensors=False reads pickle.*allow_pickle=True"):
-        PixArtTransformer.from_pretrained(tmp_path, use_safetensors=False)
-    _assert_same_weights(PixArtTransformer.from_pretrained(tmp_path, use_safetensors=False, allow_pickle=True), model)
+        other.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    for file in (tmp_path / "bin").iterdir():  # a folder holding both formats, with different weights
+        if file.suffix == ".bin":
+            file.rename(tmp_path / file.name)
+    _assert_same_weights(PixArtTransformer.from_pretrained(tmp_path), model)  # safetensors first
+    _assert_same_weights(PixArtTransformer.from_pretrained(tmp_path, use_safetensors=False), other)
 
 
 def test_sharded_folder_stays_strict(tmp_path):

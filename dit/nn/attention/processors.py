@@ -1,6 +1,6 @@
 """Attention processors of :class:`~dit.nn.attention.DiTAttention`, in diffusers' processor protocol.
 
-:class:`DiTAttnProcessor` is the default: it runs the toolkit's kernels (softmax backends, ReLU linear attention, KV
+:class:`DiTAttnProcessor` is the default (:class:`FusedDiTAttnProcessor` once the projections are fused): it runs the toolkit's kernels (softmax backends, ReLU linear attention, KV
 compression, value convolution, QK-norm, rotary embedding) on masks already in the kernel's format. Any other processor
 (diffusers' ``AttnProcessor2_0``, PAG's identity processors, a user's) is called the way diffusers' ``Attention``
 calls it: ``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=<(B, 1, Lk) additive bias>,
@@ -159,6 +159,12 @@ class DiTAttnProcessor:
         if attn.dwc is not None:
             out = _add_value_conv(attn, out, values, mask, grid)  # (B, N, C)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class FusedDiTAttnProcessor(DiTAttnProcessor):
+    """:class:`DiTAttnProcessor` on fused projections: what ``fuse_qkv_projections()`` sets. The computation is the
+    same (:func:`project_qkv` makes one product whenever the module is fused); the name says the state, as the
+    names of diffusers' fused processors do (``FusedAttnProcessor2_0``: diffusers' tests look for the prefix)."""
 
 
 def project_qkv(
