@@ -11,6 +11,7 @@ from .lazy import lazy_exports
 from .pipelines.registration import register_when_imported
 
 register_when_imported()
+register_when_imported("diffusers.pipelines")  # where diffusers' test helpers look a pipeline class up by name
 
 
 class _TorchvisionFallbackFilter(logging.Filter):
