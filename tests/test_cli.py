@@ -23,19 +23,9 @@ from tests.tiny import TINY, make_features, tiny_encoders
 PROMPT = "a large red circle on the left, on a white background"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad value was refused")
-
-    monkeypatch.setattr(TextToImagePipeline, "from_pretrained", refuse)
+def model(tiny_pipeline_folder):
+    return tiny_pipeline_folder
 
 
 BAD_GENERATE = {

@@ -5,8 +5,6 @@ import pytest
 from PIL import Image
 
 from dit.cli import main as cli_main
-from dit.pipelines import ClassToImagePipeline, TextToImagePipeline
-from dit.tiny import tiny_pipeline
 from tests.tiny import class_pipeline
 
 PROMPT = "a large red circle on the left, on a white background"
@@ -19,20 +17,9 @@ def class_model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text-model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad value was refused")
-
-    for cls in (ClassToImagePipeline, TextToImagePipeline):
-        monkeypatch.setattr(cls, "from_pretrained", refuse)
+def text_model(tiny_pipeline_folder):
+    return tiny_pipeline_folder
 
 
 def _generate(model, out, *argv):
