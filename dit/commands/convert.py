@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     family = FAMILIES[args.family]
     args.set = dict(args.set)
     with as_usage_error(*SETUP_ERRORS):
-        if args.set and args.family not in ("fit", "microdit"):
-            raise UsageError(f"--set is for fit and microdit; for {args.family}, give the options with --config.")
+        check_options(args)
         check_out(args.out)
         options = read_config(args.config, required=family.needs_config, family=args.family)
         components = family.load(args.checkpoint, options, args)
@@ -94,6 +93,22 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, yaml.safe_load(value)
+
+
+#: options that apply to some families only: (families, what to do instead)
+FAMILY_OPTIONS = {
+    "set": (("fit", "microdit"), "give the options with --config"),
+    "transformer": (("pixart-controlnet",), "leave it out: the checkpoint holds the whole model"),
+    "ema": (("pixart", "pixart-controlnet"), "the released checkpoint holds one set of weights"),
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """An option given to a family it does not apply to is an error, not silently ignored."""
+    for name, (families, instead) in FAMILY_OPTIONS.items():
+        if getattr(args, name) and args.family not in families:
+            flag = "--" + name
+            raise UsageError(f"{flag} is for {' and '.join(families)}; for {args.family}, {instead}.")
 
 
 def check_out(out: Path) -> None:

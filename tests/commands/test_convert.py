@@ -109,6 +109,8 @@ def test_research_controlnet_on_the_base_pipeline(tmp_path, base):
         (["pixart", "CKPT", "FULL"], "not an empty folder"),
         (["pixart", "CKPT", "nowhere/OUT"], "does not exist"),
         (["pixart", "CKPT", "OUT", "--set", "sample_size=8"], "--set is for fit and microdit"),
+        (["pixart", "CKPT", "OUT", "--transformer", "base"], "--transformer is for pixart-controlnet"),
+        (["fit", "CKPT", "OUT", "--ema"], "--ema is for pixart and pixart-controlnet"),
         (["pixart-controlnet", "CKPT", "OUT"], "Not a PixArt-δ ControlNet checkpoint"),
     ],
 )
