@@ -10,6 +10,7 @@ from dit.lazy import lazy_exports
 _EXPORTS = {
     "ClassToImagePipeline": ".class_to_image",
     "ControlNetPipeline": ".controlnet",
+    "LowMemoryConfig": ".low_memory",
     "TextToImagePipeline": ".text_to_image",
     "load_lcm": ".lcm",
     "save_lcm": ".lcm",

@@ -20,7 +20,8 @@ from diffusers.utils import logging
 
 from ..checkpoint import CheckpointKeyError
 from ..models import MultiControlNetAdapter
-from ..models.strict_io import StrictIOMixin, refuse_variant_only_folder, variant_files
+from ..models.strict_io import StrictIOMixin, refuse_variant_only_folder, saved_quant_method, variant_files
+from ..quantization import check_dtype, check_quantized, component_quantization
 
 #: What every noise-prediction scheduler implements.
 NOISE_PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -56,6 +57,12 @@ def pipeline_folder(path: str | os.PathLike) -> Path:
     )
 
 
+def folder_components(folder: str | os.PathLike) -> list[str]:
+    """The component names ``model_index.json`` of the pipeline ``folder`` lists (``transformer``, ``vae``, ...)."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return [name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, (list, tuple))]
+
+
 # ----- components -----------------------------------------------------------------------------------------------
 def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
     """The weighted components of the pipeline in ``folder`` that diffusers would load leniently, each loaded with
@@ -79,7 +86,8 @@ def strict_components(folder: str | os.PathLike, kwargs: dict) -> dict:
 
 
 def load_component(cls: type, folder: Path, name: str, kwargs: dict):
-    """``cls.from_pretrained(folder)`` with its loading report; raises on missing or unexpected keys."""
+    """``cls.from_pretrained(folder)`` with its loading report (quantized as ``kwargs["quantization_config"]`` asks
+    for component ``name``); raises on missing or unexpected keys."""
     options = {key: kwargs[key] for key in COMPONENT_KWARGS if kwargs.get(key) is not None}
     if "variant" not in options:
         refuse_variant_only_folder(folder)
@@ -88,12 +96,18 @@ def load_component(cls: type, folder: Path, name: str, kwargs: dict):
     dtype = component_dtype(kwargs, name)
     if _is_transformers_model(cls):  # transformers has no diffusers-only options
         options = {key: value for key, value in options.items() if key in ("variant", "use_safetensors")}
+    elif saved_quant_method(folder) == "quanto":  # quanto's CPU int8 kernel segfaults on memory-mapped weights
+        options["disable_mmap"] = True
     options["dtype"] = dtype  # diffusers >= 0.42 and transformers name it dtype (torch_dtype is deprecated)
+    quantization = component_quantization(kwargs.get("quantization_config"), name, not _is_transformers_model(cls))
+    if quantization is not None:  # as diffusers resolves a PipelineQuantizationConfig for each component
+        check_dtype(quantization, dtype, name)
+        options["quantization_config"] = quantization
     model, info = cls.from_pretrained(folder, output_loading_info=True, **options)
     missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
     if missing or unexpected:
         raise CheckpointKeyError(missing, unexpected, where=f"{name} at {str(folder)!r}")
-    return model
+    return check_quantized(model)
 
 
 def _lenient_model_class(library: str, class_name: str) -> type | None:

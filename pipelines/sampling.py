@@ -13,10 +13,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.base import compile_repeated_blocks
 from ..models.capabilities import capability
+from ..quantization import check_components
 from .callbacks import StepCallbacks
 from .checks import MAX_IMAGE_TOKENS, SamplingValueError, check_guidance_channels, check_image_tokens
 from .guidance import classifier_free_guidance
-from .loading import has_scheduler, local_folder, strict_components
+from .loading import folder_components, has_scheduler, local_folder, strict_components
+from .low_memory import LowMemoryConfig, LowMemoryMixin, low_memory_config, low_memory_load_kwargs
 from .resolution import flow_shift_mu, sampling_size
 from .schedulers import initial_noise_sigma
 
@@ -28,7 +30,7 @@ VARIANCE_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler")
 LEARNED_VARIANCES = ("learned", "learned_range")
 
 
-class LatentSamplingMixin:
+class LatentSamplingMixin(LowMemoryMixin):
     """The condition-free parts of a latent diffusion pipeline with one of the toolkit's transformers.
 
     Put before ``DiffusionPipeline`` among the bases (its :meth:`from_pretrained` extends diffusers'). Expects
@@ -40,7 +42,14 @@ class LatentSamplingMixin:
     max_image_tokens: int = MAX_IMAGE_TOKENS
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, strict: bool = True, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        strict: bool = True,
+        low_memory: bool | LowMemoryConfig = False,
+        **kwargs,
+    ):
         """diffusers' ``DiffusionPipeline.from_pretrained``, strict by default: a component whose checkpoint misses
         a key of the model, or holds one the model does not have, is a
         :class:`~dit.checkpoint.CheckpointKeyError` listing them (diffusers would only warn and leave those weights
@@ -50,8 +59,19 @@ class LatentSamplingMixin:
         only the toolkit's own models (always strict) are checked. The folder's ``sampling_defaults.json`` becomes
         the pipeline's :attr:`sampling_defaults`. A folder without ``scheduler/`` samples with the scheduler its
         transformer's config records (as ``scheduler=None``).
+
+        ``quantization_config`` (diffusers' ``PipelineQuantizationConfig``, e.g.
+        :func:`~dit.quantization.quantization_config`) quantizes the components it names, the text encoder
+        too; naming a component the folder does not have is an error. ``low_memory=True`` (or a
+        :class:`~dit.pipelines.low_memory.LowMemoryConfig`) loads and runs with the low-memory preset
+        (:mod:`dit.pipelines.low_memory`).
         """
         folder = local_folder(pretrained_model_name_or_path, kwargs)
+        components = folder_components(folder)
+        check_components(kwargs.get("quantization_config"), components)
+        preset = low_memory_config(low_memory)
+        if preset is not None:
+            kwargs = low_memory_load_kwargs(preset, kwargs, components)
         if "scheduler" not in kwargs and not has_scheduler(folder):
             kwargs["scheduler"] = None  # the transformer's own (__init__): what its config records it predicts
         if not strict or kwargs.get("device_map") is not None:
@@ -59,7 +79,7 @@ class LatentSamplingMixin:
         else:
             pipe = super().from_pretrained(folder, **{**strict_components(folder, kwargs), **kwargs})
         pipe.record_sampling_defaults(folder)
-        return pipe
+        return pipe if preset is None else pipe.enable_low_memory(preset)
 
     def _set_image_processor(self, vae) -> None:
         """``vae_scale_factor`` (8 without a VAE) and the image processor, from the VAE."""

@@ -103,7 +103,8 @@ class TextToImagePipeline(
         # a transformer that reads every token without a mask (MicroDiT) was trained on features encoded without one
         encoder_mask = mask if capability(self.transformer, "uses_text_mask") else None
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=encoder_mask)[0]  # (B, L, C)
-        return embeds.to(self.text_encoder.dtype), mask
+        # in the transformer's dtype (the low-memory preset: a bf16 text encoder, an fp16 model) where there is one
+        return embeds.to((self.transformer or self.text_encoder).dtype), mask
 
     def encode_prompt(
         self,

@@ -119,21 +119,31 @@ BACKBONES = {name: tiny_backbone(f"tiny-{name}") for name in ("pixart", "lit", "
 FORWARD_VARIANTS = ["alpha-mask", "sigma-mask", "sigma-kv", "lit", "fit-mixed", "microdit-masked"]
 
 
-def variant_model(name: str) -> torch.nn.Module:
-    """A tiny model of backbone variant ``name`` (see :data:`FORWARD_VARIANTS`), fp32, on the CPU."""
+def variant_model(name: str, head_dim: int | None = None) -> torch.nn.Module:
+    """A tiny model of backbone variant ``name`` (see :data:`FORWARD_VARIANTS`), fp32, on the CPU; ``head_dim``
+    overrides the attention head width (and the text width that follows it)."""
     torch.manual_seed(0)
+
+    def config(base: dict) -> dict:
+        if head_dim is None:
+            return dict(base)
+        width = (
+            {"cross_attention_dim": base["num_attention_heads"] * head_dim} if "cross_attention_dim" in base else {}
+        )
+        return {**base, "attention_head_dim": head_dim, **width}
+
     if name == "alpha-mask":
-        return PixArtTransformer(**ALPHA).eval()
+        return PixArtTransformer(**config(ALPHA)).eval()
     if name == "sigma-mask":
-        return PixArtTransformer(**SIGMA).eval()
+        return PixArtTransformer(**config(SIGMA)).eval()
     if name == "sigma-kv":
-        return PixArtTransformer(**SIGMA, kv_compress_ratio=2, kv_compress_layers=[0, 1]).eval()
+        return PixArtTransformer(**config(SIGMA), kv_compress_ratio=2, kv_compress_layers=[0, 1]).eval()
     if name == "lit":
-        return LiTTransformer(**SIGMA).eval()
+        return LiTTransformer(**config(SIGMA)).eval()
     if name == "fit-mixed":
-        return FiTTransformer(**FIT).eval()
+        return FiTTransformer(**config(FIT), **({"adaln_lora_dim": 16} if head_dim else {})).eval()
     if name == "microdit-masked":
-        return MicroDiTTransformer(**preset_config("tiny-microdit")).train()
+        return MicroDiTTransformer(**config(preset_config("tiny-microdit"))).train()
     raise KeyError(name)
 
 

@@ -54,7 +54,11 @@ def add_parser(commands) -> None:
     gen.add_argument("--width", type=int)
     gen.add_argument("--seed", type=int, default=0, help="image k is drawn with seed SEED + k (default: 0)")
     gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="fp32 (default), bf16 or fp16; with --low-memory "
+                     "bf16 (default) or fp16")  # fmt: skip
+    gen.add_argument("--low-memory", action="store_true", help="the low-memory preset (PixArt-delta's 8-bit "
+                     "inference): int8 text encoder, half-precision transformer and VAE, model CPU offload on a GPU, "
+                     "VAE tiling above 1024 px")  # fmt: skip
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks first "
                      "(regional: seconds to compile, then faster steps on a GPU)")  # fmt: skip
     gen.set_defaults(func=run, user_errors=usage_errors)
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     with as_usage_error(*SETUP_ERRORS):
         classes = read_class_labels(args.class_labels)
         check_sampling_args(args)
+        args.dtype = _dtype(args.dtype, args.low_memory)
         check_output(args.output)
         device = resolve_device(args.device)
         folder = model_folder(args.model)
@@ -90,7 +95,7 @@ def _text_setup(folder: Path, args: argparse.Namespace, device: str, classes: li
     lcm = args.lcm_folder or (default_lcm() if args.lcm else None)
     if lcm is not None:
         _check_lcm_folder(lcm)
-    pipe = _load_pipeline(folder, lcm, args.dtype, device)
+    pipe = _load_pipeline(folder, lcm, args.dtype, device, args.low_memory)
     if lcm is not None:
         _check_lcm_guidance(pipe, args.guidance)
     return pipe, prompts, prompts
@@ -110,7 +115,11 @@ def _class_setup(folder: Path, args: argparse.Namespace, device: str, classes: l
         raise UsageError(f"{', '.join(given)}: {folder} is a class-conditional model; these apply to text models.")
     labels = ClassLabels.from_folder(folder)
     ids = labels.ids([labels.parse(value) for value in classes])
-    pipe = ClassToImagePipeline.from_pretrained(folder, dtype=getattr(torch, DTYPES[args.dtype]))
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if args.low_memory:
+        pipe = ClassToImagePipeline.from_pretrained(folder, low_memory=_preset(dtype, device))
+        return pipe, ids, [labels.describe(i) for i in ids]
+    pipe = ClassToImagePipeline.from_pretrained(folder, dtype=dtype)
     return pipe.to(device), ids, [labels.describe(i) for i in ids]
 
 
@@ -123,16 +132,39 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{k}{output.suffix or '.png'}") for k in range(count)]
 
 
-def _load_pipeline(folder: Path, lcm: Path | None, dtype: str, device: str):
-    """The pipeline in ``folder`` (with the LCM student of ``lcm``), strict, in ``dtype`` on ``device``."""
+def _load_pipeline(folder: Path, lcm: Path | None, dtype: str, device: str, low_memory: bool = False):
+    """The pipeline in ``folder`` (with the LCM student of ``lcm``), strict, in ``dtype`` on ``device``; with
+    ``low_memory`` loaded and run with the low-memory preset (offload onto ``device`` once the student is in)."""
+    import dataclasses
+
     import torch
 
     from dit.pipelines import TextToImagePipeline, load_lcm
 
-    pipe = TextToImagePipeline.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]))
+    dtype = getattr(torch, DTYPES[dtype])
+    preset = _preset(dtype, device) if low_memory else None
+    options = {"low_memory": dataclasses.replace(preset, offload=False)} if low_memory else {"dtype": dtype}
+    pipe = TextToImagePipeline.from_pretrained(folder, **options)
     if lcm is not None:
         load_lcm(pipe, lcm)
-    return pipe.to(device)
+    return pipe.enable_low_memory(preset) if low_memory else pipe.to(device)
+
+
+def _dtype(dtype: str | None, low_memory: bool) -> str:
+    """``--dtype``, fp32 when left out (bf16 with ``--low-memory``, which runs in half precision only)."""
+    if dtype is None:
+        return "bf16" if low_memory else "fp32"
+    if low_memory and dtype == "fp32":
+        raise UsageError("--low-memory runs the transformer in half precision: use --dtype bf16 or fp16, or leave "
+                         "--dtype out (bf16).")  # fmt: skip
+    return dtype
+
+
+def _preset(dtype, device: str):
+    """The low-memory preset in ``dtype``, offloading onto ``device`` (nothing to offload on the CPU)."""
+    from dit.pipelines.low_memory import LowMemoryConfig
+
+    return LowMemoryConfig(dtype=dtype, device=device)
 
 
 def _check_lcm_folder(lcm: Path) -> None:

@@ -14,6 +14,7 @@ from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, _add_variant
 from safetensors import safe_open
 
 from ..checkpoint import CheckpointKeyError, check_keys, restore_default_permissions
+from ..quantization import check_dtype, check_quantized
 
 
 class StrictIOMixin:
@@ -69,10 +70,14 @@ class StrictIOMixin:
             refuse_variant_only_folder(folder)
         if strict:
             check_shards(path, kwargs.get("subfolder"), kwargs.get("variant"))
+        check_dtype(kwargs.get("quantization_config"), kwargs.get("dtype", kwargs.get("torch_dtype")), cls.__name__)
+        if saved_quant_method(folder) == "quanto":  # quanto's CPU int8 kernel segfaults on memory-mapped weights
+            kwargs["disable_mmap"] = True  # also when diffusers' pipeline loader passes disable_mmap=False
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         if strict and (info["missing_keys"] or info["unexpected_keys"]):
             raise CheckpointKeyError(info["missing_keys"], info["unexpected_keys"], where=f"checkpoint at {path!r}")
+        check_quantized(model)  # a layer quanto would crash the process on is an error now
         return (model, info) if want_info else model
 
     def save_pretrained(
@@ -116,6 +121,18 @@ class StrictIOMixin:
         )
         if is_main_process:
             restore_default_permissions(save_directory)  # safetensors writes 0o600
+
+
+def saved_quant_method(folder: str | os.PathLike) -> str | None:
+    """The quantization method (``"torchao"``, ``"quanto"``, ...) that the model folder's ``config.json`` records
+    its weights were saved with; None for plain weights or a folder without a readable config."""
+    try:
+        with open(os.path.join(folder, "config.json")) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
 
 
 def variant_files(files: list[str], variant: str | None) -> list[str]:

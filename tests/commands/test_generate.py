@@ -2,6 +2,7 @@
 class given to a text model, a prompt given to a class model and an unknown label are one error line before loading."""
 
 import pytest
+import torch
 from PIL import Image
 
 from dit.cli import main as cli_main
@@ -87,3 +88,25 @@ def test_guidance_channels_reach_a_text_model(text_model, tmp_path):
     assert _generate(text_model, tmp_path / "o.png", PROMPT, "--guidance-channels", "3") == 0
     assert _generate(text_model, tmp_path / "all.png", PROMPT) == 0
     assert Image.open(tmp_path / "o.png").tobytes() != Image.open(tmp_path / "all.png").tobytes()
+
+
+@pytest.mark.parametrize("model", ["text", "class"])
+def test_low_memory_draws_with_the_preset(text_model, class_model, tmp_path, monkeypatch, model):
+    pytest.importorskip("torchao", reason="the preset's 8-bit text encoder needs the [quantization] extra")
+    from dit.pipelines.sampling import LatentSamplingMixin
+
+    presets = []
+    enable = LatentSamplingMixin.enable_low_memory
+    monkeypatch.setattr(
+        LatentSamplingMixin, "enable_low_memory", lambda self, c=True, **o: presets.append(c) or enable(self, c, **o)
+    )
+    folder, condition = (text_model, [PROMPT]) if model == "text" else (class_model, ["--class", "1"])
+    assert _generate(folder, tmp_path / "o.png", *condition, "--low-memory") == 0
+    assert presets and presets[-1].dtype is torch.bfloat16 and presets[-1].offload  # offload: on the CPU, a no-op
+    assert _generate(folder, tmp_path / "h.png", *condition, "--low-memory", "--dtype", "fp16") == 0
+    assert presets[-1].dtype is torch.float16
+
+
+def test_low_memory_in_fp32_is_refused_before_loading(text_model, no_loading, tmp_path, capsys):
+    assert _generate(text_model, tmp_path / "o.png", PROMPT, "--low-memory", "--dtype", "fp32") == 2
+    assert "--low-memory runs the transformer in half precision" in _error(capsys)
