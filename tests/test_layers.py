@@ -18,6 +18,7 @@ LAYERS = {
     "dit.errors": 0,  # one-line errors of the commands (stdlib only)
     "dit.lazy": 0,  # lazy package attributes (stdlib only)
     "dit.configs": 0,  # the shipped YAML configs (data)
+    "dit.quantization": 0,  # quantized weights: schemes, configs, checks (torch, diffusers, transformers only)
     "dit.models": 1,  # backbones, ControlNet adapters, the pixel autoencoder
     "dit.convert": 2,  # original-checkpoint conversion
     "dit.pipelines": 3,  # diffusers pipelines
