@@ -85,7 +85,7 @@ def forward_part(args, peak_tflops: float) -> dict:
         reference, ours = _pair(config, device, dtype)
         for mode in modes:
             if mode == "compiled":
-                options = {"backend": args.compile_backend}
+                options = {"backend": args.compile_backend, "dynamic": False}  # one static graph per shape
                 compile_repeated_blocks(ours, fullgraph=True, **options)
                 compile_diffusers_blocks(reference, **options)
             for size in sizes:

@@ -113,7 +113,7 @@ class ClassToImagePipeline(SamplingDefaultsMixin, CallStateMixin, LatentSampling
         if guided:
             labels = torch.cat([torch.full_like(labels, self.null_class), labels])  # (2B,)
         extra = {"guidance": self.guidance_scale} if self.guidance_embedded else {}
-        pred = self.transformer(model_in, timestep=timestep, class_labels=labels, return_dict=False, **extra)[0]
+        pred = self.call_transformer(model_in, timestep=timestep, class_labels=labels, **extra)
         return self.guided_prediction(pred, latents.shape[1], guided)
 
     @torch.no_grad()

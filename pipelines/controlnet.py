@@ -217,28 +217,44 @@ class ControlNetPipeline(TextToImagePipeline):
         per_prompt: int,
         encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> Iterator[None]:
-        """While sampling, every transformer call gets ``block_controls`` for the adapters active at that step."""
+        """While sampling, every denoiser call (:meth:`denoiser_inputs`) gets the adapters active at that step, their
+        scales and control latents."""
         state = {"step": 0, "latents": {}}
 
-        def add_controls(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+        def add_controls(kwargs: dict) -> dict:
+            hidden = kwargs["hidden_states"]
             step, total = state["step"], max(1, len(self.scheduler.timesteps))
             state["step"] += 1
             active = [k for k in range(len(windows)) if scales[k] != 0 and _in_window(step, total, *windows[k])]
             if not active:
-                return None
+                return kwargs
             latents = [
                 self._control_latents(k, images[k], hidden, per_prompt, state["latents"], encode) for k in active
             ]
-            adapters = [self.adapters[k] for k in active]
-            kwargs["block_controls"] = block_controls(module, adapters, latents, [scales[k] for k in active])
-            return args, kwargs
+            scaled = tuple(float(scales[k]) for k in active)
+            controls = {"adapters": tuple(active), "scales": scaled, "latents": latents}
+            return {**kwargs, "controls": controls}
 
-        handle = self.transformer.register_forward_pre_hook(add_controls, with_kwargs=True)
+        self._add_controls = add_controls
         try:
             yield
         finally:
-            handle.remove()
+            self._add_controls = None
+
+    def denoiser_inputs(self, kwargs: dict) -> dict:
+        """The step's inputs plus ``controls``: the indices of the adapters active at this step, their scales
+        (part of a CUDA graph's key) and their control latents (B or 1, C, h, w) (static inputs of the graph)."""
+        add_controls = getattr(self, "_add_controls", None)
+        return kwargs if add_controls is None else add_controls(kwargs)
+
+    def denoiser_forward(self, hidden_states: torch.Tensor, controls: dict | None = None, **kwargs) -> torch.Tensor:
+        """The transformer's output with ``block_controls`` built from ``controls`` (see :meth:`denoiser_inputs`)."""
+        if controls is not None:
+            adapters = [self.adapters[k] for k in controls["adapters"]]
+            kwargs["block_controls"] = block_controls(
+                self.transformer, adapters, controls["latents"], list(controls["scales"])
+            )
+        return super().denoiser_forward(hidden_states, **kwargs)
 
     def _control_latents(
         self,

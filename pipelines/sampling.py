@@ -16,6 +16,7 @@ from ..models.capabilities import capability
 from ..quantization import check_components
 from .callbacks import StepCallbacks
 from .checks import MAX_IMAGE_TOKENS, SamplingValueError, check_guidance_channels, check_image_tokens
+from .cuda_graphs import CUDAGraphsMixin
 from .guidance import classifier_free_guidance
 from .loading import folder_components, has_scheduler, local_folder, strict_components
 from .low_memory import LowMemoryConfig, LowMemoryMixin, low_memory_config, low_memory_load_kwargs
@@ -30,7 +31,7 @@ VARIANCE_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler")
 LEARNED_VARIANCES = ("learned", "learned_range")
 
 
-class LatentSamplingMixin(LowMemoryMixin):
+class LatentSamplingMixin(CUDAGraphsMixin, LowMemoryMixin):
     """The condition-free parts of a latent diffusion pipeline with one of the toolkit's transformers.
 
     Put before ``DiffusionPipeline`` among the bases (its :meth:`from_pretrained` extends diffusers'). Expects
@@ -191,8 +192,9 @@ class LatentSamplingMixin(LowMemoryMixin):
     def denoise(self, state, timesteps, steps: int, predict, step_kwargs: dict, callbacks: StepCallbacks):
         """Run the scheduler over ``timesteps``: ``predict(state, t)`` gives the model output of each step, the
         scheduler steps ``state.latents``, then the callbacks run (:class:`~dit.pipelines.callbacks.StepCallbacks`).
-        A step-end callback that sets ``pipe._interrupt`` skips the remaining steps. Returns the final latents."""
-        with self.progress_bar(total=steps) as progress:
+        A step-end callback that sets ``pipe._interrupt`` skips the remaining steps. Returns the final latents.
+        With :meth:`enable_cuda_graphs`, ``predict``'s transformer calls replay CUDA graphs (:mod:`.cuda_graphs`)."""
+        with self.progress_bar(total=steps) as progress, self.cuda_graphs_session():
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -227,13 +229,16 @@ class LatentSamplingMixin(LowMemoryMixin):
     def compile_transformer(self, **compile_kwargs) -> int:
         """Compile the transformer's repeated blocks, and a ControlNet adapter's, in place (regional compilation, as
         diffusers' ``compile_repeated_blocks``): one graph shared by all blocks, compiled in seconds, reused at every
-        step. ``fullgraph=True`` unless given (a graph break is an error); other keyword arguments go to
-        ``torch.compile`` (``mode="max-autotune"``, ``backend=...``). Returns the number of blocks compiled.
+        step. ``fullgraph=True`` and ``dynamic=False`` unless given (a graph break is an error; each shape gets its
+        own static graph: torch's automatic dynamic shapes would compile the second shape it meets with symbolic
+        sizes, generic kernels and more guards, which made regional compile slower than eager on an H200); other
+        keyword arguments go to ``torch.compile`` (``mode="max-autotune"``, ``backend=...``). Returns the number of
+        blocks compiled.
 
         The text reaching the blocks is trimmed to a few fixed lengths (64, 128, ... tokens), so a new prompt length
         costs at most one recompilation per length bucket.
         """
-        compile_kwargs = {"fullgraph": True, **compile_kwargs}
+        compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         count = compile_repeated_blocks(self.transformer, **compile_kwargs)
         controlnet = getattr(self, "controlnet", None)
         if controlnet is not None:

@@ -215,15 +215,14 @@ class TextToImagePipeline(
         extra = {"guidance": self.guidance_scale} if self.guidance_embedded else {}
         if self.cross_attention_kwargs is not None:
             extra["cross_attention_kwargs"] = self.cross_attention_kwargs
-        pred = self.transformer(
+        pred = self.call_transformer(  # replayed from a CUDA graph with enable_cuda_graphs()
             model_in,
             encoder_hidden_states=embeds,
             encoder_attention_mask=mask if capability(self.transformer, "uses_text_mask") else None,
             timestep=timestep,
             added_cond_kwargs={k: None if v is None else v.repeat(batch, 1) for k, v in added.items()},
-            return_dict=False,
             **extra,
-        )[0]
+        )
         return self.guided_prediction(pred, latents.shape[1], guided)
 
     @torch.no_grad()

@@ -276,6 +276,9 @@ class TrainConfig:
     max_steps: int = 1000
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    # bf16: the model's trainable weights are bf16, cast once per step from fp32 masters that the optimizer steps (no
+    # per-op autocast casts of the weights); needs mixed_precision=bf16. fp32: fp32 weights, autocast casts them
+    mixed_precision_weights: str = "fp32"
     ema_decay: float | None = 0.9999
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
@@ -311,6 +314,7 @@ RANGES: dict[str, Range] = {
 CHOICES: dict[str, tuple] = {
     "optim.schedule": ("constant", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16", "fp8"),
+    "mixed_precision_weights": ("fp32", "bf16"),
     "report_to": ("auto", "tensorboard", "none"),
 }
 
@@ -423,6 +427,11 @@ def validate(config: TrainConfig) -> TrainConfig:
     check_ranges(config, RANGES)
     check_choices(config, CHOICES)
     validate_objective(config.objective)
+    if config.mixed_precision_weights == "bf16" and config.mixed_precision != "bf16":
+        raise ConfigError(
+            f"config.mixed_precision_weights=bf16 needs mixed_precision=bf16 (got {config.mixed_precision!r}): "
+            "autocast still runs the activations' casts and fp32 ops; the weights are bf16 already."
+        )
     if config.overwrite and config.resume:
         raise ConfigError(
             f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."

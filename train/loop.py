@@ -37,6 +37,7 @@ from .features.base import StepInputs, check_features, merge
 from .model_setup import build_backbone, build_features, check_base_objective, wrap_model
 from .objectives.build import build_objective
 from .optim import build_optimizer, lr_factor
+from .precision import MasterWeights, full_precision, master_weights
 from .run.checkpointing import METRICS, checkpoint_dir, truncate_metrics
 from .run.folder import RunFolder
 from .run.interrupts import InterruptGuard, TrainingInterrupted
@@ -57,6 +58,7 @@ class Trainer(RunFolder, RunOutputs):
     """
 
     interrupts: InterruptGuard | None = None  # while train() runs
+    masters: MasterWeights | None = None  # mixed_precision_weights=bf16: the fp32 masters of the bf16 weights
     stop_agreed = False  # set by each step in train(): every process stops after it (a signal reached one of them)
 
     def __init__(self, config: TrainConfig):
@@ -95,14 +97,17 @@ class Trainer(RunFolder, RunOutputs):
             compile_repeated_blocks(self.model, fullgraph=True, backend=config.compile_backend)
         check_base_objective(config, self.objective, frozen_base=any(f.freezes_base for f in self.features))
         self._load_data(config)
-        self.optimizer = build_optimizer(self.model, config, self.accelerator.device)
+        self.masters = master_weights(self.model, config, self.accelerator)  # bf16 compute weights: fp32 masters
+        masters = self.masters.masters if self.masters is not None else None
+        self.optimizer = build_optimizer(self.model, config, self.accelerator.device, masters)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, config))
         self.sharded = _check_engine(self.accelerator, config)
         # FSDP2 shards the model in place: the main process keeps a weightless copy to write full diffusers folders
         keep_twin = self.sharded and self.accelerator.is_main_process
         self.twin = copy.deepcopy(self.model).to("meta") if keep_twin else None
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self._prepare_beside_the_model(config)
+        with full_precision(self.masters):  # the EMA and a target network start from (and follow) the fp32 masters
+            self._prepare_beside_the_model(config)
         self.validator = None
         if config.validation.every:
             self.validator = Validator(config.validation, self.root, self.objective.sampling_scheduler())
@@ -269,21 +274,34 @@ class Trainer(RunFolder, RunOutputs):
                 self.accelerator.backward(loss / accumulate)
             losses.append(self.accelerator.gather(per_sample).float().mean())
         figures = [torch.stack(losses).mean()]
+        if self.masters is not None:
+            self.masters.grads_to_masters()  # the step's bf16 gradients, in fp32 on the masters
+        params = self.masters.masters if self.masters is not None else self.model.parameters()
         if self.config.optim.grad_clip is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            grad_norm = self.accelerator.clip_grad_norm_(params, self.config.optim.grad_clip)
             if is_sharded(grad_norm):  # FSDP2: a DTensor of per-shard partial norms, reduced on the device
                 grad_norm = grad_norm.full_tensor()
             figures.append(torch.as_tensor(grad_norm, device=figures[0].device).float())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.refresh()  # the bf16 compute weights from the stepped masters, in one multi-tensor copy
         if self.interrupts is not None:  # in train(): whether any process got SIGINT/SIGTERM, read with the figures
             stop = self.interrupts.flag(figures[0].device, self.accelerator.num_processes)
-            figures = figures + ([stop] if stop is not None else [])
-        values = torch.stack(figures).tolist()  # the step's one read on the host (loss and gradient norm together)
-        if self.interrupts is not None:
-            self.stop_agreed = bool(values.pop()) if stop is not None else self.interrupts.requested
-        return values[0], (values[1] if len(values) > 1 else None)
+            if stop is not None:
+                figures.append(stop)
+            else:
+                self.stop_agreed = self.interrupts.requested  # one process: its own flag, on the host
+        return torch.stack(figures)  # not read here: _read_figures reads it after the next step was launched
+
+    def _read_figures(self, figures: torch.Tensor) -> tuple[float, float | None]:
+        """A step's (loss, gradient norm) on the host: the step's one read (a sync on CUDA). Under several processes
+        the all-reduced interrupt flag read with them sets :attr:`stop_agreed`."""
+        values = figures.tolist()
+        if self.interrupts is not None and self.accelerator.num_processes > 1:  # InterruptGuard.flag's last figure
+            self.stop_agreed = bool(values.pop())
+        return values[0], (values[1] if self.config.optim.grad_clip is not None else None)
 
     # ----- the loop -----------------------------------------------------------------------------------------
     def train(self) -> list[float]:
@@ -317,9 +335,14 @@ class Trainer(RunFolder, RunOutputs):
         return self.interrupts.stop(self.step, report=self.accelerator.is_main_process)
 
     def _train(self) -> list[float]:
+        """The loop. Each step's loss is read on the host one step late, after the next step was launched (no host
+        sync per step on CUDA), so the progress bar and the log show it then; it is read at once before anything is
+        saved (a checkpoint, a validation grid, the stop of an interrupt, the end), so a non-finite loss stops the run
+        at its step before any weights updated from it are written."""
         cfg, acc = self.config, self.accelerator
         if cfg.resume:
-            self.resume(cfg.resume)
+            with full_precision(self.masters, writes=True):  # a checkpoint's fp32 weights load into the masters
+                self.resume(cfg.resume)
         accumulate = cfg.gradient_accumulation_steps
         batches = self._batches(self.step * accumulate, (cfg.max_steps - self.step) * accumulate)
         history: list[float] = []
@@ -329,29 +352,43 @@ class Trainer(RunFolder, RunOutputs):
         desc = f"train ({world} process{'es' if world > 1 else ''}, global batch {batch})"
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=desc)
         started = time.perf_counter()
-        while self.step < cfg.max_steps:
-            loss, grad_norm = self._optimizer_step(batches, accumulate)
+
+        def read(step: int, figures: torch.Tensor, lr: float) -> None:
+            """Step ``step``'s figures on the host: the NaN stop, the history, the progress bar and the log."""
+            nonlocal scale
+            loss, grad_norm = self._read_figures(figures)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"Loss is {loss} at step {self.step + 1}; stopping. {self._last_checkpoint()}")
-            self.step += 1
-            self._follow(acc.unwrap_model(self.model))
+                raise TrainingDiverged(f"Loss is {loss} at step {step}; stopping. {self._last_checkpoint()}")
             history.append(loss)
-            rate = (len(history)) / (time.perf_counter() - started)
+            rate = len(history) / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
             progress.update()
-            figures = {
-                "loss": loss,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "steps_per_s": rate,
-            }
-            scale = self._log_step(log, figures, scale)
+            record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "steps_per_s": rate}
+            scale = self._log_step(log, step, record, scale)
+
+        unread = None  # the last step's (step, figures on the device, lr), read after the next step is launched
+        while self.step < cfg.max_steps:
+            figures = self._optimizer_step(batches, accumulate)
+            self.step += 1
+            self._follow(acc.unwrap_model(self.model))
+            if unread is not None:
+                read(*unread)
+            unread = (self.step, figures, self.scheduler.get_last_lr()[0])
+            validating = self.validator is not None and (
+                self.step % cfg.validation.every == 0 or self.step == cfg.max_steps
+            )  # and at the last step: a run shorter than validation.every shows a grid too
+            saving = self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps
+            if self.stop_agreed or validating or saving:  # nothing is saved before its step's loss was read
+                read(*unread)
+                unread = None
             if self.stop_agreed:  # every process agreed on this step: save it and stop
                 raise self._stop(log, progress)
-            if self.validator is not None and (self.step % cfg.validation.every == 0 or self.step == cfg.max_steps):
-                self.validate()  # and at the last step: a run shorter than validation.every shows a grid too
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+            if validating:
+                self.validate()
+            if saving:
                 self.save_checkpoint()
+        if unread is not None:
+            read(*unread)
         progress.close()
         if log is not None:
             log.close()
@@ -367,42 +404,51 @@ class Trainer(RunFolder, RunOutputs):
         truncate_metrics(self.root, self.step)
         return (self.root / METRICS).open("a")
 
-    def _log_step(self, log, figures: dict, scale: dict) -> dict:
-        """On a logging step, write the step's record (``figures``, the features' and the model's stats, and
+    def _log_step(self, log, step: int, figures: dict, scale: dict) -> dict:
+        """On a logging step, write step ``step``'s record (``figures``, the features' and the model's stats, and
         ``scale`` once) to ``log`` and the tracker; returns the ``scale`` still to write."""
         cfg = self.config
-        if log is None or not (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+        if log is None or not (step % cfg.log_every == 0 or step == cfg.max_steps):
             return scale
-        record = {"step": self.step, **figures, **self._model_stats(), **scale}
+        record = {"step": step, **figures, **self._model_stats(step), **scale}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        self.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=self.step)
+        self.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
         return {}
 
     def _finish(self) -> None:
         """The end of a run: the features' exports, ``output_dir/pipeline`` and ``loss.png`` (main process), then the
         trackers."""
         if self.accelerator.is_main_process:
-            for feature in self.features:
-                feature.export(self)
-            if self.config.pipeline:
-                self.save_pipeline()
+            with full_precision(self.masters):  # the exports and the pipeline hold the fp32 masters
+                for feature in self.features:
+                    feature.export(self)
+                if self.config.pipeline:
+                    self.save_pipeline()
             save_loss_plot(self.root)
         self.accelerator.end_training()
 
     def _follow(self, model: torch.nn.Module) -> None:
-        """After an optimizer step: the EMA, then whatever the features keep, follow ``model`` (unwrapped)."""
-        if self.ema is not None:
-            self.ema.update(model)
-        for feature in self.features:
-            feature.after_optimizer_step(model)
+        """After an optimizer step: the EMA, then whatever the features keep, follow ``model`` (unwrapped; its fp32
+        masters when it computes in bf16)."""
+        with full_precision(self.masters):
+            if self.ema is not None:
+                self.ema.update(model)
+            for feature in self.features:
+                feature.after_optimizer_step(model)
 
-    def _model_stats(self) -> dict[str, float]:
-        """Extra figures to log: the features' (the masked share of the last step), and expert utilisation of MoE
-        models."""
+    def save_checkpoint(self) -> Path:
+        """:meth:`RunFolder.save_checkpoint <dit.train.run.folder.RunFolder.save_checkpoint>`; of the fp32 masters
+        when the model computes in bf16 (the same files as an fp32 run's: a resume continues exactly)."""
+        with full_precision(self.masters):
+            return super().save_checkpoint()
+
+    def _model_stats(self, step: int) -> dict[str, float]:
+        """Extra figures to log after step ``step``: the features' (the masked share of the step), and expert
+        utilisation of MoE models (of the last forward)."""
         stats = {}
         for feature in self.features:
-            stats.update(feature.stats(self.step))
+            stats.update(feature.stats(step))
         routing = getattr(self.accelerator.unwrap_model(self.model), "routing_stats", None)
         if routing is not None:
             stats.update({f"moe_{key}": value for key, value in routing().items()})
@@ -415,7 +461,7 @@ class Trainer(RunFolder, RunOutputs):
             return None
         model = acc.unwrap_model(self.model)
         context = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
-        with context:
+        with full_precision(self.masters), context:
             path, grid = self.validator.run(model, self.step)
         if "tensorboard" in [t.name for t in acc.trackers]:
             acc.get_tracker("tensorboard", unwrap=True).add_image("validation", grid, self.step, dataformats="HWC")

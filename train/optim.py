@@ -9,10 +9,18 @@ import torch
 from .config import ConfigError, TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, or bitsandbytes' 8-bit AdamW) over the parameters of ``model`` that train."""
+def build_optimizer(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    params: list[torch.nn.Parameter] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA: one kernel for the whole update, or bitsandbytes' 8-bit AdamW) over the parameters of
+    ``model`` that train, or over ``params`` (the fp32 masters of bf16 compute weights,
+    :class:`~dit.train.precision.MasterWeights`)."""
     cfg = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if cfg.use_8bit_adam:
         if not torch.cuda.is_available():
             raise ConfigError("optim.use_8bit_adam needs a CUDA GPU (bitsandbytes); set it to false on CPU.")

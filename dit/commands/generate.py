@@ -61,6 +61,9 @@ def add_parser(commands) -> None:
                      "VAE tiling above 1024 px")  # fmt: skip
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks first "
                      "(regional: seconds to compile, then faster steps on a GPU)")  # fmt: skip
+    gen.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call into a CUDA graph per "
+                     "image size and replay it at every step (no host overhead per step); on a CPU, with "
+                     "--low-memory's offload or a step cache it samples eagerly, with a warning")  # fmt: skip
     gen.set_defaults(func=run, user_errors=usage_errors)
 
 
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         pipe, conditions, names = setup(folder, args, device, classes)
     if args.compile:
         pipe.compile_transformer()
+    if args.cuda_graphs:
+        pipe.enable_cuda_graphs()
     paths = output_paths(args.output, len(conditions) * args.num_images)
     images = _draw(pipe, conditions, args, paths, SamplingValueError, class_model)
     for path, image, name in zip(paths, images, [n for n in names for _ in range(args.num_images)]):

@@ -41,11 +41,13 @@ def test_a_plain_run_leaves_bench_results_alone_and_out_writes_there(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_every_bench_that_writes_results_takes_out(script):
     """A script that writes a result file takes --out (common.add_out_argument, or its own --out for the GPU suite
-    and the profiler) and never names bench/results/ as a default."""
+    and the profiler, or the GPU suite's parser for a part run on its own) and never names bench/results/ as a
+    default."""
     source = script.read_text()
     if "__main__" not in source:
         pytest.skip("a part of the GPU suite: writes into the suite's --out")
     if not re.search(r"write_json\(|\.write_text\(|savefig\(", source):
         pytest.skip("writes no result file")
-    assert "add_out_argument(" in source or re.search(r"add_argument\(\s*\"--out\"", source), script.name
+    takes_out = "add_out_argument(" in source or re.search(r"add_argument\(\s*\"--out\"", source)
+    assert takes_out or "gpu_suite.parse_args(" in source, script.name  # or the GPU suite's own --out
     assert "RESULTS" not in source and not re.search(r"/ \"results\"|bench/results/\"", source), script.name

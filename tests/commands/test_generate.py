@@ -110,3 +110,17 @@ def test_low_memory_draws_with_the_preset(text_model, class_model, tmp_path, mon
 def test_low_memory_in_fp32_is_refused_before_loading(text_model, no_loading, tmp_path, capsys):
     assert _generate(text_model, tmp_path / "o.png", PROMPT, "--low-memory", "--dtype", "fp32") == 2
     assert "--low-memory runs the transformer in half precision" in _error(capsys)
+
+
+@pytest.mark.parametrize("model", ["text", "class"])
+def test_cuda_graphs_on_the_cpu_warn_once_and_still_draw(text_model, class_model, tmp_path, model):
+    from diffusers.utils.testing_utils import CaptureLogger
+
+    from dit.pipelines import cuda_graphs
+
+    folder, condition = (text_model, [PROMPT]) if model == "text" else (class_model, ["--class", "1"])
+    with CaptureLogger(cuda_graphs.logger) as captured:
+        assert _generate(folder, tmp_path / "o.png", *condition, "--cuda-graphs", "--device", "cpu") == 0
+    assert captured.out.count("CUDA graphs are enabled") == 1 and "need a CUDA device" in captured.out
+    assert _generate(folder, tmp_path / "eager.png", *condition, "--device", "cpu") == 0
+    assert Image.open(tmp_path / "o.png").tobytes() == Image.open(tmp_path / "eager.png").tobytes()

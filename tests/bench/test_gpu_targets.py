@@ -1,0 +1,110 @@
+"""bench/gpu_targets.py --tiny: issue 28's targets file at toy size on the CPU, its schema exactly as the GPU run
+writes it (the values are meaningless here), the forward's profiles, and a group that fails or overruns its time."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+NAMES = {
+    "forward_512_b1_ms",
+    "forward_speedup_vs_diffusers_eager",
+    "forward_1024_b4_mfu",
+    "train_step_mfu",
+    "train_step_speedup_vs_diffusers",
+    "lcm_1024_4step_end_to_end_s",
+    "lit_layer_4096_speedup",
+    "lit_xl_forward_speedup",
+    "lit_xl_train_speedup",
+    "diffusers_pipeline_speedup",
+    "gpu_tests_failed",
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_targets():
+    sys.path.insert(0, str(BENCH))
+    import gpu_targets
+
+    return gpu_targets
+
+
+@pytest.fixture(scope="module")
+def tiny_run(gpu_targets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("targets")
+    return out, gpu_targets.main(["--tiny", "--out-dir", str(out)])
+
+
+def test_every_target_is_measured_with_the_issue_schema(tiny_run):
+    out, payload = tiny_run
+    assert payload == json.loads((out / "gpu_targets.json").read_text())
+    assert payload["benchmark"] == "gpu_targets" and payload["tiny"] is True
+    assert isinstance(payload["machine"]["gpu"], str) and payload["machine"]["torch"]
+    assert isinstance(payload["commit"], str) and payload["commit"]
+    assert set(payload["targets"]) == NAMES
+    for name, target in payload["targets"].items():
+        assert "error" not in target, (name, target["error"])
+        assert isinstance(target["value"], (int, float)) and not isinstance(target["value"], bool), name
+        assert isinstance(target["target"], str) and isinstance(target["met"], bool), name
+        assert target["wall_s"] >= 0
+    assert payload["met"] is all(t["met"] for t in payload["targets"].values())
+    assert json.loads((out / "gpu_suite.json").read_text())["parts"]["targets"]["met"] is payload["met"]
+
+
+def test_the_forward_compares_every_mode_and_names_the_fastest(tiny_run):
+    out, payload = tiny_run
+    forward = payload["targets"]["forward_512_b1_ms"]
+    modes = {"diffusers_eager", "diffusers_compiled", "ours_eager", "ours_regional", "ours_graphs"}
+    assert set(forward["ms"]) == modes and forward["errors"] == {}
+    assert forward["value"] == min(v for k, v in forward["ms"].items() if k.startswith("ours_"))
+    assert forward["ms"][forward["fastest_mode"]] == forward["value"]
+    assert all(diff < 1e-4 for diff in forward["max_abs_diff"].values())  # every mode computes the same
+    speedup = payload["targets"]["forward_speedup_vs_diffusers_eager"]
+    assert speedup["value"] == pytest.approx(forward["ms"]["diffusers_eager"] / forward["value"], rel=1e-2)
+    assert speedup["diffusers_compiled_ms"] == forward["ms"]["diffusers_compiled"]
+    profile = (out / forward["profile"]).read_text()
+    for mode in {"ours_eager", forward["fastest_mode"]}:
+        assert f"== {mode}" in profile
+    assert profile.count("top ops by device time") == profile.count("top ops by host time") >= 1
+
+
+def test_a_failing_or_overrunning_group_records_its_error_and_is_not_met(gpu_targets, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(gpu_targets, "MIN_GROUP_S", 0.5)
+    args = argparse.Namespace(tiny=False, device="cpu")
+
+    def broken(args, peak):
+        raise RuntimeError("no such kernel")
+
+    def slow(args, peak):
+        time.sleep(30)
+
+    failed = gpu_targets._run_group(broken, ["lit_layer_4096_speedup"], 60, args, 1.0)["lit_layer_4096_speedup"]
+    assert failed["met"] is False and failed["value"] is None and "no such kernel" in failed["error"]
+    names = ["train_step_mfu", "train_step_speedup_vs_diffusers"]
+    started = time.perf_counter()
+    timed_out = gpu_targets._run_group(slow, names, 1.0, args, 1.0)
+    assert time.perf_counter() - started < 10
+    assert all(t["met"] is False and "TimeoutError" in t["error"] for t in timed_out.values())
+    skipped = gpu_targets._run_group(slow, names, 0.2, args, 1.0)
+    assert all(t["met"] is False and "no time left" in t["error"] for t in skipped.values())
+
+
+def test_a_nested_limit_ends_with_the_outer_one(gpu_targets):
+    with pytest.raises(TimeoutError):
+        with gpu_targets.time_limit(0.3):
+            with gpu_targets.time_limit(60):
+                time.sleep(2)
+
+
+def test_targets_is_a_suite_part_but_not_a_default_one():
+    sys.path.insert(0, str(BENCH))
+    import gpu_suite
+
+    assert "targets" in gpu_suite.PARTS
+    assert "targets" not in gpu_suite.parse_args(["--tiny"]).parts.split(",")
+    assert gpu_suite.parse_args(["--tiny", "--parts", "targets"]).parts == "targets"
