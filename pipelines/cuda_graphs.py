@@ -263,6 +263,9 @@ class CUDAGraphsMixin:
         (``cross_attention_kwargs``), an embedded guidance scale and ControlNet adapters each capture their own
         graphs; changing LoRA adapters or moving the weights drops the graphs at the next call. Returns the
         pipeline."""
+        if getattr(self, "_whole_compile_mode", None) == "reduce-overhead":
+            raise ValueError("The transformer was compiled whole with mode='reduce-overhead', which captures CUDA "
+                             "graphs of its own: sample with those, or compile with another mode.")  # fmt: skip
         self._cuda_graphs = DenoiserGraphs(backend or CUDAGraphBackend(), max_graphs)
         self._graph_warnings = set()
         return self

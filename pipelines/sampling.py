@@ -226,24 +226,44 @@ class LatentSamplingMixin(CUDAGraphsMixin, LowMemoryMixin):
         self.maybe_free_model_hooks()
         return image
 
-    def compile_transformer(self, **compile_kwargs) -> int:
-        """Compile the transformer's repeated blocks, and a ControlNet adapter's, in place (regional compilation, as
-        diffusers' ``compile_repeated_blocks``): one graph shared by all blocks, compiled in seconds, reused at every
-        step. ``fullgraph=True`` and ``dynamic=False`` unless given (a graph break is an error; each shape gets its
-        own static graph: torch's automatic dynamic shapes would compile the second shape it meets with symbolic
-        sizes, generic kernels and more guards, which made regional compile slower than eager on an H200); other
-        keyword arguments go to ``torch.compile`` (``mode="max-autotune"``, ``backend=...``). Returns the number of
-        blocks compiled.
+    def compile_transformer(self, regional: bool = True, **compile_kwargs) -> int:
+        """Compile the transformer in place; returns the number of compiled modules.
 
-        The text reaching the blocks is trimmed to a few fixed lengths (64, 128, ... tokens), so a new prompt length
-        costs at most one recompilation per length bucket.
+        ``regional=True`` (default): its repeated blocks, and a ControlNet adapter's (regional compilation, as
+        diffusers' ``compile_repeated_blocks``): one graph shared by all blocks, compiled in seconds, reused at every
+        step. The text reaching the blocks is trimmed to a few fixed lengths (64, 128, ... tokens), so a new prompt
+        length costs at most one recompilation per length bucket.
+
+        ``regional=False``: the whole transformer in one graph (for inference: no host work between blocks;
+        ``mode="reduce-overhead"`` adds torch's own CUDA graphs, so do not combine it with :meth:`enable_cuda_graphs`,
+        which is refused). Compiles longer, once per shape. Not for a pipeline with ControlNet adapters (their
+        controls enter the forward as modules; refused): compile those regionally.
+
+        ``fullgraph=True`` and ``dynamic=False`` unless given (a graph break is an error; each shape gets its own
+        static graph: torch's automatic dynamic shapes would compile the second shape it meets with symbolic sizes,
+        generic kernels and more guards, which made regional compile slower than eager on an H200); other keyword
+        arguments go to ``torch.compile`` (``mode=...``, ``backend=...``).
         """
         compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-        count = compile_repeated_blocks(self.transformer, **compile_kwargs)
         controlnet = getattr(self, "controlnet", None)
+        if not regional:
+            return self._compile_whole(controlnet, compile_kwargs)
+        count = compile_repeated_blocks(self.transformer, **compile_kwargs)
         if controlnet is not None:
             count += compile_repeated_blocks(controlnet, **compile_kwargs)
         return count
+
+    def _compile_whole(self, controlnet, compile_kwargs: dict) -> int:
+        """``compile_transformer(regional=False)``: the transformer as one compiled module."""
+        if controlnet is not None:
+            raise ValueError("compile_transformer(regional=False) compiles the transformer alone, and this pipeline "
+                             "has ControlNet adapters: compile regionally (the default), which covers them too.")  # fmt: skip
+        if compile_kwargs.get("mode") == "reduce-overhead" and self.cuda_graphs is not None:
+            raise ValueError("mode='reduce-overhead' captures CUDA graphs of its own: call disable_cuda_graphs() "
+                             "first, or compile with another mode.")  # fmt: skip
+        self.transformer.compile(**compile_kwargs)
+        self._whole_compile_mode = compile_kwargs.get("mode")
+        return 1
 
 
 def steps_with_learned_variance(scheduler) -> bool:

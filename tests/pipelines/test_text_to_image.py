@@ -10,7 +10,7 @@ from PIL import Image
 
 from dit import PixArtTransformer
 from dit.cli import main as cli_main
-from dit.pipelines import TextToImagePipeline
+from dit.pipelines import ControlNetPipeline, TextToImagePipeline
 from dit.pipelines.resolution import sampling_size
 from tests.tiny import SIGMA, diffusers_and_ours, randomize_, tiny_t5, tiny_tokenizer, tiny_vae
 
@@ -170,6 +170,42 @@ def test_compiled_transformer_gives_the_same_images_with_no_graph_break():
     assert np.abs(actual - expected).max() <= 1e-5 and np.array_equal(actual, again)
     assert 1 <= len(graphs) <= 2  # one graph for every block and step (a second if shapes go dynamic)
     torch._dynamo.reset()
+
+
+def test_whole_model_compile_matches_eager_with_one_graph():
+    """compile_transformer(regional=False): the whole transformer in one fullgraph graph, reused at every step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe = _ours()
+    expected = _run(pipe)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    assert pipe.compile_transformer(regional=False, backend=backend) == 1
+    actual, again = _run(pipe), _run(pipe)
+    assert np.abs(actual - expected).max() <= 1e-5 and np.array_equal(actual, again)
+    assert len(graphs) == 1  # one static graph for every step and both calls
+    torch._dynamo.reset()
+
+
+def test_whole_model_compile_refuses_what_does_not_combine():
+    pipe = _ours().enable_cuda_graphs()
+    with pytest.raises(ValueError, match="call disable_cuda_graphs\\(\\) first"):
+        pipe.compile_transformer(regional=False, mode="reduce-overhead")
+    pipe.disable_cuda_graphs()
+    pipe.compile_transformer(regional=False, mode="reduce-overhead", backend="eager")
+    with pytest.raises(ValueError, match="compiled whole with mode='reduce-overhead'"):
+        pipe.enable_cuda_graphs()
+    from tests.pipelines.test_controlnet_pipeline import _adapter, _parts, _transformer
+
+    transformer = _transformer()
+    control = ControlNetPipeline(transformer=transformer, controlnet=_adapter(transformer), **_parts())
+    with pytest.raises(ValueError, match="has ControlNet adapters: compile regionally"):
+        control.compile_transformer(regional=False)
 
 
 def test_cli_generate_compile_flag(tmp_path, monkeypatch):
