@@ -69,9 +69,7 @@ def check_scheme(scheme: str, backend: str = "torchao") -> None:
         raise ValueError(
             f"Unknown {backend} quantization scheme {scheme!r}{hint}: {backend} offers {sorted(SCHEMES[backend])}."
         )
-    if importlib.util.find_spec(PACKAGES[backend].split(".")[0]) is None or (
-        backend == "quanto" and importlib.util.find_spec("optimum.quanto") is None
-    ):
+    if not _installed(PACKAGES[backend]):
         raise ImportError(
             f"Quantization with {backend} needs the {PACKAGES[backend]} package: "
             f"pip install 'dit-toolkit[{EXTRAS[backend]}]'."
@@ -217,6 +215,12 @@ def is_quantized(model: torch.nn.Module) -> bool:
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         return True
     return any(type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor for p in model.parameters())
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` (dotted names too: ``optimum.quanto``) can be imported, without importing it."""
+    parent, _, _ = package.rpartition(".")
+    return (not parent or _installed(parent)) and importlib.util.find_spec(package) is not None
 
 
 def _torchao_config(scheme: str):

@@ -76,18 +76,22 @@ def _sync_mode(mode: str):
         torch.cuda.set_sync_debug_mode(previous)
 
 
+def _without_syncs(function):
+    """``function`` run under ``set_sync_debug_mode("error")``: any host sync inside it raises, naming the op."""
+
+    def strict(*args, **kwargs):
+        with _sync_mode("error"):
+            return function(*args, **kwargs)
+
+    return strict
+
+
 def test_replayed_denoiser_calls_never_sync(monkeypatch):
     """Once captured, every denoiser call (inputs copied in, replay, output copied out) runs without a host sync."""
     pipe = _on_cuda(_pipe(variant_model("lit")))
     pipe.enable_cuda_graphs()
     _latents(pipe, steps=2)  # captures
-    call = pipe.call_transformer
-
-    def strict(*args, **kwargs):
-        with _sync_mode("error"):
-            return call(*args, **kwargs)
-
-    monkeypatch.setattr(pipe, "call_transformer", strict)
+    monkeypatch.setattr(pipe, "call_transformer", _without_syncs(pipe.call_transformer))
     _latents(pipe, steps=4)
 
 
@@ -106,11 +110,5 @@ def test_the_step_loop_never_syncs_after_the_first_step_index(monkeypatch):
         scheduler.set_begin_index(0)
 
     monkeypatch.setattr(scheduler, "set_timesteps", set_timesteps_from_the_start)
-    denoise = pipe.denoise
-
-    def strict(*args, **kwargs):
-        with _sync_mode("error"):
-            return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(pipe, "denoise", strict)
+    monkeypatch.setattr(pipe, "denoise", _without_syncs(pipe.denoise))
     _latents(pipe, steps=4)

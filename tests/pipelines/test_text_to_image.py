@@ -151,8 +151,9 @@ def test_samples_with_other_diffusers_schedulers(scheduler):
     assert first.shape == (1, 16, 16, 3) and np.isfinite(first).all() and np.array_equal(first, again)
 
 
-def test_compiled_transformer_gives_the_same_images_with_no_graph_break():
-    """Regional compilation of the blocks (fullgraph): the same images as eager, and no recompilation per step."""
+def _compiled_runs(**compile_kwargs) -> tuple:
+    """Images of a fresh pipeline before and after ``compile_transformer(**compile_kwargs)`` (twice after), the
+    number it compiled and the graphs dynamo made (a recording backend)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -164,32 +165,26 @@ def test_compiled_transformer_gives_the_same_images_with_no_graph_break():
         graphs.append(gm)
         return gm.forward
 
-    assert pipe.compile_transformer(backend=backend) == SIGMA["num_layers"]
-    actual = _run(pipe)
-    again = _run(pipe)
+    count = pipe.compile_transformer(backend=backend, **compile_kwargs)
+    actual, again = _run(pipe), _run(pipe)
+    torch._dynamo.reset()
+    return expected, actual, again, count, graphs
+
+
+def test_compiled_transformer_gives_the_same_images_with_no_graph_break():
+    """Regional compilation of the blocks (fullgraph): the same images as eager, and no recompilation per step."""
+    expected, actual, again, count, graphs = _compiled_runs()
+    assert count == SIGMA["num_layers"]
     assert np.abs(actual - expected).max() <= 1e-5 and np.array_equal(actual, again)
     assert 1 <= len(graphs) <= 2  # one graph for every block and step (a second if shapes go dynamic)
-    torch._dynamo.reset()
 
 
 def test_whole_model_compile_matches_eager_with_one_graph():
     """compile_transformer(regional=False): the whole transformer in one fullgraph graph, reused at every step."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    pipe = _ours()
-    expected = _run(pipe)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    assert pipe.compile_transformer(regional=False, backend=backend) == 1
-    actual, again = _run(pipe), _run(pipe)
+    expected, actual, again, count, graphs = _compiled_runs(regional=False)
+    assert count == 1
     assert np.abs(actual - expected).max() <= 1e-5 and np.array_equal(actual, again)
     assert len(graphs) == 1  # one static graph for every step and both calls
-    torch._dynamo.reset()
 
 
 def test_whole_model_compile_refuses_what_does_not_combine():
