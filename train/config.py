@@ -37,7 +37,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     inherit_from: str | None = None  # a PixArt folder whose weights `cls.from_pixart` inherits (LiT, KV compression)
-    gradient_checkpointing: bool = False
+    # true: recompute each block in backward; selective: keep its matmul and attention outputs, recompute the rest
+    gradient_checkpointing: bool | str = False
     lora_rank: int | None = None  # train a LoRA (peft) on a frozen model instead of all weights
     lora_alpha: float | None = None  # None: lora_rank
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -310,8 +311,9 @@ RANGES: dict[str, Range] = {
     "masking.ratio": DECAY, "masking.unmasked_steps": NON_NEGATIVE,
 }  # fmt: skip
 
-#: Allowed values of string keys.
+#: Allowed values of string keys (and of keys that take a boolean or a string).
 CHOICES: dict[str, tuple] = {
+    "model.gradient_checkpointing": (False, True, "selective"),
     "optim.schedule": ("constant", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16", "fp8"),
     "mixed_precision_weights": ("fp32", "bf16"),
@@ -435,6 +437,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.overwrite and config.resume:
         raise ConfigError(
             f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."
+        )
+    if config.compile and config.model.gradient_checkpointing == "selective":
+        raise ConfigError(
+            "config.model.gradient_checkpointing=selective with compile=true: the backward recomputes a compiled "
+            "block eagerly, whose ops do not match the ones selective checkpointing kept; use "
+            "model.gradient_checkpointing=true with compile, or compile=false."
         )
     return config
 

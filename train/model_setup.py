@@ -48,8 +48,8 @@ def build_backbone(config: TrainConfig, objective: Objective | None = None) -> t
         record_objective(model, objective)
     if config.model.lora_rank:
         add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
-    if config.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    if config.model.gradient_checkpointing:  # true: full recompute; "selective": matmul and attention outputs kept
+        model.enable_gradient_checkpointing(selective=config.model.gradient_checkpointing == "selective")
     return model
 
 

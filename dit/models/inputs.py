@@ -8,6 +8,7 @@ from torch import nn
 
 from ..nn.attention.ops import keep_mask_to_bias
 from ..nn.embeddings import guidance_scale_embedding
+from ..nn.text_padding import trim_text_padding
 
 
 def check_inputs(model: nn.Module, hidden_states, encoder_hidden_states, timestep) -> None:
@@ -75,16 +76,35 @@ def text_tokens(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The text tokens (B, L, D) through ``caption_projection`` (if any) and their bias (B, 1, 1, L), once per
-    forward. Padding is not trimmed here (that needs a read on the host): pipelines and the trainer trim it
-    beforehand (:func:`dit.nn.text_padding.trim_text_padding`)."""
+    forward.
+
+    A keep-mask that is host data (a CPU tensor: diffusers' pipelines on the CPU, a GPU model given a CPU mask) has
+    its padding trimmed here first (:func:`dit.nn.text_padding.trim_text_padding`; exact, reading it costs no
+    sync). A mask on an accelerator is never read: pipelines and the trainer trim before it moves, and the
+    ``sdpa_flex`` attention backend skips its padded key blocks on the device. Inside a compiled graph nothing is
+    trimmed (the length would depend on data).
+    """
     if encoder_hidden_states is not None and mask is not None and mask.shape[-1] != encoder_hidden_states.shape[1]:
         raise ValueError(
             f"encoder_attention_mask has shape {tuple(mask.shape)}; expected {tuple(encoder_hidden_states.shape[:2])}."
         )
+    if _host_mask(encoder_hidden_states, mask):
+        encoder_hidden_states, mask = trim_text_padding(encoder_hidden_states, mask)  # (B, L', C), (B, L')
     tokens = encoder_hidden_states
     if caption_projection is not None and tokens is not None:
         tokens = caption_projection(tokens)  # (B, L, D)
     return tokens, as_bias(mask, dtype)
+
+
+def _host_mask(encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` is a keep-mask (B, L) on the host that can be trimmed without a device sync."""
+    return (
+        encoder_hidden_states is not None
+        and mask is not None
+        and mask.ndim == 2
+        and mask.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    )
 
 
 def micro_conditions(

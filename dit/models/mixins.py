@@ -4,6 +4,7 @@ and the capabilities a backbone declares to pipelines and the trainer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ..nn.attention import DiTAttention, DiTAttnProcessor, resolve_backend
 from ..nn.attention.backends import AttentionBackend, get_backend
 from ..nn.attention.processors import FusedDiTAttnProcessor
 from ..nn.context import BlockContext
+from .activation_checkpointing import selective_checkpointing_func
 
 logger = logging.get_logger(__name__)
 
@@ -111,6 +113,17 @@ class BlockRunnerMixin:
     """Runs one block on ``(hidden_states, context)``, through diffusers' gradient checkpointing when it is enabled
     (``enable_gradient_checkpointing()``, non-reentrant: the :class:`BlockContext` passes through as it is). The
     class sets ``self.gradient_checkpointing = False`` in ``__init__``, the attribute diffusers switches."""
+
+    def enable_gradient_checkpointing(
+        self, gradient_checkpointing_func: Callable | None = None, *, selective: bool = False
+    ) -> None:
+        """diffusers' gradient checkpointing of every block (full recompute in backward); ``selective=True``: keep
+        the outputs of the blocks' matmuls and attention kernels and recompute only the cheap ops
+        (:mod:`~dit.models.activation_checkpointing`), for less recompute at more memory than full checkpointing."""
+        if selective and gradient_checkpointing_func is not None:
+            raise ValueError("enable_gradient_checkpointing: pass gradient_checkpointing_func or selective=True.")
+        func = selective_checkpointing_func if selective else gradient_checkpointing_func
+        super().enable_gradient_checkpointing(func)
 
     def _run_block(self, block: torch.nn.Module, hidden_states: torch.Tensor, context: BlockContext):
         if torch.is_grad_enabled() and self.gradient_checkpointing:

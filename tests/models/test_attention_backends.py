@@ -52,7 +52,9 @@ def test_cuda_only_backend_on_the_cpu_names_the_backend():
 
 def test_unknown_backend_lists_ours_and_diffusers():
     assert {"flash", "flex", "_native_cudnn", "sage", "native"} <= diffusers_backend_names()
-    with pytest.raises(ValueError, match=r"'flashy'.*\['math', 'sdpa', 'xformers'\].*'_native_cudnn'.*'flex'"):
+    with pytest.raises(
+        ValueError, match=r"'flashy'.*\['math', 'sdpa', 'sdpa_flex', 'xformers'\].*'_native_cudnn'.*'flex'"
+    ):
         variant_model("sigma-mask").set_attention_backend("flashy")
 
 

@@ -112,7 +112,7 @@ class ControlNetTraining(Feature):
         else:
             adapter = ControlNetAdapter.from_transformer(model, num_blocks=cfg.num_blocks)
         if self.config.model.gradient_checkpointing:
-            adapter.enable_gradient_checkpointing()
+            adapter.enable_gradient_checkpointing(selective=self.config.model.gradient_checkpointing == "selective")
         return ControlledTransformer(model, adapter, cfg.conditioning_scale)
 
     def contribute(self, inputs: StepInputs) -> Contribution:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .flex import flex_mask, sdpa_flex_attention
 from .ops import math_attention, sdpa_attention, xformers_attention, xformers_bias
 
 
@@ -39,6 +40,8 @@ BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend("sdpa", sdpa_attention),
     "math": AttentionBackend("math", math_attention),
     "xformers": AttentionBackend("xformers", xformers_attention, xformers_bias, needs_cuda=True),
+    # SDPA where nothing is masked, FlexAttention skipping masked key blocks on the device where keys are
+    "sdpa_flex": AttentionBackend("sdpa_flex", sdpa_flex_attention, flex_mask),
 }
 
 _warned: set[str] = set()

@@ -152,7 +152,7 @@ class DiTAttnProcessor:
         if attn.kv_compress is not None:
             if mask is not None:
                 raise ValueError("KV compression cannot pool an image-token mask; drop attention_mask or the ratio.")
-            k, v = attn.kv_compress(k, grid), attn.kv_compress(v, grid)  # (B, L', C): one module for both
+            k, v = attn.kv_compress.forward_pair(k, v, grid)  # (B, L', C) x 2: one module, one pooling when fused
         q, k, v = (split_heads(t, attn.heads) for t in (q, k, v))  # (B, *, H, D)
         q, k = _position_queries_keys(attn, q, k, rotary)  # (B, *, H, D)
         out = merge_heads(KERNELS[attn.kernel](attn, q, k, v, mask))  # (B, N, C)
