@@ -9,8 +9,6 @@ it is exactly ``nn.Linear``. State-dict keys and PEFT/LoRA wrapping are unchange
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +17,20 @@ from torch import nn
 ROW_CHUNK, PIECE_ELEMENTS = 256, 1 << 20
 
 
-@functools.cache
-def cpu_half_is_emulated(dtype: torch.dtype) -> bool:
-    """Whether this CPU lacks native matrix units for ``dtype`` (bf16: AVX512-BF16/AMX; fp16: AMX-FP16)."""
+def _probe_emulated(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if dtype == torch.float16:
-        return not torch.cpu._is_amx_fp16_supported()
-    return False
+    return not torch.cpu._is_amx_fp16_supported()
+
+
+#: Half dtype -> whether this CPU emulates its matmuls: probed once at import, so a compiled graph reads a constant
+#: (torch's CPU probes cannot be traced).
+EMULATED_HALF = {dtype: _probe_emulated(dtype) for dtype in (torch.bfloat16, torch.float16)}
+
+
+def cpu_half_is_emulated(dtype: torch.dtype) -> bool:
+    """Whether this CPU lacks native matrix units for ``dtype`` (bf16: AVX512-BF16/AMX; fp16: AMX-FP16)."""
+    return EMULATED_HALF.get(dtype, False)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
