@@ -438,12 +438,6 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."
         )
-    if config.compile and config.model.gradient_checkpointing == "selective":
-        raise ConfigError(
-            "config.model.gradient_checkpointing=selective with compile=true: the backward recomputes a compiled "
-            "block eagerly, whose ops do not match the ones selective checkpointing kept; use "
-            "model.gradient_checkpointing=true with compile, or compile=false."
-        )
     return config
 
 

@@ -15,13 +15,17 @@ very same masks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["SAVED_OPS", "save_expensive_ops", "selective_checkpointing_func"]
+__all__ = ["COMPILE_OPTIONS", "SAVED_OPS", "save_expensive_ops", "selective_checkpointing_func"]
+
+#: Attribute in which :func:`~dit.models.base.compile_repeated_blocks` records a block's ``torch.compile`` options.
+COMPILE_OPTIONS = "_dit_compile_options"
 
 _EXPENSIVE_OP_NAMES = (
     # matmuls (nn.Linear and torch.matmul reach the dispatcher as these)
@@ -57,14 +61,34 @@ def selective_checkpointing_func(module: Callable[..., Any], *args: Any, **kwarg
     """Run ``module(*args, **kwargs)`` under non-reentrant checkpointing with the :func:`save_expensive_ops` policy: a
     ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` (any diffusers model takes it).
 
-    A block compiled on its own (regional compilation: ``block.compile()``, ``compile_repeated_blocks``) is refused:
-    the backward recomputes it eagerly (checkpointing disables dynamo there), so the ops the compiled forward kept
-    do not match the recompute's. Full checkpointing works with compiled blocks; so does compiling the whole model.
+    A block compiled by :func:`~dit.models.base.compile_repeated_blocks` runs the checkpoint *inside* one compiled
+    function shared by every block (compiled with the same options), so the compiler sees the policy and plans the
+    recompute itself (a compiled block under a checkpoint from outside would hide its ops from the policy). A
+    block compiled some other way (``block.compile()`` with unknown options) is refused.
     """
+    options = getattr(module, COMPILE_OPTIONS, None)
+    if options is not None:
+        return _compiled_selective_call(tuple(sorted(options.items())))(module, *args, **kwargs)
     if getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod"):
         raise RuntimeError(
-            f"Selective activation checkpointing cannot run a compiled {type(module).__name__}: its backward "
-            "recomputes the block eagerly, whose ops do not match the compiled forward's. Use full checkpointing "
-            "(enable_gradient_checkpointing()) with regionally compiled blocks, or do not compile them."
+            f"Selective activation checkpointing cannot run a {type(module).__name__} compiled on its own: the "
+            "checkpoint must be inside the compiled function for the policy to see its ops. Compile the blocks with "
+            "dit.models.base.compile_repeated_blocks (it records the options), or use full checkpointing "
+            "(enable_gradient_checkpointing())."
         )
-    return checkpoint(module, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+    return _selective_call(module, *args, **kwargs)
+
+
+def _selective_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+
+
+def _selective_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return _selective_call(block.forward, *args, **kwargs)  # the plain forward: traced by the outer compile
+
+
+@functools.cache
+def _compiled_selective_call(options: tuple) -> Callable[..., Any]:
+    """:func:`_selective_forward` compiled with ``options``: the block is an argument, so every block of a class
+    shares one graph (its parameters are graph inputs)."""
+    return torch.compile(_selective_forward, **dict(options))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .activation_checkpointing import COMPILE_OPTIONS
 from .pixart_transformer import as_pixart_model
 
 __all__ = ["as_pixart_model", "compile_repeated_blocks"]
@@ -20,8 +21,10 @@ def compile_repeated_blocks(module: torch.nn.Module, **compile_kwargs) -> int:
     ``_repeated_blocks``, so a ControlNet run (base and adapter) or a trainer's wrapper is covered too.
 
     All blocks of one class share one compiled graph; parameter names and state dicts are unchanged. Keyword
-    arguments go to ``torch.compile`` (``fullgraph=True`` turns any graph break into an error). Returns the number of
-    blocks compiled; a module with none is an error.
+    arguments go to ``torch.compile`` (``fullgraph=True`` turns any graph break into an error); they are recorded on
+    each block, so selective activation checkpointing can compile its checkpoint of the block with the same ones
+    (:mod:`~dit.models.activation_checkpointing`). Returns the number of blocks compiled; a module with none is an
+    error.
     """
     names = {name for sub in module.modules() for name in getattr(sub, "_repeated_blocks", ())}
     blocks = [sub for sub in module.modules() if type(sub).__name__ in names]
@@ -29,4 +32,5 @@ def compile_repeated_blocks(module: torch.nn.Module, **compile_kwargs) -> int:
         raise ValueError(f"{type(module).__name__} holds no repeated block to compile (no _repeated_blocks found).")
     for block in blocks:
         block.compile(**compile_kwargs)
+        setattr(block, COMPILE_OPTIONS, dict(compile_kwargs))
     return len(blocks)

@@ -179,9 +179,62 @@ def test_enable_gradient_checkpointing_keeps_diffusers_default_and_refuses_two_f
         model.enable_gradient_checkpointing(selective_checkpointing_func, selective=True)
 
 
-def test_regionally_compiled_blocks_are_refused():
-    """The backward recomputes a compiled block eagerly (dynamo is disabled there): refused before anything runs."""
+class CountingBackend:
+    """``aot_eager`` that counts compilations and calls of the forward and backward graphs."""
+
+    def __init__(self):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.compiled, self.calls = Counter(), Counter()
+
+        def compiler(kind):
+            def compile_graph(graph, example_inputs):
+                self.compiled[kind] += 1
+
+                def run(*args):
+                    self.calls[kind] += 1
+                    return graph(*args)
+
+                return make_boxed_func(run)
+
+            return compile_graph
+
+        self.backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+
+
+def test_regionally_compiled_blocks_checkpoint_inside_one_shared_graph():
+    """With compile_repeated_blocks, the checkpoint runs inside one compiled function shared by every block, so the
+    compiler plans the recompute from the policy: no matmul is rerun, the gradients are those of no checkpointing."""
+    torch._dynamo.reset()
+    inputs = variant_inputs("sigma-mask")
+    plain = _model("sigma-mask", "none")
+    plain_loss, plain_ops = plain(**inputs).sample.square().mean(), OpCounter()
+    with plain_ops:
+        plain_loss.backward()
+    expected = (plain_loss.detach(), {n: p.grad for n, p in plain.named_parameters() if p.grad is not None})
+    model, counting = _model("sigma-mask", "selective"), CountingBackend()
+    compile_repeated_blocks(model, fullgraph=True, backend=counting.backend)
+    loss = model(**inputs).sample.square().mean()
+    ops = OpCounter()
+    with ops:
+        loss.backward()
+    blocks = len(model.transformer_blocks)
+    assert counting.compiled == {"forward": 1, "backward": 1}  # one graph for all blocks
+    assert counting.calls == {"forward": blocks, "backward": blocks}
+    assert ops.count(*MATMULS) == plain_ops.count(*MATMULS)  # the backward of no checkpointing: nothing rerun
+    assert ops.count("native_layer_norm") > plain_ops.count("native_layer_norm") == 0  # the norms are
+    actual = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(actual[0], expected[0])
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(actual[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    torch._dynamo.reset()
+
+
+def test_a_block_compiled_on_its_own_is_refused():
+    """Compiled without compile_repeated_blocks, its options are unknown: the checkpoint cannot be put inside."""
     model = _model("sigma-mask", "selective")
-    compile_repeated_blocks(model, fullgraph=True, backend="aot_eager")
-    with pytest.raises(RuntimeError, match="cannot run a compiled .*full checkpointing"):
+    for block in model.transformer_blocks:
+        block.compile(backend="aot_eager")
+    with pytest.raises(RuntimeError, match="compiled on its own.*compile_repeated_blocks"):
         model(**variant_inputs("sigma-mask"))

@@ -1,5 +1,5 @@
-"""``model.gradient_checkpointing: false | true | selective`` in the trainer: selective trains as the others do, bad
-values and compile=true with selective are ConfigErrors."""
+"""``model.gradient_checkpointing: false | true | selective`` in the trainer: selective trains as the others do (with
+compiled blocks too), bad values are ConfigErrors."""
 
 from pathlib import Path
 
@@ -50,9 +50,14 @@ def test_the_yaml_values_and_the_refused_ones(tmp_path):
         load_config(None, ["model.gradient_checkpointing=1"])
 
 
-def test_compile_with_selective_checkpointing_is_refused():
-    with pytest.raises(
-        ConfigError, match="gradient_checkpointing=selective with compile=true.*gradient_checkpointing=true"
-    ):
-        load_config(None, ["model.gradient_checkpointing=selective", "compile=true", "compile_backend=aot_eager"])
-    assert load_config(None, ["model.gradient_checkpointing=true", "compile=true"]).compile
+def test_selective_checkpointing_with_compiled_blocks(features, tmp_path):
+    """compile: true puts each block's checkpoint inside its compiled graph: the eager run's losses."""
+    import torch
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = Trainer(_config(features, tmp_path / "eager", "model.gradient_checkpointing=false")).train()
+    overrides = ("model.gradient_checkpointing=selective", "compile=true", "compile_backend=aot_eager")
+    compiled = Trainer(_config(features, tmp_path / "compiled", *overrides)).train()
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
