@@ -126,8 +126,9 @@ def forward_part(args, peak_tflops: float) -> dict:
             "cases": cases, "all_met": all(c["met"] for c in cases)}  # fmt: skip
 
 
-def _train_setup(args, size: int, batch: int, folder: Path):
-    """Our trainer (EMA on) and diffusers' model + AdamW with the same initial weights (bench/train_step.py)."""
+def _train_setup(args, size: int, batch: int, folder: Path, overrides: tuple = ()):
+    """Our trainer (EMA on; ``overrides``: more of its config) and diffusers' model + AdamW with the same initial
+    weights (bench/train_step.py)."""
     import argparse
 
     import train_step
@@ -139,14 +140,14 @@ def _train_setup(args, size: int, batch: int, folder: Path):
     )
     text_tokens = 32 if args.tiny else train_step.TEXT_TOKENS
     train_step.write_features(folder, batch, size // 8, text_tokens, width=config["caption_channels"])
-    trainer, reference, optimizer = train_step.build(setup, folder, config, ema_decay=0.9999)
+    trainer, reference, optimizer = train_step.build(setup, folder, config, ema_decay=0.9999, overrides=overrides)
     return train_step, setup, trainer, reference, optimizer
 
 
-def _train_case(args, peak_tflops: float, size: int, batch: int, folder: Path) -> dict:
+def _train_case(args, peak_tflops: float, size: int, batch: int, folder: Path, overrides: tuple = ()) -> dict:
     from dit.models.base import compile_repeated_blocks
 
-    train_step, setup, trainer, reference, optimizer = _train_setup(args, size, batch, folder)
+    train_step, setup, trainer, reference, optimizer = _train_setup(args, size, batch, folder, overrides)
     device = str(trainer.accelerator.device.type)
     batches, fixed = trainer._batches(0, 100_000), train_step.reference_batch(trainer, batch)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -159,7 +160,7 @@ def _train_case(args, peak_tflops: float, size: int, batch: int, folder: Path) -
         train_step.reference_step(reference, optimizer, fixed, device, setup.dtype)
 
     flops = {"diffusers": counted_flops(theirs_step), "ours": counted_flops(ours_step)}  # eager: before compiling
-    case = {"size_px": size, "batch": batch, "layers": setup.layers, "ema": True}
+    case = {"size_px": size, "batch": batch, "layers": setup.layers, "ema": True, "overrides": list(overrides)}
     for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
         if mode == "compiled":
             compile_repeated_blocks(trainer.model, fullgraph=True, backend=args.compile_backend)

@@ -51,18 +51,19 @@ def write_features(
               folder / "shard-000.safetensors")  # fmt: skip
 
 
-def build(args, folder: Path, model_config: dict | None = None, ema_decay: float | None = None):
-    """Our trainer (``ema_decay``: its EMA, off by default) and a diffusers model + optimizer with the same initial
-    weights, ``model_config`` (default: ``args.preset``'s) with ``args.layers`` blocks at ``args.size`` px."""
+def build(args, folder: Path, model_config: dict | None = None, ema_decay: float | None = None, overrides: tuple = ()):
+    """Our trainer (``ema_decay``: its EMA, off by default; ``overrides``: more of its config, e.g.
+    ``mixed_precision_weights=bf16``) and a diffusers model + optimizer with the same initial weights,
+    ``model_config`` (default: ``args.preset``'s) with ``args.layers`` blocks at ``args.size`` px."""
     from diffusers import PixArtTransformer2DModel
 
     from dit.train import Trainer, load_config
 
-    overrides = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0",
+    settings = [f"data.path={folder}", f"data.batch_size={args.batch}", "data.caption_dropout=0",
                  f"ema_decay={'null' if ema_decay is None else ema_decay}", "report_to=none",
                  "pipeline=false", "model.cls=PixArtTransformer", f"output_dir={folder / 'run'}", "optim.weight_decay=0.0",
-                 f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}"]  # fmt: skip
-    config = load_config(None, overrides)
+                 f"mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}", *overrides]  # fmt: skip
+    config = load_config(None, settings)
     model_config = preset_config(args.preset) if model_config is None else model_config
     config.model.kwargs = {**model_config, "num_layers": args.layers, "sample_size": args.size // 8}
     trainer = Trainer(config)

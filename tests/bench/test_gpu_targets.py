@@ -108,3 +108,34 @@ def test_targets_is_a_suite_part_but_not_a_default_one():
     assert "targets" in gpu_suite.PARTS
     assert "targets" not in gpu_suite.parse_args(["--tiny"]).parts.split(",")
     assert gpu_suite.parse_args(["--tiny", "--parts", "targets"]).parts == "targets"
+
+
+def test_the_pipeline_target_takes_ours_fastest(tiny_run):
+    _, payload = tiny_run
+    pipeline = payload["targets"]["diffusers_pipeline_speedup"]
+    assert set(pipeline["s"]) == {"diffusers", "ours_eager", "ours_flex", "ours_flex_graphs"}
+    assert pipeline["s"][pipeline["fastest_mode"]] == min(v for k, v in pipeline["s"].items() if k != "diffusers")
+    assert pipeline["value"] == pytest.approx(
+        pipeline["s"]["diffusers"] / pipeline["s"][pipeline["fastest_mode"]], rel=1e-2
+    )
+
+
+def test_chosen_groups_run_and_the_others_are_recorded_as_not_run(gpu_targets, monkeypatch, tmp_path):
+    import argparse
+
+    monkeypatch.setenv(gpu_targets.GROUPS_ENV, "lit_layer")
+    args = argparse.Namespace(tiny=True, device="cpu", out_dir=tmp_path, runs=1, calls=1)
+    ran = []
+    monkeypatch.setattr(gpu_targets, "_run_group", lambda function, names, *rest: ran.append(names) or
+                        {name: {"value": 1.0, "met": True} for name in names})  # fmt: skip
+    monkeypatch.setattr(gpu_targets, "machine", lambda device: {})
+    payload = gpu_targets.targets_part(args, 1.0)
+    assert ran == [["lit_layer_4096_speedup"]]
+    assert set(payload["targets"]) == NAMES and payload["met"] is False
+    others = [t for name, t in payload["targets"].items() if name != "lit_layer_4096_speedup"]
+    assert all(
+        t["value"] is None and t["met"] is False and "not in $DIT_TARGET_GROUPS" in t["not_run"] for t in others
+    )
+    monkeypatch.setenv(gpu_targets.GROUPS_ENV, "lit_layer,warp")
+    with pytest.raises(ValueError, match=r"unknown groups \['warp'\]"):
+        gpu_targets.targets_part(args, 1.0)

@@ -40,6 +40,16 @@ def test_kv_pool_strided_bf16_and_errors():
     kv.check_errors("cuda")
 
 
+@pytest.mark.parametrize("case", kv.PAIR_CASES, ids=str)
+def test_kv_pool_pair(case, monkeypatch):
+    kv.check_pair("cuda", case, monkeypatch)
+
+
+def test_kv_pool_pair_launches(monkeypatch):
+    kv.check_fused_attention_launches("cuda", monkeypatch)
+    kv.check_pair_not_side_by_side("cuda", monkeypatch)
+
+
 @pytest.mark.parametrize("case", dwc.CASES[::3] + dwc.TILE_CASES, ids=str)
 def test_depthwise_conv(case):
     (dwc.check_dwc if case in dwc.CASES else dwc.check_tiles)("cuda", case)

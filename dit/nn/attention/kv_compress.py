@@ -56,7 +56,8 @@ class KVCompress(nn.Module):
     nearest-neighbour resizing, which keeps the same tokens as ``uniform``). Any h×w works. With ``padding``
     ``replicate`` (the default) sides that do not divide by the ratio are replicate-padded, so their last row or
     column is kept (the original ``uniform`` crashed there); ``none`` drops that remainder, as the original
-    ``Conv2d(kernel=stride=ratio)`` and ``ave`` do.
+    ``Conv2d(kernel=stride=ratio)`` and ``ave`` do. :meth:`forward_pair` compresses keys and values together: one
+    pooling (one Triton launch) and one norm for both when they come from one fused projection.
 
     Args:
         dim: token width.
@@ -124,7 +125,9 @@ class KVCompress(nn.Module):
             from ..kernels.kv_pool import triton_kv_pool
 
             return triton_kv_pool(tokens, grid, self.ratio, self.mode, self.padding, weight, bias)  # (B, L', C)
-        x = PADDINGS[self.padding](tokens_to_grid(tokens, grid), self.ratio)  # (B, C, h'*r, w'*r)
+        x = tokens_to_grid(tokens, grid)  # (B, C, h, w)
+        if self.mode != "uniform" or self.padding != "replicate":  # uniform's top-left tokens lie inside: no pad
+            x = PADDINGS[self.padding](x, self.ratio)  # (B, C, h'*r, w'*r)
         if copies > 1 and weight is not None:
             x = F.conv2d(x, weight, bias, stride=self.ratio, groups=x.shape[1])  # (B, C, h', w'): one depthwise conv
         else:

@@ -1,7 +1,9 @@
 """Triton KV-compression pooling against :class:`KVCompress` (before its norm): forward and every gradient.
 
 The bodies take a ``device`` so tests/gpu can rerun them on CUDA: ``check_pool(device, case)`` over :data:`CASES`,
-``check_tiles(device, case)`` over :data:`TILE_CASES`, ``check_strided``, ``check_bf16`` and ``check_errors``.
+``check_tiles(device, case)`` over :data:`TILE_CASES`, ``check_strided``, ``check_bf16`` and ``check_errors``; and
+``KVCompress.forward_pair`` on fused keys and values (one launch for both): ``check_pair(device, case)`` over
+:data:`PAIR_CASES`, ``check_fused_attention_launches(device, monkeypatch)`` and ``check_pair_not_side_by_side``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ TILE_CASES = [
     ("avg", "none", 4, (9, 6), 32, 16),
 ]
 BATCH, CHANNELS = 2, 24
+#: (mode, padding, grid): every mode x padding on a square and a non-square grid, both odd (ratio 2)
+PAIR_CASES = list(itertools.product(MODES, ("replicate", "none"), ((5, 5), (5, 7))))
 
 
 def _reference(mode: str, padding: str, ratio: int, channels: int, device: str):
@@ -158,6 +162,118 @@ def check_errors(device: str) -> None:
             triton_kv_pool(tokens, **kwargs)
 
 
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts its launches (``kernel[launch](...)``) and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, launch):
+        self.count += 1
+        return self.kernel[launch]
+
+
+def count_launches(monkeypatch) -> dict[str, _CountLaunches]:
+    """Count the launches of the three kv_pool kernels: ``{"fwd": ..., "bwd_tokens": ..., "bwd_weight": ...}``."""
+    from dit.nn.kernels import kv_pool
+
+    counters = {}
+    for name in ("fwd", "bwd_tokens", "bwd_weight"):
+        counters[name] = _CountLaunches(getattr(kv_pool, f"_kv_pool_{name}"))
+        monkeypatch.setattr(kv_pool, f"_kv_pool_{name}", counters[name])
+    return counters
+
+
+def _random_module(mode: str, padding: str, channels: int, device: str):
+    """A ``KVCompress`` (ratio 2) whose conv weight, bias and norm weight, bias are all random."""
+    from dit.nn.attention.kv_compress import KVCompress
+
+    module = KVCompress(channels, 2, mode, padding).to(device)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_()
+    return module
+
+
+def _compress(module, qkv: torch.Tensor, grid: tuple[int, int], pair: bool, loss_weights: tuple) -> tuple:
+    """Keys and values of fused ``qkv`` (B, N, 3C) compressed by one pair call or two calls; then the gradients of
+    ``qkv`` and of every parameter of ``module`` under ``loss_weights``."""
+    _, keys, values = qkv.split(qkv.shape[-1] // 3, dim=-1)  # (B, N, C) x 3, side by side
+    out = module.forward_pair(keys, values, grid) if pair else (module(keys, grid), module(values, grid))
+    loss = sum((o * w).sum() for o, w in zip(out, loss_weights))
+    return out, torch.autograd.grad(loss, [qkv, *module.parameters()])
+
+
+def check_pair(device: str, case: tuple, monkeypatch) -> None:
+    """``forward_pair`` on fused keys and values: one forward launch (one backward launch of each kernel) and one norm
+    call; outputs and the gradient of the tokens bit-identical to two calls, parameter gradients within fp32."""
+    from dit.nn.kernels import kernel_mode
+    from dit.nn.kernels.kv_pool import pooled_grid
+
+    mode, padding, grid = case
+    module = _random_module(mode, padding, CHANNELS, device)
+    qkv = torch.randn(BATCH, grid[0] * grid[1], 3 * CHANNELS, device=device, requires_grad=True)  # (B, N, 3C)
+    cells = pooled_grid(grid, 2, padding)
+    loss_weights = [torch.randn(BATCH, cells[0] * cells[1], CHANNELS, device=device) for _ in range(2)]
+    norm_calls = []
+    module.norm.register_forward_hook(lambda *args: norm_calls.append(1))
+    with kernel_mode("1"):
+        expected, expected_grads = _compress(module, qkv, grid, False, loss_weights)
+        launches, norm_calls[:] = count_launches(monkeypatch), []
+        actual, actual_grads = _compress(module, qkv, grid, True, loss_weights)
+    assert {name: c.count for name, c in launches.items()} == {
+        "fwd": 1, "bwd_tokens": 1, "bwd_weight": int(mode == "conv")
+    }  # fmt: skip
+    assert len(norm_calls) == 1
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape and torch.equal(a, e)
+    assert torch.equal(actual_grads[0], expected_grads[0])
+    for a, e in zip(actual_grads[1:], expected_grads[1:]):  # conv weight and bias: summed over K and V in one launch
+        assert_fp32_close(a, e, 1e-6)
+
+
+def check_fused_attention_launches(device: str, monkeypatch) -> None:
+    """A KV-compressed self-attention pools K and V in ONE kv_pool launch once its QKV projection is fused (two
+    before), and computes the same attention and gradients."""
+    from dit.nn.attention import AttentionSpec, DiTAttention
+    from dit.nn.kernels import kernel_mode
+
+    grid = (5, 7)
+    attn = DiTAttention(CHANNELS, heads=2, dim_head=CHANNELS // 2, spec=AttentionSpec(kv_compress_ratio=2)).to(device)
+    x = torch.randn(BATCH, grid[0] * grid[1], CHANNELS, device=device)  # (B, N, C)
+    results = {}
+    for fused in (False, True):
+        attn.fuse_projections(fused)
+        launches = count_launches(monkeypatch)
+        with kernel_mode("1"):
+            out = attn(x, grid=grid)  # (B, N, C)
+            grads = torch.autograd.grad(out.square().sum(), list(attn.kv_compress.parameters()))
+        results[fused] = out, grads, {name: c.count for name, c in launches.items()}
+    assert results[False][2] == {"fwd": 2, "bwd_tokens": 2, "bwd_weight": 2}
+    assert results[True][2] == {"fwd": 1, "bwd_tokens": 1, "bwd_weight": 1}
+    for a, e in zip((results[True][0], *results[True][1]), (results[False][0], *results[False][1])):
+        assert_fp32_close(a, e, 1e-5)  # the fused projection is another matmul: fp32, not bit, parity
+
+
+def check_pair_not_side_by_side(device: str, monkeypatch) -> None:
+    """Keys and values in separate tensors, or not adjacent, take two calls (two launches) with the same results."""
+    from dit.nn.kernels import kernel_mode
+
+    grid = (5, 7)
+    module = _random_module("conv", "replicate", CHANNELS, device)
+    qkv = torch.randn(BATCH, 35, 3 * CHANNELS, device=device)  # (B, N, 3C)
+    queries, keys, values = qkv.split(CHANNELS, dim=-1)
+    separate = (keys.contiguous(), values.contiguous())
+    for pair in (separate, (values, keys), (queries, values), (keys, values.flip(0))):
+        with kernel_mode("1"):
+            expected = (module(pair[0], grid), module(pair[1], grid))
+            launches = count_launches(monkeypatch)
+            actual = module.forward_pair(*pair, grid)
+        assert launches["fwd"].count == 2
+        for a, e in zip(actual, expected):
+            assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_pool(case):
     check_pool(KERNEL_DEVICE, case)
@@ -178,3 +294,16 @@ def test_bf16():
 
 def test_errors():
     check_errors(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pair(case, monkeypatch):
+    check_pair(KERNEL_DEVICE, case, monkeypatch)
+
+
+def test_fused_attention_launches(monkeypatch):
+    check_fused_attention_launches(KERNEL_DEVICE, monkeypatch)
+
+
+def test_pair_not_side_by_side(monkeypatch):
+    check_pair_not_side_by_side(KERNEL_DEVICE, monkeypatch)
