@@ -291,3 +291,17 @@ def test_a_non_finite_loss_read_late_stops_at_its_step_before_any_save(features,
         for folder in ("model", "model_ema"):
             tensors = load_file(checkpoint / folder / "diffusion_pytorch_model.safetensors")
             assert all(torch.isfinite(t).all() for t in tensors.values()), (checkpoint, folder)
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_compiled_blocks_train_in_bf16(features, tmp_path, weights):
+    """compile: true with mixed_precision: bf16 (the CPU's half-precision probe used to break the graph), with fp32
+    weights under autocast and with bf16 compute weights: the eager run's losses."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    common = ["max_steps=2", *WEIGHTS[weights]]
+    eager = Trainer(_config(features, tmp_path / "eager", *common)).train()
+    compiled = Trainer(_config(features, tmp_path / "compiled", *common, "compile=true", "compile_backend=aot_eager"))
+    torch.testing.assert_close(torch.tensor(compiled.train()), torch.tensor(eager), rtol=2e-2, atol=1e-3)
+    torch._dynamo.reset()
