@@ -112,3 +112,12 @@ def test_the_step_loop_never_syncs_after_the_first_step_index(monkeypatch):
     monkeypatch.setattr(scheduler, "set_timesteps", set_timesteps_from_the_start)
     monkeypatch.setattr(pipe, "denoise", _without_syncs(pipe.denoise))
     _latents(pipe, steps=4)
+
+
+def test_sdpa_flex_under_graphs_matches_eager():
+    """The block mask is built on the device inside the captured forward, FlexAttention compiled at the warm-up."""
+    pipe = _pipe(variant_model("sigma-mask"))
+    pipe.transformer.set_attention_backend("sdpa_flex")
+    pipe = _on_cuda(pipe)
+    expected, actual = _graphed(pipe, lambda p: _latents(p, steps=4, width=24))
+    _assert_bf16_close(actual, expected)
