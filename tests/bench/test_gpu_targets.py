@@ -139,3 +139,11 @@ def test_chosen_groups_run_and_the_others_are_recorded_as_not_run(gpu_targets, m
     monkeypatch.setenv(gpu_targets.GROUPS_ENV, "lit_layer,warp")
     with pytest.raises(ValueError, match=r"unknown groups \['warp'\]"):
         gpu_targets.targets_part(args, 1.0)
+
+
+def test_the_lcm_target_is_the_encoding_plus_the_fastest_student(tiny_run):
+    _, payload = tiny_run
+    lcm = payload["targets"]["lcm_1024_4step_end_to_end_s"]
+    assert set(lcm["student_s"]) == {"eager", "graphs", "graphs_vae_compiled"} and lcm["errors"] == {}
+    assert lcm["student_s"][lcm["fastest_mode"]] == min(lcm["student_s"].values())
+    assert lcm["value"] == pytest.approx(lcm["t5_encode_s"] + min(lcm["student_s"].values()), abs=2e-4)
