@@ -39,6 +39,9 @@ class ModelConfig:
     inherit_from: str | None = None  # a PixArt folder whose weights `cls.from_pixart` inherits (LiT, KV compression)
     # true: recompute each block in backward; selective: keep its matmul and attention outputs, recompute the rest
     gradient_checkpointing: bool | str = False
+    # the softmax attention kernel: sdpa, math, xformers, sdpa_flex (masked keys skipped on the device: FiT's padded
+    # mixed-size batches), or one of diffusers' backend names (flash, sage, ...)
+    attention_backend: str = "sdpa"
     lora_rank: int | None = None  # train a LoRA (peft) on a frozen model instead of all weights
     lora_alpha: float | None = None  # None: lora_rank
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
@@ -434,11 +437,21 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"config.mixed_precision_weights=bf16 needs mixed_precision=bf16 (got {config.mixed_precision!r}): "
             "autocast still runs the activations' casts and fp32 ops; the weights are bf16 already."
         )
+    _check_attention_backend(config.model.attention_backend)
     if config.overwrite and config.resume:
         raise ConfigError(
             f"config.overwrite=true deletes the previous run that resume={config.resume!r} continues; set one."
         )
     return config
+
+
+def _check_attention_backend(name: str) -> None:
+    from dit.nn.attention.backends import get_backend
+
+    try:
+        get_backend(name)
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(f"config.model.attention_backend: {error}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -48,6 +48,7 @@ def build_backbone(config: TrainConfig, objective: Objective | None = None) -> t
         record_objective(model, objective)
     if config.model.lora_rank:
         add_lora(model, config.model.lora_rank, config.model.lora_alpha, config.model.lora_target_modules)
+    model.set_attention_backend(config.model.attention_backend)
     if config.model.gradient_checkpointing:  # true: full recompute; "selective": matmul and attention outputs kept
         model.enable_gradient_checkpointing(selective=config.model.gradient_checkpointing == "selective")
     return model

@@ -64,6 +64,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call into a CUDA graph per "
                      "image size and replay it at every step (no host overhead per step); on a CPU, with "
                      "--low-memory's offload or a step cache it samples eagerly, with a warning")  # fmt: skip
+    gen.add_argument("--attention-backend", metavar="NAME", help="the transformer's softmax attention kernel: sdpa "
+                     "(default), math, xformers, sdpa_flex, or one of diffusers' backend names (flash, sage, ...); "
+                     "one that cannot run here is an error before loading")  # fmt: skip
     gen.set_defaults(func=run, user_errors=usage_errors)
 
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     with as_usage_error(*SETUP_ERRORS):
         classes = read_class_labels(args.class_labels)
         check_sampling_args(args)
+        _check_attention_backend(args.attention_backend)
         args.dtype = _dtype(args.dtype, args.low_memory)
         check_output(args.output)
         device = resolve_device(args.device)
@@ -82,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         check_conditions(folder, class_model, classes, args.prompt, args.prompt_file)
         setup = _class_setup if class_model else _text_setup
         pipe, conditions, names = setup(folder, args, device, classes)
+    if args.attention_backend:
+        pipe.transformer.set_attention_backend(args.attention_backend)
     if args.compile:
         pipe.compile_transformer()
     if args.cuda_graphs:
@@ -92,6 +98,18 @@ def run(args: argparse.Namespace) -> int:
         image.save(path)
         print(f"saved {path} ({image.width}x{image.height}): {name}")
     return 0
+
+
+def _check_attention_backend(name: str | None) -> None:
+    """A usage error before loading unless ``name`` (if given) is a backend that can run here."""
+    if name is None:
+        return
+    from dit.nn.attention.backends import get_backend
+
+    try:
+        get_backend(name)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--attention-backend: {error}") from None
 
 
 def _text_setup(folder: Path, args: argparse.Namespace, device: str, classes: list[str]) -> tuple:

@@ -124,3 +124,23 @@ def test_cuda_graphs_on_the_cpu_warn_once_and_still_draw(text_model, class_model
     assert captured.out.count("CUDA graphs are enabled") == 1 and "need a CUDA device" in captured.out
     assert _generate(folder, tmp_path / "eager.png", *condition, "--device", "cpu") == 0
     assert Image.open(tmp_path / "o.png").tobytes() == Image.open(tmp_path / "eager.png").tobytes()
+
+
+def test_attention_backend_is_set_before_drawing(text_model, tmp_path, monkeypatch):
+    from dit.models.mixins import AttentionBackendMixin
+
+    chosen = []
+    set_backend = AttentionBackendMixin.set_attention_backend
+    monkeypatch.setattr(
+        AttentionBackendMixin, "set_attention_backend", lambda m, n: chosen.append(n) or set_backend(m, n)
+    )
+    assert _generate(text_model, tmp_path / "math.png", PROMPT, "--attention-backend", "math", "--device", "cpu") == 0
+    assert chosen == ["math"]
+    assert _generate(text_model, tmp_path / "sdpa.png", PROMPT, "--device", "cpu") == 0
+    math, sdpa = (torch.tensor(list(Image.open(tmp_path / f"{n}.png").tobytes())) for n in ("math", "sdpa"))
+    assert (math - sdpa).abs().max() <= 1  # fp32 either way: at most one level of rounding
+
+
+def test_unknown_attention_backend_is_refused_before_loading(text_model, no_loading, tmp_path, capsys):
+    assert _generate(text_model, tmp_path / "o.png", PROMPT, "--attention-backend", "flashy") == 2
+    assert "--attention-backend: Unknown attention backend 'flashy'" in _error(capsys)

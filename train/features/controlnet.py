@@ -111,6 +111,7 @@ class ControlNetTraining(Feature):
             adapter = ControlNetAdapter.from_transformer(model, positions=cfg.positions)
         else:
             adapter = ControlNetAdapter.from_transformer(model, num_blocks=cfg.num_blocks)
+        adapter.set_attention_backend(self.config.model.attention_backend)
         if self.config.model.gradient_checkpointing:
             adapter.enable_gradient_checkpointing(selective=self.config.model.gradient_checkpointing == "selective")
         return ControlledTransformer(model, adapter, cfg.conditioning_scale)
