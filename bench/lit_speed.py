@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+if not torch.cuda.is_available():  # the kernels run through triton's interpreter, which triton reads when first
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # imported (diffusers imports torch._dynamo, which imports it)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_out_argument, alternate, machine, peak_bytes, write_json  # noqa: E402
 
