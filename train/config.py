@@ -446,12 +446,11 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 
 def _check_attention_backend(name: str) -> None:
-    from dit.nn.attention.backends import get_backend
+    from dit.nn.attention.backends import backend_problem
 
-    try:
-        get_backend(name)
-    except (ValueError, RuntimeError) as error:
-        raise ConfigError(f"config.model.attention_backend: {error}") from None
+    problem = backend_problem(name)
+    if problem is not None:
+        raise ConfigError(f"config.model.attention_backend: {problem}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

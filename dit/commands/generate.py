@@ -102,14 +102,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_attention_backend(name: str | None) -> None:
     """A usage error before loading unless ``name`` (if given) is a backend that can run here."""
-    if name is None:
-        return
-    from dit.nn.attention.backends import get_backend
+    from dit.nn.attention.backends import backend_problem
 
-    try:
-        get_backend(name)
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--attention-backend: {error}") from None
+    problem = None if name is None else backend_problem(name)
+    if problem is not None:
+        raise UsageError(f"--attention-backend: {problem}")
 
 
 def _text_setup(folder: Path, args: argparse.Namespace, device: str, classes: list[str]) -> tuple:

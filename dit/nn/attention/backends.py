@@ -61,6 +61,16 @@ def get_backend(name: str) -> AttentionBackend:
     return _diffusers_backend(name)
 
 
+def backend_problem(name: str) -> str | None:
+    """Why the backend ``name`` cannot be used here (unknown, or diffusers cannot run it), or None: what a command
+    line or config check reports before anything loads."""
+    try:
+        get_backend(name)
+    except (ValueError, RuntimeError) as error:
+        return str(error)
+    return None
+
+
 @functools.cache
 def diffusers_backend_names() -> frozenset[str]:
     """The backend names of diffusers' attention dispatcher (``AttentionBackendName``); empty without one."""
