@@ -46,11 +46,15 @@ def trim_text_padding(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``embeds`` (B, L, C) and their keep-mask (B, L) cut to :func:`trimmed_text_length` tokens.
 
-    A missing mask (every token kept) or a 3-D additive bias is returned unchanged.
+    A mask of batch 1 is shared by every sample (PixArt-δ's CFG batch passes one), as attention broadcasts it. A
+    missing mask (every token kept) or a 3-D additive bias is returned unchanged.
     """
     if mask is None or mask.ndim != 2:
         return embeds, mask
-    if mask.shape != embeds.shape[:2]:
-        raise ValueError(f"The text mask has shape {tuple(mask.shape)}; expected {tuple(embeds.shape[:2])}.")
+    batch, length = embeds.shape[:2]
+    if mask.shape[0] not in (1, batch) or mask.shape[1] != length:
+        raise ValueError(
+            f"The text mask has shape {tuple(mask.shape)}; expected ({batch}, {length}) or (1, {length})."
+        )
     length = trimmed_text_length(mask, multiple)
     return embeds[:, :length], mask[:, :length]

@@ -38,6 +38,18 @@ def test_a_host_mask_is_trimmed_exactly(variant):
     assert_fp32_close(trimmed, full)
 
 
+@pytest.mark.parametrize("variant", TEXT_VARIANTS)
+def test_a_host_mask_of_batch_one_is_shared(variant):
+    """One mask for a CFG batch (PixArt-δ's convention) is trimmed and broadcast, as the bias it stands for."""
+    model, inputs = randomize_(variant_model(variant), std=0.1), variant_inputs(variant, text_length=300)
+    shared = inputs["encoder_attention_mask"][:1]  # (1, L)
+    trimmed, lengths = _key_lengths(model, {**inputs, "encoder_attention_mask": shared})
+    assert set(lengths) == {64}
+    bias = torch.zeros(shared.shape).masked_fill_(shared == 0, -10000.0)[:, None]  # (1, 1, L): not trimmed
+    full, _ = _key_lengths(model, {**inputs, "encoder_attention_mask": bias})
+    assert_fp32_close(trimmed, full)
+
+
 def test_nothing_is_read_inside_a_compiled_graph():
     """Trimming reads the mask's values: inside a graph it would break it (data-dependent length)."""
     model, inputs = variant_model("sigma-mask"), variant_inputs("sigma-mask", text_length=300)

@@ -47,8 +47,18 @@ def test_every_length_is_a_bucket():
 def test_bad_masks_are_named():
     with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
         trimmed_text_length(torch.ones(2, 1, 5))
-    with pytest.raises(ValueError, match=r"expected \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"expected \(2, 6\) or \(1, 6\)"):
         trim_text_padding(torch.zeros(2, 6, 4), torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"shape \(3, 6\)"):
+        trim_text_padding(torch.zeros(2, 6, 4), torch.ones(3, 6))
+
+
+def test_a_mask_of_batch_one_is_shared():
+    """PixArt-δ's CFG batch passes one mask for both halves: it is trimmed as attention broadcasts it."""
+    embeds, mask = torch.randn(2, 9, 4), _mask([3], 9)
+    short, short_mask = trim_text_padding(embeds, mask, multiple=4)
+    assert short.shape == (2, 4, 4) and short_mask.shape == (1, 4)
+    assert torch.equal(short, embeds[:, :4])
 
 
 def test_no_mask_and_bias_pass_through():
