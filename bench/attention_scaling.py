@@ -127,7 +127,8 @@ def _figures(rows: list[dict], targets: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> None:
     if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        # glibc's cached heap would hide CPU peaks from VmHWM: run again with large frees returned to the OS
+        # glibc's cached heap would hide CPU peaks from VmHWM: run again with large frees returned to the OS (callers
+        # that set it themselves save this second start)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,17 +5,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: glibc returns large frees to the OS, so CPU peaks show in VmHWM (attention_scaling.py restarts itself without it)
+SMALL_FREES_RETURNED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+#: ``--tiny``: a narrow layer (Triton's CPU interpreter runs one program per tile: at XL width 16 tokens take 10 s)
+TINY_LAYER = ["--width", "64", "--heads", "4"]
 
 
 def _run(script: str, options: list[str], out: Path, timeout: int) -> dict:
     """Run ``bench/<script>`` with ``options``; its JSON at ``out``, with the command and its output's tail."""
     cmd = [sys.executable, str(HERE / script), *options]
-    result = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, **SMALL_FREES_RETURNED}  # set here, attention_scaling.py need not start itself again
+    result = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=timeout)
     print(result.stdout[-3000:], result.stderr[-3000:] if result.returncode else "", flush=True)
     if result.returncode != 0:
         raise RuntimeError(f"{script} failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
@@ -48,7 +56,7 @@ def profile_part(args) -> dict:
     out = args.out_dir / "profile_attention.txt"
     tokens = "16" if args.tiny else "4096"
     cmd = [sys.executable, str(HERE / "profile_attention.py"), "--device", args.device, "--tokens", tokens,
-           "--out", str(out)] + (["--calls", "1", "--rows", "3"] if args.tiny else [])  # fmt: skip
+           "--out", str(out)] + (["--calls", "1", "--rows", "3", *TINY_LAYER] if args.tiny else [])  # fmt: skip
     result = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"profile_attention.py failed ({result.returncode}): {result.stderr.strip()[-500:]}")

@@ -173,7 +173,9 @@ def recipe_part(args) -> dict:
         out = Path(tmp) / "microshapes"
         if args.tiny:
             overrides = ["max_steps=2", "checkpoint_every=2", "validation.every=0", "data.batch_size=4"]
-            report = recipe.run(str(out), recipe.DEFAULT_CONFIG, 16, 2, overrides, device=args.device)
+            report = recipe.run(
+                str(out), recipe.DEFAULT_CONFIG, 16, 2, overrides, device=args.device, text_encoder_steps=2
+            )
         else:
             report = recipe.run(str(out), recipe.DEFAULT_CONFIG, recipe.N_IMAGES, recipe.VAE_STEPS, [],
                                 device=args.device)  # fmt: skip

@@ -25,18 +25,33 @@ from dit.nn.attention import AttentionSpec, DiTAttention  # noqa: E402
 from dit.nn.kernels import kernel_mode  # noqa: E402
 
 
-def _layer(options: dict, device: str, dtype: torch.dtype) -> DiTAttention:
+def _layer(options: dict, device: str, dtype: torch.dtype, width: int, heads: int) -> DiTAttention:
+    """One layer of ``options``' variant; a variant's own head count (LiT's 4) is kept unless it exceeds ``heads``."""
     spec = AttentionSpec(**options)
-    heads = spec.heads or HEADS
-    return DiTAttention(WIDTH, heads, WIDTH // heads, spec=spec).to(device, dtype).eval()
+    heads = min(spec.heads, heads) if spec.heads else heads
+    if width % heads:
+        raise ValueError(f"--width {width} is not divisible by {heads} heads.")
+    if spec.heads:
+        spec = AttentionSpec(**{**options, "heads": heads})
+    return DiTAttention(width, heads, width // heads, spec=spec).to(device, dtype).eval()
 
 
 @torch.inference_mode()
-def table(name: str, options: dict, mode: str | None, tokens: int, calls: int, device: str, rows: int) -> str:
+def table(
+    name: str,
+    options: dict,
+    mode: str | None,
+    tokens: int,
+    calls: int,
+    device: str,
+    rows: int,
+    width: int = WIDTH,
+    heads: int = HEADS,
+) -> str:
     side = math.isqrt(tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layer = _layer(options, device, dtype)
-    x = torch.randn(1, side * side, WIDTH, device=device, dtype=dtype)  # (1, N, C)
+    layer = _layer(options, device, dtype, width, heads)
+    x = torch.randn(1, side * side, width, device=device, dtype=dtype)  # (1, N, C)
     with kernel_mode(mode):
         for _ in range(3):
             layer(x, grid=(side, side))
@@ -53,7 +68,16 @@ def table(name: str, options: dict, mode: str | None, tokens: int, calls: int, d
 
 
 @torch.inference_mode()
-def host_times(name: str, options: dict, mode: str | None, tokens: int, calls: int, device: str) -> str:
+def host_times(
+    name: str,
+    options: dict,
+    mode: str | None,
+    tokens: int,
+    calls: int,
+    device: str,
+    width: int = WIDTH,
+    heads: int = HEADS,
+) -> str:
     """Host time per layer call (enqueue only, no sync) and per Triton launch by kernel, against the whole call."""
     import collections
     import time
@@ -65,8 +89,8 @@ def host_times(name: str, options: dict, mode: str | None, tokens: int, calls: i
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     side = math.isqrt(tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layer = _layer(options, device, dtype)
-    x = torch.randn(1, side * side, WIDTH, device=device, dtype=dtype)  # (1, N, C)
+    layer = _layer(options, device, dtype, width, heads)
+    x = torch.randn(1, side * side, width, device=device, dtype=dtype)  # (1, N, C)
     launches: dict[str, list[float]] = collections.defaultdict(list)
     run = kernel_cls.run
 
@@ -102,13 +126,20 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--rows", type=int, default=14)
+    parser.add_argument("--width", type=int, default=WIDTH, help=f"channels (default {WIDTH}, PixArt-XL's)")
+    parser.add_argument("--heads", type=int, default=HEADS, help=f"at most this many heads (default {HEADS})")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     cases = [("softmax", None)] + [(n, m) for n in ("kv_compress_2", "linear") for m in ("1", "0")]
-    text = "\n\n".join(table(n, VARIANTS[n], m, args.tokens, args.calls, args.device, args.rows) for n, m in cases)
+    shape = {"width": args.width, "heads": args.heads}
+    text = "\n\n".join(
+        table(n, VARIANTS[n], m, args.tokens, args.calls, args.device, args.rows, **shape) for n, m in cases
+    )
     if args.device == "cuda":  # where the host time goes: enqueueing a call, and each Triton launch
         text += "\n\n" + "\n".join(
-            host_times(n, VARIANTS[n], m, t, args.calls, args.device) for t in (1024, args.tokens) for n, m in cases
+            host_times(n, VARIANTS[n], m, t, args.calls, args.device, **shape)
+            for t in (1024, args.tokens)
+            for n, m in cases
         )
     if args.out:
         args.out.write_text(text + "\n")

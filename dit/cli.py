@@ -7,7 +7,7 @@ One convention for every command: a module, listed in :data:`COMMANDS`, with
 * ``add_parser(commands)``: adds the command's subparser to ``commands`` (argparse sub-parsers), with its help and
   arguments (``dit train`` keeps its ``key=value`` overrides as trailing positional arguments), and sets the
   defaults ``func=run`` and ``user_errors`` (a function returning the exception types the command prints as one line,
-  with their exit codes);
+  with their exit codes; called only when an exception arrives);
 * ``run(args) -> int``: the work, returning the exit code.
 
 A command module imports neither torch nor diffusers at module level (``run`` imports what it needs), so building the
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``dit COMMAND ...``: the command's exit code; an error is one line on stderr (see :mod:`dit.errors`)."""
     args = build_parser().parse_args(take_debug_flag(sys.argv[1:] if argv is None else argv))
-    return run_command(lambda: args.func(args), args.user_errors())
+    return run_command(lambda: args.func(args), args.user_errors)
 
 
 if __name__ == "__main__":

@@ -58,27 +58,43 @@ def fail(error: BaseException | str, code: int = 2) -> int:
     return code
 
 
-def run_command(command: Callable[[], int], user_errors: Mapping[type[BaseException], int]) -> int:
+ErrorCodes = Mapping[type[BaseException], int]
+
+
+def run_command(command: Callable[[], int], user_errors: ErrorCodes | Callable[[], ErrorCodes]) -> int:
     """``command()``'s exit code; a ``user_errors`` exception (type -> exit code, or its own ``exit_code``) prints one
-    line, Ctrl-C prints ``interrupted`` (130); in debug mode both raise with their traceback."""
+    line, Ctrl-C prints ``interrupted`` (130); in debug mode both raise with their traceback.
+
+    ``user_errors`` may be a function, called only when an exception arrives: the modules that define the types need
+    not be imported before the command runs (a bad config then fails before torch is imported)."""
     try:
         return command()
-    except tuple(user_errors) as error:
-        if debug():
-            raise
-        code = getattr(error, "exit_code", None)
-        return fail(error, code if isinstance(code, int) else _code_of(error, user_errors))
     except KeyboardInterrupt:
         if debug():
             raise
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
-    except Exception:
-        if not debug():
+    except Exception as error:
+        codes = user_errors() if callable(user_errors) else user_errors
+        if debug():
+            raise
+        if not isinstance(error, tuple(codes)):
             traceback.print_exc()
             print("error: an unexpected error (the traceback above); please report it.", file=sys.stderr)
             return 1
-        raise
+        code = getattr(error, "exit_code", None)
+        return fail(error, code if isinstance(code, int) else _code_of(error, codes))
+
+
+def loaded_errors(package: str, where: Mapping[str, Mapping[str, int]]) -> dict[type[BaseException], int]:
+    """The exception types named in ``where`` (``{module: {class name: exit code}}``, modules relative to
+    ``package``) whose modules are imported: one never imported cannot have raised, so it is not imported here."""
+    codes = {}
+    for module, classes in where.items():
+        loaded = sys.modules.get(f"{package}.{module}")
+        if loaded is not None:
+            codes.update({getattr(loaded, name): code for name, code in classes.items()})
+    return codes
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -227,10 +228,19 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def launch_two_processes(overrides: list[str], out: Path, port: int) -> list[float]:
+def free_port() -> int:
+    """A TCP port free on this machine now, for ``accelerate launch --main_process_port``: fixed ports collide when
+    two launches run at once (tests spread over ``pytest -n`` workers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(overrides: list[str], out: Path) -> list[float]:
     """``accelerate launch`` of ``dit.train`` with two CPU processes over gloo (accelerate's ``--cpu`` launcher needs
     MPI for several processes, so the torch.distributed launcher runs with accelerate's CPU mode), per-process batch
     2; returns the run's logged losses."""
+    port = free_port()
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "dit.train", "--config", str(TINY),

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dit.errors import removed_if_left_empty, run_command, take_debug_flag
+from dit.errors import loaded_errors, removed_if_left_empty, run_command, take_debug_flag
 
 HELP = "train with accelerate: dit train --config configs/NAME.yaml [key=value ...]"
 DESCRIPTION = "Train a backbone with accelerate."
@@ -28,24 +28,29 @@ def add_parser(commands) -> None:
     parser.set_defaults(func=run, user_errors=user_errors)
 
 
-def user_errors() -> dict[type[BaseException], int]:
-    """What ``dit train`` prints as one line ``error: ...`` (exit code); anything else keeps its traceback."""
-    from .config import ConfigError
-    from .data.dataset import ShardError
-    from .loop import TrainingDiverged
-    from .run.checkpointing import CheckpointError, NoSpaceLeft, RunLocked
+#: ``dit train``'s user errors by the module (of ``dit.train``) that defines them, with their exit codes
+USER_ERRORS = {
+    "config_io": {"ConfigError": 2},
+    "data.dataset": {"ShardError": 1},
+    "loop": {"TrainingDiverged": 1},
+    "run.checkpointing": {"RunLocked": 1, "NoSpaceLeft": 1, "CheckpointError": 1},
+}
 
-    return {ConfigError: 2, RunLocked: 1, NoSpaceLeft: 1, CheckpointError: 1, ShardError: 1, TrainingDiverged: 1,
-            FileNotFoundError: 1}  # fmt: skip
+
+def user_errors() -> dict[type[BaseException], int]:
+    """What ``dit train`` prints as one line ``error: ...`` (exit code); anything else keeps its traceback. Asked when
+    an exception arrives: only the modules imported by then are looked at (a config error comes before torch)."""
+    return {**loaded_errors(__package__, USER_ERRORS), FileNotFoundError: 1}
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config and train; an interrupted run (SIGINT/SIGTERM, checkpointed) returns 128 + the signal."""
     from .config import load_config
+
+    config = load_config(args.config, args.overrides)  # a bad config is said before torch is imported
     from .loop import Trainer
     from .run.interrupts import TrainingInterrupted
 
-    config = load_config(args.config, args.overrides)
     try:
         with removed_if_left_empty(config.output_dir):  # a failed start leaves no new empty output_dir behind
             Trainer(config).train()
@@ -63,4 +68,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dit train", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(take_debug_flag(sys.argv[1:] if argv is None else argv))
-    return run_command(lambda: run(args), user_errors())
+    return run_command(lambda: run(args), user_errors)

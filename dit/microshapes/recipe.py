@@ -193,7 +193,9 @@ def write_features(
         writer.write_null_caption()
 
 
-def _encoders(root: Path, n_images: int, vae_steps: int, times: dict, info: dict, device: torch.device) -> tuple:
+def _encoders(
+    root: Path, n_images: int, vae_steps: int, text_steps: int, times: dict, info: dict, device: torch.device
+) -> tuple:
     """Stages 1-4: data, autoencoder, text encoder, features, computed on ``device``; saves the encoders under
     ``root/encoders`` and returns them on ``device``. Every stage ends by reading a result back, so its time is its
     device work too."""
@@ -208,9 +210,7 @@ def _encoders(root: Path, n_images: int, vae_steps: int, times: dict, info: dict
 
     t0 = time.perf_counter()
     tokenizer, text_encoder = tiny_tokenizer(WORDS, max_length=24), tiny_t5(**T5_CONFIG).to(device)
-    info["text_encoder_accuracy"] = train_text_encoder(
-        tokenizer, text_encoder, steps=TEXT_ENCODER_STEPS, device=device
-    )
+    info["text_encoder_accuracy"] = train_text_encoder(tokenizer, text_encoder, steps=text_steps, device=device)
     times["text_encoder_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -253,20 +253,24 @@ def run(
     overrides: list[str],
     reuse_encoders: bool = False,
     device: str | torch.device | None = None,
+    text_encoder_steps: int = TEXT_ENCODER_STEPS,
 ) -> dict:
     """Run the whole recipe into ``out`` on ``device`` (default: CUDA when available, else the CPU); with
     ``reuse_encoders`` the data, autoencoder and features of an earlier run in ``out`` are kept (and so are their
-    recorded stage times and ``encoder_device``) and only the DiT is trained again."""
+    recorded stage times and ``encoder_device``) and only the DiT is trained again. ``text_encoder_steps`` below the
+    default only makes toy runs (tests, ``--tiny`` benchmarks) quick."""
     device = resolve_device(device)
     with _tf32(device):
-        return _run(Path(out), config_path, n_images, vae_steps, overrides, reuse_encoders, device)
+        return _run(
+            Path(out), config_path, n_images, (vae_steps, text_encoder_steps), overrides, reuse_encoders, device
+        )
 
 
 def _run(
     root: Path,
     config_path: str,
     n_images: int,
-    vae_steps: int,
+    steps: tuple[int, int],
     overrides: list[str],
     reuse_encoders: bool,
     device: torch.device,
@@ -279,8 +283,9 @@ def _run(
         encoder_report = {"encoder_device": "cpu", **json.loads(stage_file.read_text())}  # older runs: all on CPU
     else:
         times, info = {}, {}
-        tokenizer, text_encoder, vae = _encoders(root, n_images, vae_steps, times, info, device)
-        encoder_report = {"stages": times, "n_images": n_images, "vae_steps": vae_steps, **info}
+        tokenizer, text_encoder, vae = _encoders(root, n_images, *steps, times, info, device)
+        encoder_report = {"stages": times, "n_images": n_images, "vae_steps": steps[0], "text_encoder_steps": steps[1],
+                          **info}  # fmt: skip
         encoder_report["autoencoder_ceiling"] = autoencoder_ceiling(vae.eval(), device=device)
         encoder_report["encoder_device"] = str(device)
         stage_file.write_text(json.dumps(encoder_report, indent=2))
@@ -331,12 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config (default: the shipped one)")
     parser.add_argument("--images", type=int, default=N_IMAGES)
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    parser.add_argument("--text-encoder-steps", type=int, default=TEXT_ENCODER_STEPS)
     parser.add_argument("--reuse-encoders", action="store_true", help="keep an earlier run's data, VAE and features")
     parser.add_argument("--device", help="where the stages compute (default: cuda when available, else cpu)")
     parser.add_argument("--ship", action="store_true", help="replace the package's default model with the result")
     parser.add_argument("overrides", nargs="*", help="trainer key=value overrides")
     args = parser.parse_args(argv)
-    report = run(args.out, args.config, args.images, args.vae_steps, args.overrides, args.reuse_encoders, args.device)
+    report = run(args.out, args.config, args.images, args.vae_steps, args.overrides, args.reuse_encoders, args.device,
+                 args.text_encoder_steps)  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.ship:
         print(f"shipped to {ship(Path(args.out) / 'pipeline')}")

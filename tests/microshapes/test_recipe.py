@@ -75,17 +75,19 @@ def test_tiny_run_places_every_model_on_the_device(tmp_path, monkeypatch):
         return module_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
-    monkeypatch.setattr(recipe, "TEXT_ENCODER_STEPS", 2)
     # small batches and suite: the stages' wiring is under test, not their cost
     monkeypatch.setattr(recipe, "train_vae", functools.partial(recipe.train_vae, batch_size=4))
     monkeypatch.setattr(recipe, "train_text_encoder", functools.partial(recipe.train_text_encoder, batch_size=32))
     monkeypatch.setattr(recipe, "autoencoder_ceiling", functools.partial(recipe.autoencoder_ceiling, n=2))
     overrides = ["max_steps=2", "checkpoint_every=2", "validation.every=0", "data.batch_size=4"]
-    report = recipe.run(str(tmp_path), "configs/microshapes.yaml", 16, 2, overrides, device="cpu")
+    report = recipe.run(
+        str(tmp_path), "configs/microshapes.yaml", 16, 2, overrides, device="cpu", text_encoder_steps=2
+    )
 
     moved = {name for name, device in moves if device == torch.device("cpu")}
     assert {"AutoencoderKL", "T5EncoderModel", "SlotHead"} <= moved, moves
     assert report["device"] == report["encoder_device"] == "cpu"
+    assert (report["vae_steps"], report["text_encoder_steps"]) == (2, 2)
     assert set(report["stages"]) == {"data_s", "vae_s", "text_encoder_s", "features_s", "dit_s", "total_s"}
     assert json.loads((tmp_path / "recipe_report.json").read_text())["device"] == "cpu"
     index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())

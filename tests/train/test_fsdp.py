@@ -20,22 +20,27 @@ import torch
 
 from dit import PixArtTransformer
 from dit.train import Trainer, load_config
-from tests.tiny import TINY, _losses, make_features
+from tests.tiny import TINY, _losses, free_port, make_features
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "accelerate"
 
 
 def launch_fsdp(
-    overrides: list[str], out: Path, port: int, processes: int = 2, mixed_precision: str = "no", cuda: bool = False
+    overrides: list[str],
+    out: Path,
+    port: int | None = None,
+    processes: int = 2,
+    mixed_precision: str = "no",
+    cuda: bool = False,
 ) -> list[float]:
     """``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` of the trainer with ``processes`` processes,
     on the CPU over gloo (through this module's ``__main__``) or, with ``cuda``, one per GPU as a user launches it;
-    returns the run's logged losses."""
+    returns the run's logged losses. ``port`` defaults to a free one."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     entry = "dit.train" if cuda else "tests.train.test_fsdp"
     cmd = [accelerate, "launch", "--config_file", str(CONFIGS / "fsdp2.yaml"), "--num_processes", str(processes),
-           "--mixed_precision", mixed_precision, "--main_process_port", str(port), "-m", entry, "--config", str(TINY),
+           "--mixed_precision", mixed_precision, "--main_process_port", str(port or free_port()), "-m", entry, "--config", str(TINY),
            *overrides, f"mixed_precision={mixed_precision}", f"output_dir={out}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not cuda:
@@ -127,12 +132,12 @@ def test_fsdp2_two_processes_match_one_save_full_folders_and_resume(tmp_path):
     common = [f"data.path={features}", "max_steps=4", "gradient_accumulation_steps=2", "report_to=none"]
     Trainer(load_config(TINY, [*common, "data.batch_size=2", f"output_dir={tmp_path / 'one'}"])).train()
     sharded = [*common, "data.batch_size=1", "checkpoint_every=2"]  # 1 per process: the same micro-batch of 2
-    full = launch_fsdp(sharded, tmp_path / "fsdp", port=29550)
+    full = launch_fsdp(sharded, tmp_path / "fsdp")
     torch.testing.assert_close(torch.tensor(full), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-5)
 
     step2 = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2"
     assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (step2 / "state" / "pytorch_model_fsdp_0").iterdir()}
-    resumed = launch_fsdp([*sharded, f"resume={step2}"], tmp_path / "resumed", port=29551)
+    resumed = launch_fsdp([*sharded, f"resume={step2}"], tmp_path / "resumed")
     assert resumed == full[2:]
 
     fresh = PixArtTransformer(**load_config(TINY, ["data.path=x"]).model.kwargs).state_dict()

@@ -135,7 +135,7 @@ def test_two_processes_match_one(features, tmp_path):
     """Two CPU processes over gloo: same global batch, same losses."""
     overrides = [f"data.path={features}", "max_steps=4", "checkpoint_every=100"]
     Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
-    two = launch_two_processes(overrides, tmp_path / "two", port=29533)
+    two = launch_two_processes(overrides, tmp_path / "two")
     one = _losses(tmp_path / "one")
     assert len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)

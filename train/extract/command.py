@@ -110,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(take_debug_flag(sys.argv[1:] if argv is None else argv))
-    return run_command(lambda: run(args), user_errors())
+    return run_command(lambda: run(args), user_errors)

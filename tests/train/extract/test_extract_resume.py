@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dit.train.extract.extraction import extract
 from dit.train.extract.sources import Record
-from tests.tiny import save_tiny_pipeline
+from tests.tiny import free_port, save_tiny_pipeline
 
 N = 11  # images; record 3 is corrupt
 
@@ -157,10 +157,10 @@ def test_shards_of_an_unknown_extraction_are_not_mixed_in(tmp_path, data, pipeli
         extract("imagefolder", data, pipeline_dir, out, **SETTINGS)
 
 
-def _launch(args: list[str], port: int) -> subprocess.CompletedProcess:
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(port), *args]  # fmt: skip
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -174,7 +174,7 @@ def test_two_processes_split_the_records(tmp_path, data, pipeline_dir, one_run, 
                "--max-length", "8", "--batch-size", "2", "--shard-size", "3"]  # fmt: skip
     dit = shutil.which("dit", path=str(Path(sys.executable).parent))
     args = ["-m", "dit.train.extract", *options] if entry == "module" else [dit, "extract", *options]
-    result = _launch(args, port=29561 if entry == "module" else 29562)
+    result = _launch(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2" in result.stdout and "rank 1 of 2" in result.stdout
     reports = [json.loads((out / f"extract_report-p{r}.json").read_text()) for r in range(2)]

@@ -138,7 +138,7 @@ def test_two_processes_match_one_with_mixed_sizes(features, tmp_path):
     overrides = [f"data.path={features}", "max_steps=4", "checkpoint_every=100", "model.cls=FiTTransformer",
                  f"model.kwargs={FIT_KWARGS}", "objective.name=flow", "data.mixed_sizes=true"]  # fmt: skip
     Trainer(load_config(TINY, [*overrides, "data.batch_size=4", f"output_dir={tmp_path / 'one'}"])).train()
-    two = launch_two_processes(overrides, tmp_path / "two", port=29547)
+    two = launch_two_processes(overrides, tmp_path / "two")
     one = _losses(tmp_path / "one")
     assert len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)

@@ -277,5 +277,5 @@ def test_two_processes_match_one(features, teacher, tmp_path):
                  f"objective.teacher={teacher}", f"model.pretrained={teacher}", "ema_decay=null",
                  "max_steps=3", "checkpoint_every=100"]  # fmt: skip
     Trainer(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'one'}"])).train()
-    two = launch_two_processes(overrides, tmp_path / "two", port=29535)
+    two = launch_two_processes(overrides, tmp_path / "two")
     torch.testing.assert_close(torch.tensor(two), torch.tensor(_losses(tmp_path / "one")), rtol=1e-4, atol=1e-6)

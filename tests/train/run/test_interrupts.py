@@ -24,7 +24,7 @@ from dit.train.run.checkpointing import (
     verify,
 )
 from dit.train.run.interrupts import InterruptGuard
-from tests.tiny import TINY, make_features
+from tests.tiny import TINY, free_port, make_features
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -171,7 +171,7 @@ def test_two_processes_agree_on_the_step_when_one_is_signalled(features, tmp_pat
     run = tmp_path / "run"
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541", "-m", "dit.train",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "dit.train",
                "--config", str(TINY), *_overrides(features, run, "max_steps=100000", "checkpoint_every=100000",
                                                   "data.batch_size=2")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
