@@ -1,4 +1,4 @@
-"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, PixArt-XL width.
+"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, PixArt-XL width
 
     python bench/profile_attention.py --tokens 4096 [--out profile.txt]     # CUDA, bf16
 
@@ -25,8 +25,10 @@ from dit.nn.attention import AttentionSpec, DiTAttention  # noqa: E402
 from dit.nn.kernels import kernel_mode  # noqa: E402
 
 
-def _layer(options: dict, device: str, dtype: torch.dtype, width: int, heads: int) -> DiTAttention:
-    """One layer of ``options``' variant; a variant's own head count (LiT's 4) is kept unless it exceeds ``heads``."""
+def _layer(options: dict, device: str, dtype: torch.dtype, shape: tuple[int, int]) -> DiTAttention:
+    """One layer of ``options``' variant, ``shape`` (width, at most this many heads): a variant's own head count
+    (LiT's 4) is kept unless it exceeds it."""
+    width, heads = shape
     spec = AttentionSpec(**options)
     heads = min(spec.heads, heads) if spec.heads else heads
     if width % heads:
@@ -38,20 +40,12 @@ def _layer(options: dict, device: str, dtype: torch.dtype, width: int, heads: in
 
 @torch.inference_mode()
 def table(
-    name: str,
-    options: dict,
-    mode: str | None,
-    tokens: int,
-    calls: int,
-    device: str,
-    rows: int,
-    width: int = WIDTH,
-    heads: int = HEADS,
+    name: str, options: dict, mode: str | None, tokens: int, calls: int, device: str, rows: int, shape=(WIDTH, HEADS)
 ) -> str:
     side = math.isqrt(tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layer = _layer(options, device, dtype, width, heads)
-    x = torch.randn(1, side * side, width, device=device, dtype=dtype)  # (1, N, C)
+    layer = _layer(options, device, dtype, shape)
+    x = torch.randn(1, side * side, shape[0], device=device, dtype=dtype)  # (1, N, C)
     with kernel_mode(mode):
         for _ in range(3):
             layer(x, grid=(side, side))
@@ -63,20 +57,13 @@ def table(
                 torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     label = {"0": "torch ops", "1": "Triton kernels"}.get(mode, "auto")
-    title = f"== {name} ({label}), {side * side} tokens, {calls} calls"
+    title = f"== {name} ({label}), {side * side} tokens, width {shape[0]}, {calls} calls"
     return title + "\n" + prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 @torch.inference_mode()
 def host_times(
-    name: str,
-    options: dict,
-    mode: str | None,
-    tokens: int,
-    calls: int,
-    device: str,
-    width: int = WIDTH,
-    heads: int = HEADS,
+    name: str, options: dict, mode: str | None, tokens: int, calls: int, device: str, shape=(WIDTH, HEADS)
 ) -> str:
     """Host time per layer call (enqueue only, no sync) and per Triton launch by kernel, against the whole call."""
     import collections
@@ -89,8 +76,8 @@ def host_times(
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     side = math.isqrt(tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layer = _layer(options, device, dtype, width, heads)
-    x = torch.randn(1, side * side, width, device=device, dtype=dtype)  # (1, N, C)
+    layer = _layer(options, device, dtype, shape)
+    x = torch.randn(1, side * side, shape[0], device=device, dtype=dtype)  # (1, N, C)
     launches: dict[str, list[float]] = collections.defaultdict(list)
     run = kernel_cls.run
 
@@ -131,13 +118,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     cases = [("softmax", None)] + [(n, m) for n in ("kv_compress_2", "linear") for m in ("1", "0")]
-    shape = {"width": args.width, "heads": args.heads}
+    shape = (args.width, args.heads)
     text = "\n\n".join(
-        table(n, VARIANTS[n], m, args.tokens, args.calls, args.device, args.rows, **shape) for n, m in cases
+        table(n, VARIANTS[n], m, args.tokens, args.calls, args.device, args.rows, shape) for n, m in cases
     )
     if args.device == "cuda":  # where the host time goes: enqueueing a call, and each Triton launch
         text += "\n\n" + "\n".join(
-            host_times(n, VARIANTS[n], m, t, args.calls, args.device, **shape)
+            host_times(n, VARIANTS[n], m, t, args.calls, args.device, shape)
             for t in (1024, args.tokens)
             for n, m in cases
         )

@@ -26,7 +26,7 @@ def test_the_tables_name_every_variant(tmp_path):
 @needs_triton
 @pytest.mark.parametrize("mode,launches", [("1", ["_state_kernel", "_rows_kernel", "_dwc_tokens"]), ("0", [])])
 def test_host_times_count_the_launches(mode, launches):
-    line = profile_attention.host_times("linear", profile_attention.VARIANTS["linear"], mode, 16, 1, "cpu", 64, 4)
+    line = profile_attention.host_times("linear", profile_attention.VARIANTS["linear"], mode, 16, 1, "cpu", (64, 4))
     assert "ms/call to enqueue" in line
     for name in launches:
         assert f"{name} " in line and "x1" in line
@@ -34,8 +34,8 @@ def test_host_times_count_the_launches(mode, launches):
 
 
 def test_a_narrow_layer_keeps_the_variant_and_names_a_bad_width():
-    layer = profile_attention._layer(profile_attention.VARIANTS["linear"], "cpu", torch.float32, 64, 16)
+    layer = profile_attention._layer(profile_attention.VARIANTS["linear"], "cpu", torch.float32, (64, 16))
     assert layer.heads == 4 and layer.to_q.in_features == 64  # LiT's 4 heads: fewer than the cap
-    assert profile_attention._layer({}, "cpu", torch.float32, 64, 4).heads == 4
+    assert profile_attention._layer({}, "cpu", torch.float32, (64, 4)).heads == 4
     with pytest.raises(ValueError, match="--width 66 is not divisible by 4 heads"):
-        profile_attention._layer({}, "cpu", torch.float32, 66, 4)
+        profile_attention._layer({}, "cpu", torch.float32, (66, 4))
