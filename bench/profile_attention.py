@@ -1,4 +1,4 @@
-"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, PixArt-XL width
+"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, PixArt-XL width by default (``--width``).
 
     python bench/profile_attention.py --tokens 4096 [--out profile.txt]     # CUDA, bf16
 
