@@ -1,4 +1,5 @@
-"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, PixArt-XL width by default (``--width``).
+"""Where one attention layer's time goes: torch.profiler tables (self device time) per variant, at PixArt-XL width
+unless ``--width`` says otherwise.
 
     python bench/profile_attention.py --tokens 4096 [--out profile.txt]     # CUDA, bf16
 
