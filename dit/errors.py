@@ -75,9 +75,9 @@ def run_command(command: Callable[[], int], user_errors: ErrorCodes | Callable[[
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
     except Exception as error:
-        codes = user_errors() if callable(user_errors) else user_errors
         if debug():
             raise
+        codes = user_errors() if callable(user_errors) else user_errors
         if not isinstance(error, tuple(codes)):
             traceback.print_exc()
             print("error: an unexpected error (the traceback above); please report it.", file=sys.stderr)

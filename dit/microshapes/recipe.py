@@ -261,19 +261,19 @@ def run(
     default only makes toy runs (tests, ``--tiny`` benchmarks) quick."""
     device = resolve_device(device)
     with _tf32(device):
-        return _run(
-            Path(out), config_path, n_images, (vae_steps, text_encoder_steps), overrides, reuse_encoders, device
-        )
+        steps = {"vae_steps": vae_steps, "text_steps": text_encoder_steps}
+        return _run(Path(out), config_path, n_images, overrides, reuse_encoders, device, **steps)
 
 
 def _run(
     root: Path,
     config_path: str,
     n_images: int,
-    steps: tuple[int, int],
     overrides: list[str],
     reuse_encoders: bool,
     device: torch.device,
+    vae_steps: int,
+    text_steps: int,
 ) -> dict:
     started = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -283,9 +283,9 @@ def _run(
         encoder_report = {"encoder_device": "cpu", **json.loads(stage_file.read_text())}  # older runs: all on CPU
     else:
         times, info = {}, {}
-        tokenizer, text_encoder, vae = _encoders(root, n_images, *steps, times, info, device)
-        encoder_report = {"stages": times, "n_images": n_images, "vae_steps": steps[0], "text_encoder_steps": steps[1],
-                          **info}  # fmt: skip
+        tokenizer, text_encoder, vae = _encoders(root, n_images, vae_steps, text_steps, times, info, device)
+        encoder_report = {"stages": times, "n_images": n_images, "vae_steps": vae_steps,
+                          "text_encoder_steps": text_steps, **info}  # fmt: skip
         encoder_report["autoencoder_ceiling"] = autoencoder_ceiling(vae.eval(), device=device)
         encoder_report["encoder_device"] = str(device)
         stage_file.write_text(json.dumps(encoder_report, indent=2))
